@@ -1,0 +1,223 @@
+"""Mini-block partitions: how a layer's parameters map onto a stack of small blocks.
+
+Every layout first arranges the parameters of one *unit* (a Linear weight with its bias, one conv
+weight, the affine pair of a norm layer, one arbitrary tensor) into a row matrix of shape
+``(rows, row_length)``: a row is the natural mini-block (one output unit of a Linear layer, one
+(output, input) kernel of a convolution, one channel's ``(gamma, beta)``). Rows longer than
+``max_block_size`` are cut into ``chunks`` near-equal contiguous pieces, each zero-padded to the
+same ``block_size``, so that a whole unit is a single ``(num_blocks, block_size)`` tensor and all
+its blocks can be factored in one batched call.
+
+Padding is exact: a padded coordinate has zero gradient and zero curvature, so the damped block
+``F + damping * I`` is block-diagonal between real and padded coordinates and the solve returns
+zero there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BlockLayout",
+    "chunk_plan",
+    "conv_layout",
+    "embedding_layout",
+    "flat_layout",
+    "linear_layout",
+    "norm_layout",
+    "shape_layout",
+]
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+def chunk_plan(length: int, max_block_size: int) -> tuple[int, int]:
+    """Return ``(chunks, block_size)`` to cut a row of ``length`` into near-equal pieces."""
+    if length <= 0:
+        raise ValueError(f"row length must be positive, got {length}")
+    if max_block_size <= 0:
+        raise ValueError(f"max_block_size must be positive, got {max_block_size}")
+    chunks = math.ceil(length / max_block_size)
+    return chunks, math.ceil(length / chunks)
+
+
+@dataclass(eq=False)
+class BlockLayout:
+    """The block structure of one unit.
+
+    Attributes:
+        kind: which rule produced the layout (``"linear"``, ``"conv"``, ``"norm"``,
+            ``"embedding"``, ``"flat"``, ``"rows"``); informative only.
+        shapes: the shapes of the unit's tensors, in order.
+        rows: number of rows of the unit's row matrix.
+        row_length: length of one row before chunking.
+        chunks: pieces each row is cut into.
+        block_size: size of every (padded) block.
+    """
+
+    kind: str
+    shapes: tuple[torch.Size, ...]
+    rows: int
+    row_length: int
+    chunks: int
+    block_size: int
+    _gather: Tensor | None = field(default=None, repr=False)
+    _scatter: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        padded = self.chunks * self.block_size
+        if padded != self.row_length:
+            # Column j of a row goes to chunk c at offset o; the slot index row_length is a zero.
+            base, extra = divmod(self.row_length, self.chunks)
+            gather = torch.full((self.chunks, self.block_size), self.row_length, dtype=torch.long)
+            scatter = torch.empty(self.row_length, dtype=torch.long)
+            start = 0
+            for c in range(self.chunks):
+                size = base + (1 if c < extra else 0)
+                cols = torch.arange(start, start + size)
+                gather[c, :size] = cols
+                scatter[cols] = c * self.block_size + torch.arange(size)
+                start += size
+            self._gather = gather.reshape(-1)
+            self._scatter = scatter
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rows * self.chunks
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def padded(self) -> bool:
+        return self._gather is not None
+
+    # --- row matrix <-> tensors -------------------------------------------------------------
+    def to_rows(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Arrange the unit's tensors (with optional leading batch dims) as ``(..., rows, length)``.
+
+        ``tensors[k]`` has shape ``(*batch, *shapes[k])``.
+        """
+        lead = tensors[0].shape[: tensors[0].dim() - len(self.shapes[0])]
+        if self.kind == "linear" and len(tensors) == 2:
+            weight, bias = tensors
+            return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
+        if self.kind == "norm":
+            gamma, beta = tensors
+            return torch.stack(
+                [gamma.reshape(*lead, self.rows), beta.reshape(*lead, self.rows)], dim=-1
+            )
+        return tensors[0].reshape(*lead, self.rows, self.row_length)
+
+    def from_rows(self, rows: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`to_rows` for tensors without batch dims."""
+        if self.kind == "linear" and len(self.shapes) == 2:
+            return [rows[:, :-1].reshape(self.shapes[0]), rows[:, -1].reshape(self.shapes[1])]
+        if self.kind == "norm":
+            return [rows[:, 0].reshape(self.shapes[0]), rows[:, 1].reshape(self.shapes[1])]
+        return [rows.reshape(self.shapes[0])]
+
+    # --- row matrix <-> blocks --------------------------------------------------------------
+    def rows_to_blocks(self, rows: Tensor) -> Tensor:
+        """``(..., rows, length)`` to ``(..., num_blocks, block_size)`` (zero-padded)."""
+        lead, blocks = rows.shape[:-2], rows.shape[-2] * self.chunks
+        if self._gather is None:
+            return rows.reshape(*lead, blocks, self.block_size)
+        gather = self._gather.to(rows.device)
+        padded = torch.nn.functional.pad(rows, (0, 1))
+        return padded.index_select(-1, gather).reshape(*lead, blocks, self.block_size)
+
+    def blocks_to_rows(self, blocks: Tensor) -> Tensor:
+        """Inverse of :meth:`rows_to_blocks` (padding dropped)."""
+        lead = blocks.shape[:-2]
+        flat = blocks.reshape(*lead, -1, self.chunks * self.block_size)
+        if self._scatter is None:
+            return flat
+        return flat.index_select(-1, self._scatter.to(blocks.device))
+
+    def to_blocks(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The unit's tensors as one ``(num_blocks, block_size)`` tensor."""
+        return self.rows_to_blocks(self.to_rows(tensors))
+
+    def from_blocks(self, blocks: Tensor) -> list[Tensor]:
+        """Split a ``(num_blocks, block_size)`` tensor back into tensors of the unit's shapes."""
+        return self.from_rows(self.blocks_to_rows(blocks))
+
+    def dense_indices(self) -> list[Tensor]:
+        """For tests and diagnostics: each block's coordinates in the unit's flattened tensors.
+
+        The flat order is the concatenation of the unit's tensors, each flattened row-major.
+        Padded slots are omitted.
+        """
+        numels = [math.prod(s) for s in self.shapes]
+        ids = torch.arange(sum(numels), dtype=torch.float64)
+        parts = list(torch.split(ids, numels))
+        pieces = [p.reshape(s) for p, s in zip(parts, self.shapes, strict=True)]
+        marked = self.to_rows(pieces)
+        padded = torch.nn.functional.pad(marked, (0, 1), value=-1.0)
+        if self._gather is None:
+            blocks = marked.reshape(self.num_blocks, self.block_size)
+        else:
+            blocks = padded.index_select(-1, self._gather).reshape(
+                self.num_blocks, self.block_size
+            )
+        return [b[b >= 0].long() for b in blocks]
+
+
+def _layout(kind: str, shapes: Sequence[torch.Size], rows: int, length: int, mbs: int) -> BlockLayout:
+    chunks, size = chunk_plan(length, mbs)
+    return BlockLayout(kind, tuple(torch.Size(s) for s in shapes), rows, length, chunks, size)
+
+
+def linear_layout(weight: Tensor, bias: Tensor | None, max_block_size: int) -> BlockLayout:
+    """Unit-wise blocks: row ``W[j, :]`` with ``b[j]`` appended, one block per output unit."""
+    out_features, in_features = weight.shape
+    shapes = [weight.shape] if bias is None else [weight.shape, bias.shape]
+    length = in_features + (0 if bias is None else 1)
+    return _layout("linear", shapes, out_features, length, max_block_size)
+
+
+def conv_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
+    """One block per (output channel, input channel) kernel: ``prod(kernel_size)`` entries."""
+    rows = weight.shape[0] * weight.shape[1]
+    length = math.prod(weight.shape[2:])
+    return _layout("conv", [weight.shape], rows, length, max_block_size)
+
+
+def norm_layout(weight: Tensor, bias: Tensor) -> BlockLayout:
+    """One 2x2 block ``(gamma_c, beta_c)`` per channel of an affine norm layer."""
+    return BlockLayout("norm", (weight.shape, bias.shape), weight.numel(), 2, 1, 2)
+
+
+def embedding_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
+    """One block per embedding row (chunked when longer than ``max_block_size``)."""
+    return _layout("embedding", [weight.shape], weight.shape[0], weight.shape[1], max_block_size)
+
+
+def flat_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
+    """Contiguous near-equal chunks of the flattened tensor."""
+    return _layout("flat", [tensor.shape], 1, tensor.numel(), max_block_size)
+
+
+def shape_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
+    """Layout from the shape alone, for parameters given without their module.
+
+    Tensors of 3 or more dimensions are read as convolution weights (one block per kernel),
+    2-d tensors as Linear weights without bias (one block per row), anything else as a flat
+    vector.
+    """
+    if tensor.dim() >= 3:
+        return conv_layout(tensor, max_block_size)
+    if tensor.dim() == 2:
+        return _layout("rows", [tensor.shape], tensor.shape[0], tensor.shape[1], max_block_size)
+    return flat_layout(tensor, max_block_size)

@@ -1,0 +1,155 @@
+"""Per-example empirical Fisher mini-blocks of Linear and ConvNd layers.
+
+For a layer with inputs ``a_i`` and output gradients ``delta_i`` (as autograd delivers them for the
+batch loss) the per-example contribution to the weight gradient is ``G_i = delta_i^T a_i`` (Linear,
+summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution). The functions here
+return ``sum_i blocks(G_i) blocks(G_i)^T`` for a whole batch, processing at most ``chunk_elems``
+per-example gradient entries at a time, so the ``N`` per-example gradients of a layer are never
+held at once. Scaling by the loss reduction is the caller's job (see :class:`PerExampleCollector`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import BlockLayout
+
+__all__ = [
+    "PER_EXAMPLE_TYPES",
+    "conv_block_stats",
+    "linear_block_stats",
+    "unfold_input",
+]
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PER_EXAMPLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
+
+
+def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
+    size = max(1, chunk_elems // max(1, per_example))
+    for start in range(0, batch, size):
+        yield slice(start, min(batch, start + size))
+
+
+def _outer_sum(blocks: Tensor) -> Tensor:
+    """``sum_n b_n b_n^T`` for ``(n, B, s)`` blocks, giving ``(B, s, s)``."""
+    return torch.einsum("nbs,nbt->bst", blocks, blocks)
+
+
+def linear_block_stats(
+    layout: BlockLayout,
+    inputs: Tensor,
+    grad_outputs: Tensor,
+    chunk_elems: int = 1 << 24,
+) -> Tensor:
+    """``sum_i`` of the block outer products of each example's Linear gradient.
+
+    Args:
+        layout: the unit's layout (``linear`` kind; with bias when it has two shapes).
+        inputs: ``(N, *, in)`` layer inputs.
+        grad_outputs: ``(N, *, out)`` gradients of the loss with respect to the layer output.
+        chunk_elems: bound on the per-example entries materialized at once.
+    """
+    has_bias = len(layout.shapes) == 2
+    n = inputs.shape[0]
+    a = inputs.reshape(n, -1, inputs.shape[-1])
+    d = grad_outputs.reshape(n, -1, grad_outputs.shape[-1])
+    if has_bias:
+        a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+    out = torch.zeros(
+        layout.num_blocks, layout.block_size, layout.block_size, dtype=a.dtype, device=a.device
+    )
+    if a.shape[1] == 1:
+        # G_i = delta_i a_i^T is rank one: block (j, c) is sum_i delta_ij^2 a_ic a_ic^T, a GEMM.
+        a2, d2 = a[:, 0], d[:, 0].square()
+        per = layout.chunks * layout.block_size**2
+        for sl in _chunks(n, per, chunk_elems):
+            ab = layout.rows_to_blocks(a2[sl].unsqueeze(1))  # (n, chunks, s)
+            outer = (ab.unsqueeze(-1) * ab.unsqueeze(-2)).reshape(ab.shape[0], -1)
+            out += (d2[sl].T @ outer).reshape(out.shape)
+        return out
+    for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
+        grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
+        out += _outer_sum(layout.rows_to_blocks(grads))
+    return out
+
+
+def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """Pad ``x`` as the convolution does; returns the padded input and ``nd``."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    nd = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), nd
+    pads: list[int] = []
+    for dim in reversed(range(nd)):
+        if module.padding == "valid":
+            lo = hi = 0
+        elif module.padding == "same":
+            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
+            lo, hi = total // 2, total - total // 2
+        else:
+            lo = hi = int(module.padding[dim])  # type: ignore[index]
+        pads += [lo, hi]
+    return (F.pad(x, pads) if any(pads) else x), nd
+
+
+def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
+    """im2col for Conv1d/2d/3d: ``(N, C_in, *spatial)`` to ``(N, C_in * prod(k), P)``.
+
+    Rows are ordered as the flattened weight ``(C_in, *k)``, columns as the flattened output.
+    """
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    x, nd = _conv_padding(module, x)
+    for dim in range(nd):
+        span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
+        x = x.unfold(2 + dim, span, module.stride[dim])
+    if any(d > 1 for d in module.dilation):
+        x = x[(Ellipsis, *(slice(None, None, d) for d in module.dilation))]
+    n, c = x.shape[:2]
+    out_dims = list(range(2, 2 + nd))
+    win_dims = list(range(2 + nd, 2 + 2 * nd))
+    x = x.permute(0, 1, *win_dims, *out_dims)
+    return x.reshape(n, c * math.prod(module.kernel_size), -1)
+
+
+def conv_block_stats(
+    module: nn.Module,
+    layout: BlockLayout,
+    bias_layout: BlockLayout | None,
+    inputs: Tensor,
+    grad_outputs: Tensor,
+    chunk_elems: int = 1 << 24,
+) -> tuple[Tensor, Tensor | None]:
+    """``sum_i`` of block outer products of each example's conv weight (and bias) gradient."""
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    n = inputs.shape[0]
+    groups = module.groups
+    c_out = grad_outputs.shape[1]
+    k = math.prod(module.kernel_size)
+    s = layout.block_size
+    w_out = inputs.new_zeros(layout.num_blocks, s, s)
+    b_out = None
+    if bias_layout is not None:
+        bs = bias_layout.block_size
+        b_out = inputs.new_zeros(bias_layout.num_blocks, bs, bs)
+    spatial = math.prod(grad_outputs.shape[2:])
+    per = inputs[0].numel() * k + c_out * spatial + layout.numel
+    for sl in _chunks(n, per, chunk_elems):
+        d = grad_outputs[sl].reshape(-1, groups, c_out // groups, spatial)
+        u = unfold_input(module, inputs[sl])
+        u = u.reshape(u.shape[0], groups, -1, u.shape[-1])
+        grads = torch.einsum("ngop,ngqp->ngoq", d, u)  # (n, G, O_g, C_g * k)
+        rows = grads.reshape(grads.shape[0], layout.rows, layout.row_length)
+        w_out += _outer_sum(layout.rows_to_blocks(rows))
+        if bias_layout is not None and b_out is not None:
+            bias_grads = d.sum(-1).reshape(-1, 1, c_out)
+            b_out += _outer_sum(bias_layout.rows_to_blocks(bias_grads))
+    return w_out, b_out
+
+
+StatsSink = Callable[[nn.Module, Tensor, Tensor], None]

@@ -1,0 +1,524 @@
+"""The MBF optimizer: mini-block empirical Fisher preconditioning as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import PerExampleHooks
+from .linalg import damped_cholesky, solve_blocks, symmetric_outer
+from .units import Unit, build_units, state_dtype
+
+__all__ = ["MBF", "DEFAULTS"]
+
+ESTIMATORS = ("batch", "per_example")
+REDUCTIONS = ("mean", "sum")
+NONFINITE_POLICIES = ("skip", "raise")
+
+#: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
+DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "damping": 1e-3,
+    "stat_decay": 0.9,
+    "stat_every": 1,
+    "inv_every": 20,
+    "max_block_size": 32,
+    "weight_decay": 0.0,
+    "decoupled_weight_decay": False,
+    "kl_clip": None,
+}
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """Blocks of equal size from the units of one param group, factored in one batched call."""
+
+    group: int
+    block_size: int
+    units: list[Unit]
+    fisher: Tensor
+    factor: Tensor
+    factored: bool = False
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"MBF: {msg}")
+
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        lr = float(lr)
+    if not (lr >= 0.0 and math.isfinite(lr)):
+        raise bad(f"lr must be a finite number >= 0, got {group['lr']}")
+    if not (0.0 <= group["momentum"] < 1.0):
+        raise bad(f"momentum must be in [0, 1), got {group['momentum']}")
+    if not (group["damping"] >= 0.0 and math.isfinite(group["damping"])):
+        raise bad(f"damping must be a finite number >= 0, got {group['damping']}")
+    if not (0.0 <= group["stat_decay"] < 1.0):
+        raise bad(f"stat_decay must be in [0, 1), got {group['stat_decay']}")
+    for key in ("stat_every", "inv_every", "max_block_size"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad(f"{key} must be a positive integer, got {value!r}")
+    if not (group["weight_decay"] >= 0.0):
+        raise bad(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    clip = group["kl_clip"]
+    if clip is not None and not (clip > 0.0):
+        raise bad(f"kl_clip must be None or > 0, got {clip}")
+
+
+class MBF(torch.optim.Optimizer):
+    """Mini-block Fisher optimizer (Bahamou, Goldfarb & Ren, AISTATS 2023).
+
+    Preconditions each step with a block-diagonal approximation of the empirical Fisher matrix in
+    which every layer is cut into many small mini-blocks (one per output unit of a Linear layer,
+    one per kernel of a convolution; see :mod:`mbf.blocks`), all factored in batched calls::
+
+        m <- momentum * m + (g + weight_decay * theta)       (L2 decay, the default)
+        d_b = (F_b + damping * I)^-1 m_b                     for every mini-block b
+        theta <- theta - lr * d   [- lr * weight_decay * theta when decoupled]
+
+    ``F_b`` is a running average (``stat_decay``) of a per-step estimate refreshed every
+    ``stat_every`` steps and factored every ``inv_every`` steps.
+
+    Args:
+        params: an ``nn.Module`` (module-aware blocks, per-example hooks; a
+            ``DistributedDataParallel`` wrapper is looked through), or an iterable of parameters
+            or param groups (blocks from shapes, unless ``model`` is given too).
+        lr: learning rate.
+        momentum: heavy-ball momentum, applied before preconditioning.
+        damping: ``lambda`` added to every block's diagonal.
+        stat_decay: running-average factor of the curvature statistics.
+        stat_every: steps between statistics updates.
+        inv_every: steps between factorizations.
+        max_block_size: rows longer than this are cut into near-equal chunks.
+        weight_decay: L2 coefficient (added to the gradient) or, with
+            ``decoupled_weight_decay=True``, decoupled decay (AdamW style).
+        kl_clip: if set, scale the update so ``lr**2 * d . m <= kl_clip`` (KFAC's KL clip).
+        estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
+            any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
+            hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
+        loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
+            ``per_example`` estimator to undo autograd's ``1/N``.
+        model: the module the parameters belong to, for module-aware blocks with param groups.
+        nonfinite: ``"skip"`` (default) skips a step whose gradient is not finite, leaving every
+            parameter and statistic untouched and counting it; ``"raise"`` raises
+            ``FloatingPointError`` with the state untouched.
+        max_state_bytes: refuse to build when curvature state would exceed this many bytes.
+        chunk_elements: per-example gradient entries materialized at once (memory bound).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        *,
+        momentum: float = DEFAULTS["momentum"],
+        damping: float = DEFAULTS["damping"],
+        stat_decay: float = DEFAULTS["stat_decay"],
+        stat_every: int = DEFAULTS["stat_every"],
+        inv_every: int = DEFAULTS["inv_every"],
+        max_block_size: int = DEFAULTS["max_block_size"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        decoupled_weight_decay: bool = DEFAULTS["decoupled_weight_decay"],
+        kl_clip: float | None = DEFAULTS["kl_clip"],
+        estimator: str = "batch",
+        loss_reduction: str = "mean",
+        model: nn.Module | None = None,
+        nonfinite: str = "skip",
+        max_state_bytes: int | None = 8 * 2**30,
+        chunk_elements: int = 1 << 24,
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"MBF: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"MBF: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"MBF: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if chunk_elements <= 0:
+            raise ValueError(f"MBF: chunk_elements must be positive, got {chunk_elements}")
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("MBF: pass the model either as params or as model=, not both")
+            model = params
+            params = [p for p in params.parameters() if p.requires_grad]
+        if estimator == "per_example" and model is None:
+            raise ValueError(
+                "MBF: estimator='per_example' needs the model (pass the nn.Module, or model=)"
+            )
+        self.estimator = estimator
+        self.loss_reduction = loss_reduction
+        self.nonfinite = nonfinite
+        self.max_state_bytes = max_state_bytes
+        self._model = model
+        self._units: list[Unit] = []
+        self._buckets: list[_Bucket] = []
+        self._ready = False
+        self._step_count = 0
+        self._counters = {
+            "steps": 0,
+            "skipped_steps": 0,
+            "factorizations": 0,
+            "factored_blocks": 0,
+            "retried_blocks": 0,
+            "fallback_blocks": 0,
+            "nonfinite_blocks": 0,
+        }
+        self._warned: set[str] = set()
+        defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
+        defaults.update(
+            stat_every=stat_every,
+            inv_every=inv_every,
+            max_block_size=max_block_size,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            kl_clip=kl_clip,
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_group(group)
+        self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
+        self._rebuild()
+        self._ready = True
+
+    # ------------------------------------------------------------------ construction
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if getattr(self, "_ready", False):
+            _check_group(self.param_groups[-1])
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """(Re)build units and buckets; existing curvature of unchanged units is kept."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError("MBF: sparse parameters are not supported")
+        old = {tuple(id(p) for p in u.params): u for u in self._units}
+        units = build_units(self.param_groups, self._model, self.estimator == "per_example")
+        self._check_budget(units)
+        self._warn_fallbacks(units)
+        for unit in units:
+            prev = old.get(tuple(id(p) for p in unit.params))
+            if prev is not None and prev.layout.num_blocks == unit.layout.num_blocks:
+                unit.fisher, unit.factor, unit.stat_updates = prev.fisher, prev.factor, prev.stat_updates
+        self._units = units
+        self._buckets = self._make_buckets(units)
+        self._hooks.remove()
+        self._hooks.add(units)
+        self._schedule_collection()
+
+    def _check_budget(self, units: list[Unit]) -> None:
+        if self.max_state_bytes is None:
+            return
+        total = sum(u.state_bytes() for u in units)
+        if total <= self.max_state_bytes:
+            return
+        worst = max(units, key=lambda u: u.state_bytes())
+        raise ValueError(
+            f"MBF: curvature state would take {total / 2**30:.2f} GiB, over max_state_bytes="
+            f"{self.max_state_bytes / 2**30:.2f} GiB; the largest unit is {worst.name} "
+            f"({worst.state_bytes() / 2**30:.2f} GiB, blocks of {worst.layout.block_size}). "
+            "Lower max_block_size (state grows linearly with it) or raise max_state_bytes."
+        )
+
+    def _warn_fallbacks(self, units: list[Unit]) -> None:
+        if self.estimator != "per_example":
+            return
+        names = [u.name for u in units if not u.per_example]
+        if names and "fallback" not in self._warned:
+            self._warned.add("fallback")
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            warnings.warn(
+                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers only; "
+                f"these use the 'batch' estimator instead: {shown}",
+                stacklevel=3,
+            )
+
+    def _make_buckets(self, units: list[Unit]) -> list[_Bucket]:
+        keyed: dict[tuple, list[Unit]] = {}
+        for unit in units:
+            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype)
+            keyed.setdefault(key, []).append(unit)
+        buckets = []
+        for (group, size, device, dtype), members in keyed.items():
+            total = sum(u.layout.num_blocks for u in members)
+            fisher = torch.zeros(total, size, size, dtype=dtype, device=device)
+            factor = torch.zeros_like(fisher)
+            offset = 0
+            for unit in members:
+                nb = unit.layout.num_blocks
+                if unit.fisher.shape == (nb, size, size):
+                    fisher[offset : offset + nb].copy_(unit.fisher)
+                    factor[offset : offset + nb].copy_(unit.factor)
+                unit.fisher = fisher[offset : offset + nb]
+                unit.factor = factor[offset : offset + nb]
+                unit.offset = offset
+                offset += nb
+            bucket = _Bucket(group, size, members, fisher, factor)
+            bucket.factored = all(u.stat_updates > 0 for u in members)
+            buckets.append(bucket)
+        return buckets
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def counters(self) -> dict[str, int]:
+        """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
+        return dict(self._counters)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of curvature state (statistics, factors, momentum) for each unit, by name."""
+        return {u.name: u.state_bytes() for u in self._units}
+
+    def blocks(self) -> list[tuple[str, Any, Tensor]]:
+        """``(name, layout, fisher)`` of every unit: the running-average mini-blocks."""
+        return [(u.name, u.layout, u.fisher) for u in self._units]
+
+    def remove_hooks(self) -> None:
+        """Detach the per-example hooks from the model (the optimizer keeps working as ``batch``)."""
+        self._hooks.remove()
+        for unit in self._units:
+            unit.per_example = False
+            unit.clear_pending()
+
+    # ------------------------------------------------------------------ stepping
+    def _is_stat_step(self, unit: Unit) -> bool:
+        every = self.param_groups[unit.group]["stat_every"]
+        return self._step_count % every == 0 or unit.stat_updates == 0
+
+    def _schedule_collection(self) -> None:
+        for unit in self._units:
+            unit.collect = unit.per_example and self._is_stat_step(unit)
+        self._hooks.new_step()
+
+    def _grads(self, unit: Unit) -> list[Tensor] | None:
+        grads = [p.grad for p in unit.params]
+        if all(g is None for g in grads):
+            return None
+        for g in grads:
+            if g is not None and g.is_sparse:
+                raise ValueError(f"MBF: sparse gradients are not supported ({unit.name})")
+        return [
+            (torch.zeros_like(p) if g is None else g).to(unit.dtype)
+            for p, g in zip(unit.params, grads, strict=True)
+        ]
+
+    def _all_finite(self, grads: list[list[Tensor]]) -> bool:
+        flags = [torch.isfinite(g).all() for gs in grads for g in gs]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def _estimate(self, unit: Unit, grads: list[Tensor]) -> Tensor | None:
+        if unit.per_example:
+            if unit.pending is None or unit.pending_count == 0:
+                if f"nocapture:{unit.name}" not in self._warned:
+                    self._warned.add(f"nocapture:{unit.name}")
+                    warnings.warn(
+                        f"MBF: no per-example statistics were captured for {unit.name} on a "
+                        "statistics step (was its forward run under no_grad, or not at all?); "
+                        "its curvature is left as it was.",
+                        stacklevel=4,
+                    )
+                return None
+            return unit.pending / unit.pending_count
+        return symmetric_outer(unit.layout.to_blocks(grads))
+
+    def _update_stats(self, unit: Unit, grads: list[Tensor]) -> bool:
+        estimate = self._estimate(unit, grads)
+        unit.clear_pending()
+        if estimate is None:
+            return False
+        decay = self.param_groups[unit.group]["stat_decay"]
+        if unit.stat_updates == 0:
+            unit.fisher.copy_(estimate)
+        else:
+            unit.fisher.mul_(decay).add_(estimate, alpha=1.0 - decay)
+        unit.stat_updates += 1
+        return True
+
+    def _factor(self, bucket: _Bucket) -> None:
+        damping = self.param_groups[bucket.group]["damping"]
+        factor, report = damped_cholesky(bucket.fisher, damping)
+        bucket.factor.copy_(factor)
+        if report.nonfinite:
+            # A poisoned statistic would poison every later step: start that block afresh.
+            bad = ~torch.isfinite(bucket.fisher).all(dim=(-2, -1))
+            bucket.fisher[bad] = 0.0
+        bucket.factored = True
+        c = self._counters
+        c["factorizations"] += 1
+        c["factored_blocks"] += report.blocks
+        c["retried_blocks"] += report.retried
+        c["fallback_blocks"] += report.fallback
+        c["nonfinite_blocks"] += report.nonfinite
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Take one MBF step; ``closure`` (optional) re-evaluates the loss with gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = [(u, self._grads(u)) for u in self._units]
+        live = [(u, g) for u, g in active if g is not None]
+        if not self._all_finite([g for _, g in live]):
+            self._counters["skipped_steps"] += 1
+            for unit in self._units:
+                unit.clear_pending()
+            self._hooks.new_step()
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    "MBF: non-finite gradient; the step was not taken and no state was changed"
+                )
+            return loss
+
+        live_ids = {id(u) for u, _ in live}
+        refreshed: set[int] = set()
+        for unit, grads in live:
+            if self._is_stat_step(unit) and self._update_stats(unit, grads):
+                refreshed.add(id(unit))
+
+        directions: dict[int, list[Tensor]] = {}
+        for bucket in self._buckets:
+            members = [u for u in bucket.units if id(u) in live_ids]
+            if not members:
+                continue
+            group = self.param_groups[bucket.group]
+            due = self._step_count % group["inv_every"] == 0
+            first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
+            if due or first or not bucket.factored:
+                self._factor(bucket)
+            rhs = [self._momentum_blocks(u, group) for u in members]
+            if len(members) == len(bucket.units):
+                solved = solve_blocks(bucket.factor, torch.cat(rhs))
+                parts = torch.split(solved, [u.layout.num_blocks for u in members])
+            else:
+                parts = tuple(solve_blocks(u.factor, r) for u, r in zip(members, rhs, strict=True))
+            for unit, part in zip(members, parts, strict=True):
+                directions[id(unit)] = unit.layout.from_blocks(part)
+
+        self._apply(live, directions)
+        self._step_count += 1
+        self._counters["steps"] += 1
+        self._schedule_collection()
+        return loss
+
+    def _momentum_blocks(self, unit: Unit, group: dict[str, Any]) -> Tensor:
+        """Update the momentum of the unit's parameters; return it as blocks."""
+        mu, wd = group["momentum"], group["weight_decay"]
+        l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
+        bufs = []
+        for p in unit.params:
+            g = p.grad
+            d = torch.zeros(p.shape, dtype=unit.dtype, device=p.device) if g is None else g.to(unit.dtype)
+            if l2:
+                d = d.add(p.to(unit.dtype), alpha=l2)
+            if mu:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.clone()
+                else:
+                    buf.mul_(mu).add_(d)
+                d = buf
+            bufs.append(d)
+        return unit.layout.to_blocks(bufs)
+
+    def _apply(self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]) -> None:
+        scale_of_group: dict[int, float] = {}
+        for g, group in enumerate(self.param_groups):
+            clip = group["kl_clip"]
+            if clip is None:
+                continue
+            lr = float(group["lr"])
+            vg = 0.0
+            for unit, _ in live:
+                if unit.group != g:
+                    continue
+                for p, d in zip(unit.params, directions[id(unit)], strict=True):
+                    m = self.state[p].get("momentum_buffer")
+                    ref = m if m is not None else p.grad
+                    if ref is not None:
+                        vg += float((d * ref.to(d.dtype)).sum())
+            scale_of_group[g] = min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
+
+        for unit, _ in live:
+            group = self.param_groups[unit.group]
+            lr = group["lr"]
+            wd = group["weight_decay"]
+            scale = scale_of_group.get(unit.group, 1.0)
+            for p, d in zip(unit.params, directions[id(unit)], strict=True):
+                if p.grad is None:
+                    continue
+                if wd and group["decoupled_weight_decay"]:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(d.to(p.dtype), alpha=-lr * scale)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state plus curvature (statistics, factors) and counters."""
+        sd = super().state_dict()
+        sd["mbf"] = {
+            "version": 1,
+            "step": self._step_count,
+            "counters": dict(self._counters),
+            "units": [
+                {
+                    "name": u.name,
+                    "num_blocks": u.layout.num_blocks,
+                    "block_size": u.layout.block_size,
+                    "fisher": u.fisher,
+                    "factor": u.factor,
+                    "stat_updates": u.stat_updates,
+                }
+                for u in self._units
+            ],
+            "factored": [b.factored for b in self._buckets],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (on any device)."""
+        sd = dict(state_dict)
+        extra = sd.pop("mbf", None)
+        if extra is None:
+            raise ValueError("MBF: this state dict holds no MBF curvature (saved by another optimizer?)")
+        saved_state = sd.get("state", {})
+        super().load_state_dict(sd)
+        for group in self.param_groups:
+            _check_group(group)
+        self._rebuild()
+        # torch casts state to the parameter dtype; MBF keeps float32 state for low-precision params.
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                for key, value in saved_state.get(index, {}).items():
+                    if isinstance(value, Tensor):
+                        value = value.to(device=p.device, dtype=state_dtype(p.dtype))
+                        self.state[p][key] = value.clone()
+                index += 1
+        units = extra["units"]
+        if len(units) != len(self._units):
+            raise ValueError(
+                f"MBF: the state dict has {len(units)} units, this optimizer {len(self._units)}: "
+                "was it saved for another model or param grouping?"
+            )
+        for unit, saved in zip(self._units, units, strict=True):
+            if saved["fisher"].shape != unit.fisher.shape:
+                raise ValueError(
+                    f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} but "
+                    f"has {tuple(unit.fisher.shape)} here (different max_block_size?)"
+                )
+            unit.fisher.copy_(saved["fisher"])
+            unit.factor.copy_(saved["factor"])
+            unit.stat_updates = int(saved["stat_updates"])
+        for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
+            bucket.factored = bool(factored)
+        self._step_count = int(extra["step"])
+        self._counters.update(extra["counters"])
+        self._schedule_collection()

@@ -1,0 +1,153 @@
+"""Units: the parameters that share one block layout, and how a model is cut into them.
+
+A unit is what one rule of the partition covers: a Linear weight with its bias, a conv weight, a
+conv bias, a norm layer's affine pair, an embedding table, or any other tensor. Units are the
+granularity of curvature state, per-example hooks, and the memory report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import (
+    NORM_TYPES,
+    BlockLayout,
+    conv_layout,
+    embedding_layout,
+    linear_layout,
+    norm_layout,
+    shape_layout,
+)
+from .curvature import CONV_TYPES
+
+__all__ = ["Unit", "build_units", "state_dtype"]
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Curvature and momentum are kept in at least float32, whatever the parameter dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass(eq=False)
+class Unit:
+    """One unit's parameters, layout and (once allocated) curvature views."""
+
+    name: str
+    params: list[Tensor]
+    layout: BlockLayout
+    group: int
+    module: nn.Module | None = None
+    role: str = "other"  # "linear" | "conv_weight" | "conv_bias" | "other"
+    per_example: bool = False
+    fisher: Tensor = field(default_factory=lambda: torch.empty(0))
+    factor: Tensor = field(default_factory=lambda: torch.empty(0))
+    offset: int = 0
+    stat_updates: int = 0
+    collect: bool = False
+    pending: Tensor | None = None
+    pending_count: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return state_dtype(self.params[0].dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def state_bytes(self) -> int:
+        """Bytes of curvature (statistics + factor) and momentum this unit needs."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        blocks = self.layout.num_blocks * self.layout.block_size**2
+        return item * (2 * blocks + self.layout.numel)
+
+    def clear_pending(self) -> None:
+        self.pending = None
+        self.pending_count = 0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Look through DistributedDataParallel and similar wrappers that hold ``.module``."""
+    inner = getattr(model, "module", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel) and isinstance(inner, nn.Module):
+        return inner
+    return model
+
+
+def _module_units(
+    name: str,
+    module: nn.Module,
+    group_of: dict[int, int],
+    max_block_size: dict[int, int],
+    per_example: bool,
+) -> list[Unit]:
+    """Module-aware units of one module's own parameters (those that belong to the optimizer)."""
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if not isinstance(weight, Tensor) or id(weight) not in group_of:
+        return []
+    g = group_of[id(weight)]
+    mbs = max_block_size[g]
+    bias_in_group = isinstance(bias, Tensor) and group_of.get(id(bias)) == g
+    label = f"{name or '<root>'} ({type(module).__name__})"
+    if isinstance(module, nn.Linear):
+        b = bias if bias_in_group else None
+        params = [weight] if b is None else [weight, b]
+        layout = linear_layout(weight, b, mbs)
+        return [Unit(label, params, layout, g, module, "linear", per_example)]
+    if isinstance(module, CONV_TYPES):
+        units = [Unit(label, [weight], conv_layout(weight, mbs), g, module, "conv_weight", per_example)]
+        if bias_in_group:
+            assert isinstance(bias, Tensor)
+            units.append(
+                Unit(f"{label}.bias", [bias], shape_layout(bias, mbs), g, module, "conv_bias", per_example)
+            )
+        return units
+    if isinstance(module, NORM_TYPES) and bias_in_group:
+        assert isinstance(bias, Tensor)
+        return [Unit(label, [weight, bias], norm_layout(weight, bias), g, module, "norm")]
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and weight.dim() == 2:
+        return [Unit(label, [weight], embedding_layout(weight, mbs), g, module, "embedding")]
+    return []
+
+
+def build_units(
+    groups: list[dict],
+    model: nn.Module | None,
+    per_example: bool,
+) -> list[Unit]:
+    """Cut the optimizer's parameters into units.
+
+    With a model, Linear, ConvNd, affine norm and Embedding modules get their own rules (a unit
+    spans parameters of one module only when they share a param group); every other parameter is
+    cut by its shape (:func:`mbf.blocks.shape_layout`).
+    """
+    group_of: dict[int, int] = {}
+    for g, group in enumerate(groups):
+        for p in group["params"]:
+            group_of.setdefault(id(p), g)
+    max_block_size = {g: int(group["max_block_size"]) for g, group in enumerate(groups)}
+    units: list[Unit] = []
+    claimed: set[int] = set()
+    param_names: dict[int, str] = {}
+    if model is not None:
+        model = _unwrap(model)
+        for pname, p in model.named_parameters():
+            param_names.setdefault(id(p), pname)
+        for mname, module in model.named_modules():
+            for unit in _module_units(mname, module, group_of, max_block_size, per_example):
+                if any(id(p) in claimed for p in unit.params):
+                    continue  # a parameter shared between modules is claimed once
+                claimed.update(id(p) for p in unit.params)
+                units.append(unit)
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in claimed:
+                continue
+            claimed.add(id(p))
+            name = param_names.get(id(p), f"group{g}.param{i}")
+            units.append(Unit(name, [p], shape_layout(p, max_block_size[g]), g))
+    return units
