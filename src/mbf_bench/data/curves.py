@@ -25,8 +25,9 @@ SIDE = 28
 MARGIN = 2.0
 #: Standard deviation (pixels) of the ink profile across the stroke.
 STROKE_SIGMA = 0.8
-#: Samples along the curve (midpoint rule in t); spacing stays well under STROKE_SIGMA.
-SAMPLES = 128
+#: Samples along the curve (midpoint rule in t). The Gaussian sum is smooth while the spacing
+#: (at most about 1.2 pixels, on the longest curves) stays near STROKE_SIGMA: ripple < 0.1%.
+SAMPLES = 64
 _CHUNK = 1024
 
 
