@@ -193,15 +193,14 @@ def load_planetoid(data_dir: str | Path, name: str = "cora") -> Graph:
         raise DataError(f"{p('test.index')}: test ids overlap the train/validation nodes.")
     num_nodes = int(test_ids.max(initial=n_known - 1)) + 1
 
-    features = sp.lil_matrix((num_nodes, allx.shape[1]), dtype=np.float32)
-    features[:n_known] = allx
-    features[test_ids] = tx
+    dense = np.zeros((num_nodes, allx.shape[1]), dtype=np.float32)
+    dense[:n_known] = allx.toarray()
+    dense[test_ids] = tx.toarray()
     one_hot = np.zeros((num_nodes, ally.shape[1]), dtype=np.float32)
     one_hot[:n_known] = ally
     one_hot[test_ids] = ty
     labels = np.where(one_hot.max(axis=1) > 0, one_hot.argmax(axis=1), -1)
 
-    dense = features.toarray()
     row_sum = dense.sum(axis=1, keepdims=True)
     dense = np.divide(dense, row_sum, out=np.zeros_like(dense), where=row_sum != 0)
 
