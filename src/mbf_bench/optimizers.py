@@ -22,7 +22,7 @@ from torch import nn
 import mbf
 
 from .optim.kfac import KFAC
-from .optim.kronecker import Shampoo, TNT
+from .optim.kronecker import TNT, Shampoo
 
 __all__ = [
     "FAMILIES",
@@ -56,7 +56,7 @@ class OptimizerSpec:
     needs_model: bool
 
 
-def _trainable(model: nn.Module) -> list[torch.Tensor]:
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
@@ -73,7 +73,9 @@ def _sgdm(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     )
 
 
-def _adam_like(cls: type[torch.optim.Optimizer]) -> Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]:
+def _adam_like(
+    cls: type[torch.optim.Optimizer],
+) -> Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]:
     def build(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
         return cls(  # type: ignore[call-arg]
             _trainable(model),
@@ -114,7 +116,12 @@ _MBF_DEFAULT_ESTIMATOR: str = inspect.signature(mbf.MBF).parameters["estimator"]
 _CURVATURE = {"momentum": 0.9, "stat_decay": 0.9, "stat_every": 1, "inv_every": 20}
 _DECAY = {"weight_decay": 0.0, "decoupled_weight_decay": False}
 _ADAM = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
-_KRON = {"accumulate": "ema", "conv_reshape": "filter", "max_precond_dim": 8192}
+_KRON = {
+    "invert_early": True,
+    "accumulate": "ema",
+    "conv_reshape": "filter",
+    "max_precond_dim": 8192,
+}
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
@@ -142,7 +149,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "mbf",
-            f"mini-block Fisher (mbf.MBF), estimator selectable (default {_MBF_DEFAULT_ESTIMATOR!r})",
+            f"mini-block Fisher (mbf.MBF), default estimator {_MBF_DEFAULT_ESTIMATOR!r}",
             {"lr": 1e-3, **mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR},
             _mbf(None),
             needs_model=True,
@@ -163,8 +170,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "kfac",
-            "K-FAC / KFC, empirical Fisher from hooks on the loop's backward (own, mbf_bench.optim.kfac)",
-            {"lr": 0.1, **_CURVATURE, "damping": 1e-2, **_DECAY, "pi_damping": False, "loss_reduction": "mean"},
+            "K-FAC / KFC, empirical Fisher from hooks on the loop's own backward (mbf_bench.optim)",
+            {
+                "lr": 0.1,
+                **_CURVATURE,
+                "damping": 1e-2,
+                **_DECAY,
+                "pi_damping": False,
+                "invert_early": True,
+                "loss_reduction": "mean",
+            },
             _kfac,
             needs_model=True,
         ),
@@ -229,7 +244,9 @@ def defaults_for(name: str, family: str) -> dict[str, Any]:
     """The full hyperparameters of optimizer ``name`` for task family ``family``."""
     spec = _spec(name)
     if family not in TASK_DEFAULTS:
-        raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(TASK_DEFAULTS)}")
+        raise ValueError(
+            f"unknown task family {family!r}; choose one of: {', '.join(TASK_DEFAULTS)}"
+        )
     return {**spec.defaults, **TASK_DEFAULTS[family].get(name, {})}
 
 

@@ -11,6 +11,7 @@ the same authors), so that MBF and the baselines differ only in their preconditi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,22 +81,49 @@ def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
     return damped_power(matrix, damping, -1.0)
 
 
+def _psd_eigen(sym: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigenvalues and vectors of a symmetric PSD matrix, or None if every method failed.
+
+    LAPACK's ``syevd`` can fail on the nearly low-rank statistics these methods build: it raises
+    for some matrices and, in float32 on CPU, silently returns NaN for others (seen with a
+    500 x 500 bias statistic of rank 255). So: eigh in the input dtype, then in float64, then an
+    SVD in float64 (for a PSD matrix its singular triplets are the eigenpairs), each checked.
+    """
+    attempts: list[Callable[[], tuple[Tensor, Tensor]]] = [
+        lambda: torch.linalg.eigh(sym),
+        lambda: torch.linalg.eigh(sym.to(torch.float64)),
+    ]
+
+    def by_svd() -> tuple[Tensor, Tensor]:
+        u, s, _ = torch.linalg.svd(sym.to(torch.float64))
+        return s, u
+
+    attempts.append(by_svd)
+    for attempt in attempts:
+        try:
+            vals, vecs = attempt()
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+            return vals, vecs
+    return None
+
+
 def damped_power(matrix: Tensor, damping: float, power: float) -> Tensor:
     """``(matrix + damping * I)^power`` of a symmetric PSD matrix by eigendecomposition.
 
     Eigenvalues are clamped at zero before the damping is added (rounding can make them slightly
-    negative). Falls back to float64, then to ``(damping or 1) ** power * I`` for a matrix with
-    non-finite entries, so a bad statistic never turns into NaN parameters.
+    negative). A matrix with non-finite entries, or one no method can decompose, gives
+    ``(damping or 1) ** power * I``, so a bad statistic never turns into NaN parameters.
     """
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    fallback = eye * (damping if damping > 0 else 1.0) ** power
     if not bool(torch.isfinite(matrix).all()):
-        return eye * (damping if damping > 0 else 1.0) ** power
-    sym = 0.5 * (matrix + matrix.T)
-    try:
-        vals, vecs = torch.linalg.eigh(sym)
-    except torch.linalg.LinAlgError:
-        vals, vecs = torch.linalg.eigh(sym.to(torch.float64))
+        return fallback
+    found = _psd_eigen(0.5 * (matrix + matrix.T))
+    if found is None:
+        return fallback
+    vals, vecs = found
     vals = vals.clamp_min(0.0) + damping
-    tiny = torch.finfo(vals.dtype).tiny
-    scaled = vals.clamp_min(tiny).pow(power)
+    scaled = vals.clamp_min(torch.finfo(vals.dtype).tiny).pow(power)
     return ((vecs * scaled) @ vecs.T).to(matrix.dtype)

@@ -138,6 +138,8 @@ class KFAC(torch.optim.Optimizer):
         inv_every: steps between inversions (also inverted after the first statistics).
         weight_decay: L2 coefficient, or decoupled decay with ``decoupled_weight_decay=True``.
         pi_damping: split the damping with Martens & Grosse's ``pi`` instead of ``pi = 1``.
+        invert_early: also invert after every statistics update during the first ``inv_every``
+            steps (the authors' framework), so the first steps do not use stale curvature.
         loss_reduction: ``"mean"`` (the loss averages over the batch) or ``"sum"``.
     """
 
@@ -154,12 +156,17 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         pi_damping: bool = False,
+        invert_early: bool = True,
         loss_reduction: str = "mean",
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"KFAC: model must be an nn.Module (hooks go on its layers), got {type(model)}")
+            raise TypeError(
+                f"KFAC: model must be an nn.Module (hooks go on its layers), got {type(model)}"
+            )
         if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"KFAC: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+            raise ValueError(
+                f"KFAC: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
@@ -173,6 +180,7 @@ class KFAC(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
             "pi_damping": pi_damping,
+            "invert_early": invert_early,
             "step": 0,
         }
         super().__init__(params, defaults)
@@ -199,7 +207,7 @@ class KFAC(torch.optim.Optimizer):
             bias = module.bias if module.bias is not None and id(module.bias) in trainable else None
             if module.bias is not None and bias is None:
                 continue  # frozen bias with trainable weight: not worth a special case
-            layers.append(_Layer(name or type(module).__name__, module, module.weight, bias))  # type: ignore[arg-type]
+            layers.append(_Layer(name or type(module).__name__, module, module.weight, bias))
             covered.update({id(module.weight), id(bias)})
         plain = [
             f"{mname}.{pname}" if mname else pname
@@ -315,9 +323,12 @@ class KFAC(torch.optim.Optimizer):
             if any(p.grad is None for p in params):
                 layer.clear()
                 continue
-            first = self._refresh(layer, group) and self.state[layer.weight]["kfac_stat_updates"] == 1
+            fresh = self._refresh(layer, group)
             st = self.state[layer.weight]
-            if "kfac_A" in st and (due or first or "kfac_A_inv" not in st):
+            early = fresh and (
+                st["kfac_stat_updates"] == 1 or (group["invert_early"] and k < group["inv_every"])
+            )
+            if "kfac_A" in st and (due or early or "kfac_A_inv" not in st):
                 self._invert(layer, group)
             moms = [momentum_of(self.state[p], p, group) for p in params]
             if "kfac_A_inv" in st:
@@ -325,7 +336,9 @@ class KFAC(torch.optim.Optimizer):
                 mat = torch.cat([m.reshape(out, -1) for m in moms], dim=1)
                 mat = st["kfac_G_inv"] @ mat @ st["kfac_A_inv"]
                 sizes = [m.reshape(out, -1).shape[1] for m in moms]
-                dirs = [d.reshape(p.shape) for d, p in zip(mat.split(sizes, dim=1), params, strict=True)]
+                dirs = [
+                    d.reshape(p.shape) for d, p in zip(mat.split(sizes, dim=1), params, strict=True)
+                ]
             else:
                 dirs = moms
             for p, d in zip(params, dirs, strict=True):

@@ -87,6 +87,8 @@ class KroneckerFactored(torch.optim.Optimizer):
         stat_decay: running-average factor of the statistics (``accumulate="ema"``).
         stat_every: steps between statistics updates.
         inv_every: steps between recomputations of the ``P_i`` (also after the first statistics).
+        invert_early: also recompute them after every statistics update during the first
+            ``inv_every`` steps (the authors' framework), so early steps use fresh curvature.
         weight_decay: L2 coefficient, or decoupled decay with ``decoupled_weight_decay=True``.
         accumulate: ``"ema"`` (the authors' framework) or ``"sum"`` (Gupta et al.).
         conv_reshape: how 4-D weights are seen, ``"filter"``, ``"kfac"`` or ``"none"``.
@@ -106,6 +108,7 @@ class KroneckerFactored(torch.optim.Optimizer):
         inv_every: int = 20,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
+        invert_early: bool = True,
         accumulate: str = "ema",
         conv_reshape: str = "filter",
         max_precond_dim: int = 8192,
@@ -117,9 +120,17 @@ class KroneckerFactored(torch.optim.Optimizer):
         if accumulate not in ACCUMULATE:
             raise ValueError(f"{owner}: accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
         if conv_reshape not in CONV_RESHAPES:
-            raise ValueError(f"{owner}: conv_reshape must be one of {CONV_RESHAPES}, got {conv_reshape!r}")
-        if isinstance(max_precond_dim, bool) or not isinstance(max_precond_dim, int) or max_precond_dim < 1:
-            raise ValueError(f"{owner}: max_precond_dim must be a positive integer, got {max_precond_dim!r}")
+            raise ValueError(
+                f"{owner}: conv_reshape must be one of {CONV_RESHAPES}, got {conv_reshape!r}"
+            )
+        if (
+            isinstance(max_precond_dim, bool)
+            or not isinstance(max_precond_dim, int)
+            or max_precond_dim < 1
+        ):
+            raise ValueError(
+                f"{owner}: max_precond_dim must be a positive integer, got {max_precond_dim!r}"
+            )
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         defaults = {
@@ -131,6 +142,7 @@ class KroneckerFactored(torch.optim.Optimizer):
             "inv_every": inv_every,
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "invert_early": invert_early,
             "accumulate": accumulate,
             "conv_reshape": conv_reshape,
             "max_precond_dim": max_precond_dim,
@@ -207,9 +219,11 @@ class KroneckerFactored(torch.optim.Optimizer):
                 fresh = False
                 if k % group["stat_every"] == 0 or st.get("stat_updates", 0) == 0:
                     fresh = self._update_stats(st, p.grad.reshape(shape), group)
-                first = fresh and st["stat_updates"] == 1
+                early = fresh and (
+                    st["stat_updates"] == 1 or (group["invert_early"] and k < group["inv_every"])
+                )
                 has = st.get("stat_updates", 0) > 0
-                if has and (k % group["inv_every"] == 0 or first or "factored" not in st):
+                if has and (k % group["inv_every"] == 0 or early or "factored" not in st):
                     self._factors(st, shape, group)
                     st["factored"] = True
                 m = momentum_of(st, p, group)
@@ -230,12 +244,16 @@ class KroneckerFactored(torch.optim.Optimizer):
 class Shampoo(KroneckerFactored):
     """Shampoo (Gupta et al. 2018) in the authors' framework form; see :mod:`.kronecker`."""
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module, lr: float, **kw: Any) -> None:
+    def __init__(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module, lr: float, **kw: Any
+    ) -> None:
         super().__init__(params, lr, method="shampoo", **kw)
 
 
 class TNT(KroneckerFactored):
     """TNT (Ren & Goldfarb 2021) with true-label gradient statistics; see :mod:`.kronecker`."""
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module, lr: float, **kw: Any) -> None:
+    def __init__(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]] | nn.Module, lr: float, **kw: Any
+    ) -> None:
         super().__init__(params, lr, method="tnt", **kw)
