@@ -72,7 +72,7 @@ def small_cnn() -> nn.Module:
 
 
 def run(
-    name: str, family: str, lr: float, steps: int, batch: int, data: Path
+    name: str, family: str, hp: dict[str, float], steps: int, batch: int, data: Path
 ) -> tuple[float, float]:
     torch.manual_seed(0)
     if family == "autoencoder":
@@ -94,7 +94,7 @@ def run(
         n = x_all.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = build_optimizer(name, model, {**defaults_for(name, family), "lr": lr})
+        opt = build_optimizer(name, model, {**defaults_for(name, family), **hp})
     gen = torch.Generator().manual_seed(1)
     losses = []
     start = time.perf_counter()
@@ -122,16 +122,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--only", nargs="*", default=None, help="optimizer names (default: all)")
     parser.add_argument("--lrs", nargs="*", type=float, default=list(LRS))
+    parser.add_argument(
+        "--dampings", nargs="*", type=float, default=None, help="default: the task's"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     for name in args.only or list(OPTIMIZERS):
-        for lr in args.lrs:
-            final, per_step = run(name, args.family, lr, args.steps, args.batch, args.data)
-            print(
-                f"{args.family:12s} {name:16s} lr={lr:8.0e} final={final:10.4f} "
-                f"step={per_step * 1e3:7.1f}ms",
-                flush=True,
-            )
+        dampings = args.dampings or [defaults_for(name, args.family).get("damping", math.nan)]
+        for damping in dampings:
+            for lr in args.lrs:
+                hp = {"lr": lr} if math.isnan(damping) else {"lr": lr, "damping": damping}
+                final, per_step = run(name, args.family, hp, args.steps, args.batch, args.data)
+                print(
+                    f"{args.family:12s} {name:16s} lr={lr:8.0e} damping={damping:8.0e} "
+                    f"final={final:10.4f} step={per_step * 1e3:7.1f}ms",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

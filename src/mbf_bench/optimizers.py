@@ -215,7 +215,7 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "mbf-batch": {**_SCHED_AE},
         "mbf-per_example": {**_SCHED_AE},
         "kfac": {**_SCHED_AE},
-        "shampoo": {**_SCHED_AE},
+        "shampoo": {**_SCHED_AE, "invert_early": False},
         "tnt": {**_SCHED_AE},
     },
     "cnn": {

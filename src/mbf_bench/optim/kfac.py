@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._common import apply_update, check_common, damped_inverse, momentum_of
+from ._common import all_finite, apply_update, check_common, damped_inverse, momentum_of
 
 __all__ = ["KFAC"]
 
@@ -281,7 +281,7 @@ class KFAC(torch.optim.Optimizer):
         st = self.state[layer.weight]
         a_hat, g_hat = layer.sum_a / layer.count, layer.sum_g / layer.count
         layer.clear()
-        if not (bool(torch.isfinite(a_hat).all()) and bool(torch.isfinite(g_hat).all())):
+        if not all_finite(a_hat, g_hat):
             return False
         updates = st.get("kfac_stat_updates", 0)
         if updates == 0:

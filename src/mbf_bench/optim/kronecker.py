@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import apply_update, check_common, damped_inverse, damped_power, momentum_of
+from ._common import (
+    all_finite,
+    apply_update,
+    check_common,
+    damped_inverse,
+    damped_power,
+    momentum_of,
+)
 
 __all__ = ["METHODS", "Shampoo", "TNT", "KroneckerFactored"]
 
@@ -157,7 +164,7 @@ class KroneckerFactored(torch.optim.Optimizer):
     def _update_stats(self, st: dict[str, Any], g: Tensor, group: dict[str, Any]) -> bool:
         active = [n <= group["max_precond_dim"] for n in g.shape]
         stats = mode_statistics(g, active)
-        if not all(bool(torch.isfinite(s).all()) for s in stats if s is not None):
+        if not all_finite(*(s for s in stats if s is not None)):
             return False
         first = st.get("stat_updates", 0) == 0
         decay = group["stat_decay"]
