@@ -168,13 +168,13 @@ class BlockLayout:
         if self._gather is None:
             blocks = marked.reshape(self.num_blocks, self.block_size)
         else:
-            blocks = padded.index_select(-1, self._gather).reshape(
-                self.num_blocks, self.block_size
-            )
+            blocks = padded.index_select(-1, self._gather).reshape(self.num_blocks, self.block_size)
         return [b[b >= 0].long() for b in blocks]
 
 
-def _layout(kind: str, shapes: Sequence[torch.Size], rows: int, length: int, mbs: int) -> BlockLayout:
+def _layout(
+    kind: str, shapes: Sequence[torch.Size], rows: int, length: int, mbs: int
+) -> BlockLayout:
     chunks, size = chunk_plan(length, mbs)
     return BlockLayout(kind, tuple(torch.Size(s) for s in shapes), rows, length, chunks, size)
 

@@ -93,7 +93,7 @@ def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
             total = module.dilation[dim] * (module.kernel_size[dim] - 1)
             lo, hi = total // 2, total - total // 2
         else:
-            lo = hi = int(module.padding[dim])  # type: ignore[index]
+            lo = hi = int(module.padding[dim])
         pads += [lo, hi]
     return (F.pad(x, pads) if any(pads) else x), nd
 
@@ -108,8 +108,10 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
     for dim in range(nd):
         span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
         x = x.unfold(2 + dim, span, module.stride[dim])
-    if any(d > 1 for d in module.dilation):
-        x = x[(Ellipsis, *(slice(None, None, d) for d in module.dilation))]
+    if any(step > 1 for step in module.dilation):  # keep every dilation-th tap of each window
+        taps: list[slice] = [slice(None)] * (2 + nd)
+        taps += [slice(None, None, step) for step in module.dilation]
+        x = x[tuple(taps)]
     n, c = x.shape[:2]
     out_dims = list(range(2, 2 + nd))
     win_dims = list(range(2 + nd, 2 + 2 * nd))

@@ -27,6 +27,11 @@ from .units import Unit
 __all__ = ["PerExampleHooks"]
 
 
+def _functorch_active() -> bool:
+    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(probe()) if probe is not None else False
+
+
 class PerExampleHooks:
     """Owns the hooks of every module whose units use the per-example estimator."""
 
@@ -61,6 +66,8 @@ class PerExampleHooks:
         units = self._by_module.get(module, [])
         if not any(u.collect for u in units) or not torch.is_grad_enabled():
             return
+        if _functorch_active():  # e.g. the user's own vmap/grad over the model: not a training pass
+            return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
         x = inputs[0]
@@ -85,7 +92,9 @@ class PerExampleHooks:
         n = x.shape[0]
         scale = float(n * n) if self.loss_reduction == "mean" else 1.0
         if isinstance(module, nn.Linear):
-            stats = {units[0].role: linear_block_stats(units[0].layout, x, grad, self.chunk_elements)}
+            stats = {
+                units[0].role: linear_block_stats(units[0].layout, x, grad, self.chunk_elements)
+            }
         elif isinstance(module, CONV_TYPES):
             weight_unit = next(u for u in units if u.role == "conv_weight")
             bias_unit = next((u for u in units if u.role == "conv_bias"), None)

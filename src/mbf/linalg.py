@@ -59,7 +59,9 @@ def damped_cholesky(fisher: Tensor, damping: float) -> tuple[Tensor, FactorRepor
     sub = fisher.index_select(0, idx).to(torch.float64)
     finite = torch.isfinite(sub).all(dim=(-2, -1))
     report.nonfinite = int((~finite).sum())
-    sub = torch.where(finite[:, None, None], sub, torch.zeros((), dtype=sub.dtype, device=sub.device))
+    sub = torch.where(
+        finite[:, None, None], sub, torch.zeros((), dtype=sub.dtype, device=sub.device)
+    )
     base = _retry_damping(sub, damping)
     eye64 = _identity_like(sub)
     fixed = torch.zeros_like(sub)
@@ -80,7 +82,7 @@ def damped_cholesky(fisher: Tensor, damping: float) -> tuple[Tensor, FactorRepor
 
 
 def solve_blocks(factor: Tensor, rhs: Tensor) -> Tensor:
-    """Solve ``(L L^T) x = rhs`` for a ``(B, s, s)`` factor stack and ``(B, s)`` right-hand sides."""
+    """Solve ``(L L^T) x = rhs`` for ``(B, s, s)`` factors and ``(B, s)`` right-hand sides."""
     return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
 
 

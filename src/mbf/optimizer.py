@@ -6,16 +6,17 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from .blocks import BlockLayout
 from .hooks import PerExampleHooks
 from .linalg import damped_cholesky, solve_blocks, symmetric_outer
 from .units import Unit, build_units, state_dtype
 
-__all__ = ["MBF", "DEFAULTS"]
+__all__ = ["DEFAULTS", "MBF", "UnitState"]
 
 ESTIMATORS = ("batch", "per_example")
 REDUCTIONS = ("mean", "sum")
@@ -33,6 +34,16 @@ DEFAULTS: dict[str, Any] = {
     "decoupled_weight_decay": False,
     "kl_clip": None,
 }
+
+
+class UnitState(NamedTuple):
+    """One unit as :meth:`MBF.blocks` shows it."""
+
+    name: str
+    layout: BlockLayout
+    params: list[Tensor]
+    fisher: Tensor
+    factor: Tensor
 
 
 @dataclass(eq=False)
@@ -138,9 +149,13 @@ class MBF(torch.optim.Optimizer):
         if estimator not in ESTIMATORS:
             raise ValueError(f"MBF: estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if loss_reduction not in REDUCTIONS:
-            raise ValueError(f"MBF: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+            raise ValueError(
+                f"MBF: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
+            )
         if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"MBF: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+            raise ValueError(
+                f"MBF: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
+            )
         if chunk_elements <= 0:
             raise ValueError(f"MBF: chunk_elements must be positive, got {chunk_elements}")
         if isinstance(params, nn.Module):
@@ -207,7 +222,11 @@ class MBF(torch.optim.Optimizer):
         for unit in units:
             prev = old.get(tuple(id(p) for p in unit.params))
             if prev is not None and prev.layout.num_blocks == unit.layout.num_blocks:
-                unit.fisher, unit.factor, unit.stat_updates = prev.fisher, prev.factor, prev.stat_updates
+                unit.fisher, unit.factor, unit.stat_updates = (
+                    prev.fisher,
+                    prev.factor,
+                    prev.stat_updates,
+                )
         self._units = units
         self._buckets = self._make_buckets(units)
         self._hooks.remove()
@@ -276,12 +295,17 @@ class MBF(torch.optim.Optimizer):
         """Bytes of curvature state (statistics, factors, momentum) for each unit, by name."""
         return {u.name: u.state_bytes() for u in self._units}
 
-    def blocks(self) -> list[tuple[str, Any, Tensor]]:
-        """``(name, layout, fisher)`` of every unit: the running-average mini-blocks."""
-        return [(u.name, u.layout, u.fisher) for u in self._units]
+    def blocks(self) -> list[UnitState]:
+        """Every unit's name, layout, parameters, running-average blocks and their factors.
+
+        The tensors are live views of the optimizer's state (read them, do not keep them).
+        """
+        return [
+            UnitState(u.name, u.layout, list(u.params), u.fisher, u.factor) for u in self._units
+        ]
 
     def remove_hooks(self) -> None:
-        """Detach the per-example hooks from the model (the optimizer keeps working as ``batch``)."""
+        """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
         self._hooks.remove()
         for unit in self._units:
             unit.per_example = False
@@ -415,7 +439,11 @@ class MBF(torch.optim.Optimizer):
         bufs = []
         for p in unit.params:
             g = p.grad
-            d = torch.zeros(p.shape, dtype=unit.dtype, device=p.device) if g is None else g.to(unit.dtype)
+            d = (
+                torch.zeros(p.shape, dtype=unit.dtype, device=p.device)
+                if g is None
+                else g.to(unit.dtype)
+            )
             if l2:
                 d = d.add(p.to(unit.dtype), alpha=l2)
             if mu:
@@ -429,7 +457,9 @@ class MBF(torch.optim.Optimizer):
             bufs.append(d)
         return unit.layout.to_blocks(bufs)
 
-    def _apply(self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]) -> None:
+    def _apply(
+        self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]
+    ) -> None:
         scale_of_group: dict[int, float] = {}
         for g, group in enumerate(self.param_groups):
             clip = group["kl_clip"]
@@ -445,7 +475,9 @@ class MBF(torch.optim.Optimizer):
                     ref = m if m is not None else p.grad
                     if ref is not None:
                         vg += float((d * ref.to(d.dtype)).sum())
-            scale_of_group[g] = min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
+            scale_of_group[g] = (
+                min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
+            )
 
         for unit, _ in live:
             group = self.param_groups[unit.group]
@@ -487,13 +519,37 @@ class MBF(torch.optim.Optimizer):
         sd = dict(state_dict)
         extra = sd.pop("mbf", None)
         if extra is None:
-            raise ValueError("MBF: this state dict holds no MBF curvature (saved by another optimizer?)")
+            raise ValueError(
+                "MBF: this state dict holds no MBF curvature (saved by another optimizer?)"
+            )
+        backup = (
+            [dict(g) for g in self.param_groups],
+            {p: dict(v) for p, v in self.state.items()},
+            self._units,
+            self._buckets,
+        )
+        try:
+            self._load(sd, extra)
+        except Exception:
+            # A state dict that does not fit leaves the optimizer exactly as it was.
+            groups, state, self._units, self._buckets = backup
+            for group, saved in zip(self.param_groups, groups, strict=True):
+                group.clear()
+                group.update(saved)
+            self.state.clear()
+            self.state.update(state)
+            self._hooks.remove()
+            self._hooks.add(self._units)
+            self._schedule_collection()
+            raise
+
+    def _load(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
         saved_state = sd.get("state", {})
         super().load_state_dict(sd)
         for group in self.param_groups:
             _check_group(group)
         self._rebuild()
-        # torch casts state to the parameter dtype; MBF keeps float32 state for low-precision params.
+        # torch casts state to the parameter dtype; MBF keeps float32 state for half params.
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -511,8 +567,8 @@ class MBF(torch.optim.Optimizer):
         for unit, saved in zip(self._units, units, strict=True):
             if saved["fisher"].shape != unit.fisher.shape:
                 raise ValueError(
-                    f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} but "
-                    f"has {tuple(unit.fisher.shape)} here (different max_block_size?)"
+                    f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} "
+                    f"but has {tuple(unit.fisher.shape)} here (saved for another model?)"
                 )
             unit.fisher.copy_(saved["fisher"])
             unit.factor.copy_(saved["factor"])

@@ -99,11 +99,21 @@ def _module_units(
         layout = linear_layout(weight, b, mbs)
         return [Unit(label, params, layout, g, module, "linear", per_example)]
     if isinstance(module, CONV_TYPES):
-        units = [Unit(label, [weight], conv_layout(weight, mbs), g, module, "conv_weight", per_example)]
+        units = [
+            Unit(label, [weight], conv_layout(weight, mbs), g, module, "conv_weight", per_example)
+        ]
         if bias_in_group:
             assert isinstance(bias, Tensor)
             units.append(
-                Unit(f"{label}.bias", [bias], shape_layout(bias, mbs), g, module, "conv_bias", per_example)
+                Unit(
+                    f"{label}.bias",
+                    [bias],
+                    shape_layout(bias, mbs),
+                    g,
+                    module,
+                    "conv_bias",
+                    per_example,
+                )
             )
         return units
     if isinstance(module, NORM_TYPES) and bias_in_group:

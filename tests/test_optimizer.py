@@ -1,0 +1,376 @@
+"""The update rule, its schedules and the torch.optim.Optimizer contract."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from mbf import MBF
+from reference import block_diagonal, dense_blocks, unit_vectors
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+        nn.LayerNorm(3),
+    ).double()
+
+
+def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _per_example_fisher(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Per-example loss gradients ``(N, *shape)`` keyed by parameter id."""
+
+    def loss_one(out: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, label)
+
+    grads = {}
+    names = dict(model.named_parameters())
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_one(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for p in names.values():
+            grads.setdefault(id(p), []).append(p.grad.clone())
+    model.zero_grad()
+    return {k: torch.stack(v) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+def test_step_equals_dense_block_diagonal_solve(estimator: str) -> None:
+    """The whole pipeline (statistics, factorization, solve) against a dense solve."""
+    model, (x, y) = _net(), _batch()
+    damping = 0.03
+    pe = _per_example_fisher(model, x, y) if estimator == "per_example" else None
+    opt = MBF(
+        model,
+        lr=1.0,
+        momentum=0.0,
+        damping=damping,
+        inv_every=1,
+        estimator=estimator,
+        max_block_size=5,
+    )
+    before = _flat_params(model)
+    _loss(model, x, y).backward()
+    grads = {id(p): p.grad.clone() for p in model.parameters()}
+    opt.step()
+    after = _flat_params(model)
+    moved = dict(
+        zip(
+            [id(p) for p in model.parameters()],
+            torch.split(after - before, [p.numel() for p in model.parameters()]),
+            strict=True,
+        )
+    )
+    for unit in opt.blocks():
+        g = torch.cat([grads[id(p)].reshape(-1) for p in unit.params])
+        if pe is None or unit.layout.kind == "norm":
+            fisher = torch.outer(g, g)  # LayerNorm falls back to the batch estimator
+        else:
+            v = unit_vectors([pe[id(p)] for p in unit.params])
+            fisher = v.T @ v / x.shape[0]
+        stacked = torch.zeros_like(unit.fisher)
+        for b, blk in enumerate(dense_blocks(unit.layout, fisher)):
+            stacked[b, : blk.shape[0], : blk.shape[0]] = blk
+        dense = block_diagonal(unit.layout, stacked, damping)
+        step = torch.cat([moved[id(p)] for p in unit.params])
+        torch.testing.assert_close(step, -torch.linalg.solve(dense, g), rtol=1e-8, atol=1e-11)
+
+
+def test_one_block_per_layer_is_the_layerwise_natural_gradient() -> None:
+    layer = nn.Linear(6, 1).double()  # one output unit: its block is the whole layer
+    x, t = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 1, dtype=torch.float64)
+    grads = []
+    for i in range(9):
+        layer.zero_grad()
+        (0.5 * (layer(x[i : i + 1]) - t[i : i + 1]).square().sum()).backward()
+        grads.append(torch.cat([layer.weight.grad.reshape(-1), layer.bias.grad]))
+    layer.zero_grad()
+    opt = MBF(layer, lr=1.0, momentum=0.0, damping=0.1, estimator="per_example", max_block_size=64)
+    G = torch.stack(grads)
+    fisher = G.T @ G / 9
+    g = G.mean(0)
+    before = torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()]).clone()
+    (0.5 * (layer(x) - t).square().sum(1)).mean().backward()
+    opt.step()
+    after = torch.cat([layer.weight.detach().reshape(-1), layer.bias.detach()])
+    expected = -torch.linalg.solve(fisher + 0.1 * torch.eye(7, dtype=torch.float64), g)
+    torch.testing.assert_close(after - before, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_size_one_blocks_give_the_diagonal_formula() -> None:
+    model, (x, y) = _net(), _batch()
+    opt = MBF(model, lr=1.0, momentum=0.0, damping=0.2, max_block_size=1)
+    before = _flat_params(model)
+    _loss(model, x, y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    opt.step()
+    norm_idx = sum(p.numel() for p in list(model.parameters())[:-2])
+    diag = (after := _flat_params(model)) - before
+    # Every unit but the LayerNorm's fixed 2x2 pairs has size-1 blocks: d = g / (g^2 + damping).
+    torch.testing.assert_close(diag[:norm_idx], -(g / (g * g + 0.2))[:norm_idx])
+    assert torch.isfinite(after).all()
+
+
+def test_running_average_and_frequencies() -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(3, 2).double()
+    opt = MBF(layer, lr=0.01, momentum=0.0, damping=0.1, stat_decay=0.7, stat_every=2, inv_every=3)
+    unit = opt.blocks()[0]
+    expected = None
+    factors = []
+    for t in range(7):
+        opt.zero_grad()
+        layer(torch.randn(4, 3, dtype=torch.float64)).sin().sum().backward()
+        g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        est = g[:, :, None] * g[:, None, :]
+        if t % 2 == 0:
+            expected = est if expected is None else 0.7 * expected + 0.3 * est
+        opt.step()
+        torch.testing.assert_close(unit.fisher, expected)
+        factors.append(unit.factor.clone())
+        if t % 3 == 0:
+            damped = expected + 0.1 * torch.eye(4, dtype=torch.float64)
+            torch.testing.assert_close(unit.factor, torch.linalg.cholesky(damped))
+        else:
+            assert torch.equal(factors[-1], factors[-2])
+    assert opt.counters["factorizations"] == 3 and opt.counters["steps"] == 7
+
+
+def test_momentum_and_both_weight_decays() -> None:
+    torch.manual_seed(2)
+    for decoupled in (False, True):
+        layer = nn.Linear(3, 2).double()
+        opt = MBF(
+            layer,
+            lr=0.5,
+            momentum=0.8,
+            damping=1.0,
+            inv_every=1,
+            max_block_size=1,
+            weight_decay=0.1,
+            decoupled_weight_decay=decoupled,
+            stat_decay=0.0,
+        )
+        theta = layer.weight.detach().clone()
+        m = torch.zeros_like(theta)
+        for _ in range(3):
+            opt.zero_grad()
+            layer(torch.randn(5, 3, dtype=torch.float64)).square().mean().backward()
+            g = layer.weight.grad.clone()
+            m = 0.8 * m + g + (0.0 if decoupled else 0.1 * theta)
+            d = m / (g * g + 1.0)
+            theta = theta * (1 - 0.5 * 0.1 if decoupled else 1.0) - 0.5 * d
+            opt.step()
+            torch.testing.assert_close(layer.weight.detach(), theta)
+
+
+def test_kl_clip_scales_the_step_as_kfac_does() -> None:
+    torch.manual_seed(8)
+    a, b = nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lr, clip = 0.5, 1e-6
+    opt_a = MBF(a, lr=lr, momentum=0.0, damping=1e-2)
+    opt_b = MBF(b, lr=lr, momentum=0.0, damping=1e-2, kl_clip=clip)
+    w0 = torch.cat([a.weight.detach(), a.bias.detach()[:, None]], 1)
+    for opt, m in ((opt_a, a), (opt_b, b)):
+        m(x).square().sum().backward()
+        opt.step()
+    g = torch.cat([a.weight.grad, a.bias.grad[:, None]], 1)
+    d = (w0 - torch.cat([a.weight.detach(), a.bias.detach()[:, None]], 1)) / lr  # unclipped
+    nu = min(1.0, (clip / (lr * lr * float((d * g).sum()))) ** 0.5)
+    assert nu < 1.0
+    moved = w0 - torch.cat([b.weight.detach(), b.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(moved, lr * nu * d)
+
+
+def test_save_and_resume_is_bitwise_identical() -> None:
+    def run(steps: int, model: nn.Module, opt: MBF, data: list) -> None:
+        for x, y in data[:steps]:
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+
+    torch.manual_seed(3)
+    data = [_batch() for _ in range(8)]
+    for estimator in ("batch", "per_example"):
+        torch.manual_seed(4)
+        a = _net()
+        b = _net()
+        b.load_state_dict(a.state_dict())
+        kw = dict(lr=0.05, inv_every=3, stat_every=2, estimator=estimator, max_block_size=5)
+        opt_a = MBF(a, **kw)
+        run(8, a, opt_a, data)
+
+        opt_b = MBF(b, **kw)
+        run(5, b, opt_b, data)
+        buffer = io.BytesIO()
+        torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer)
+        c = _net()
+        c.load_state_dict(saved["model"])
+        opt_c = MBF(c, **kw)
+        opt_c.load_state_dict(saved["opt"])
+        for x, y in data[5:]:
+            opt_c.zero_grad()
+            _loss(c, x, y).backward()
+            opt_c.step()
+        assert torch.equal(_flat_params(a), _flat_params(c)), estimator
+        assert opt_a.counters == opt_c.counters
+
+
+def test_load_rejects_a_different_layout() -> None:
+    model = _net()
+    sd = MBF(model, lr=0.1, max_block_size=5).state_dict()
+    other = MBF(model, lr=0.1, max_block_size=32)
+    other.load_state_dict(sd)  # hyperparameters, max_block_size included, come from the save
+    assert other.blocks()[0].layout.block_size == 5
+    wide, narrow = nn.Linear(6, 3), nn.Linear(3, 6)
+    target = MBF(narrow, lr=0.1, damping=0.5)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="another model"):
+        target.load_state_dict(MBF(wide, lr=0.1).state_dict())
+    after = target.state_dict()  # nothing was lost
+    assert after["param_groups"] == before["param_groups"]
+    assert [u.fisher.shape for u in target.blocks()] == [(6, 4, 4)]
+    with pytest.raises(ValueError, match="no MBF curvature"):
+        MBF(model, lr=0.1).load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+
+
+def test_lr_scheduler_and_param_groups() -> None:
+    torch.manual_seed(5)
+    a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    opt_a = MBF(a, lr=1.0, momentum=0.0)
+    opt_b = MBF(
+        [{"params": [b.weight], "lr": 0.5}, {"params": [b.bias], "lr": 0.25}],
+        lr=1.0,
+        momentum=0.0,
+        model=b,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.5)
+    wa, ba = a.weight.detach().clone(), a.bias.detach().clone()
+    for opt, m in ((opt_a, a), (opt_b, b)):
+        m(x).sin().sum().backward()
+        opt.step()
+    sched.step()
+    assert opt_a.param_groups[0]["lr"] == 0.5
+    da_w, da_b = a.weight.detach() - wa, a.bias.detach() - ba
+    # Groups split the Linear unit: the weight keeps row blocks, the bias gets its own blocks.
+    assert [u.name for u in opt_b.blocks()] == ["<root> (Linear)", "bias"]
+    assert torch.isfinite(b.weight).all() and not torch.equal(b.weight.detach(), wa)
+    assert torch.isfinite(da_w).all() and torch.isfinite(da_b).all()
+    w_before = a.weight.detach().clone()
+    opt_a.zero_grad()
+    a(x).sin().sum().backward()
+    opt_a.step()
+    assert torch.isfinite(a.weight.detach() - w_before).all()
+
+
+def test_group_lr_scales_the_update_exactly() -> None:
+    torch.manual_seed(6)
+    a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64)
+    opt_a = MBF([{"params": a.parameters()}], lr=1.0, model=a)
+    opt_b = MBF([{"params": b.parameters(), "lr": 0.25}], lr=1.0, model=b)
+    w0 = a.weight.detach().clone()
+    for opt, m in ((opt_a, a), (opt_b, b)):
+        m(x).sin().sum().backward()
+        opt.step()
+    torch.testing.assert_close(b.weight.detach() - w0, 0.25 * (a.weight.detach() - w0))
+
+
+def test_parameters_without_gradients_are_skipped() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).double()
+    opt = MBF(model, lr=0.1)
+    frozen = model[0].weight.detach().clone()
+    model[1](torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+    assert opt.blocks()[0].fisher.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_parameters_keep_float32_state(dtype: torch.dtype) -> None:
+    torch.manual_seed(7)
+    ref = nn.Linear(8, 4)
+    low = nn.Linear(8, 4).to(dtype)
+    low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
+    ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    x = torch.randn(16, 8)
+    opt_ref, opt_low = MBF(ref, lr=0.1, damping=0.1), MBF(low, lr=0.1, damping=0.1)
+    for _ in range(3):
+        for opt, m in ((opt_ref, ref), (opt_low, low)):
+            opt.zero_grad()
+            m(x.to(m.weight.dtype)).float().square().mean().backward()
+            opt.step()
+    unit = opt_low.blocks()[0]
+    assert unit.fisher.dtype == torch.float32 and unit.factor.dtype == torch.float32
+    assert opt_low.state[low.weight]["momentum_buffer"].dtype == torch.float32
+    assert low.weight.dtype == dtype
+    torch.testing.assert_close(low.weight.float(), ref.weight, rtol=0.05, atol=0.02)
+    sd = opt_low.state_dict()
+    opt_low.load_state_dict(sd)
+    assert opt_low.state[low.weight]["momentum_buffer"].dtype == torch.float32
+
+
+def test_memory_report_and_budget() -> None:
+    model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
+    opt = MBF(model, lr=0.1, max_block_size=20)
+    report = opt.memory_report()
+    # Linear(100, 50): rows of 101 -> 6 chunks of 17 -> 300 blocks of 17^2, x2, + momentum.
+    assert report["0 (Linear)"] == 4 * (2 * 300 * 17 * 17 + 5050)
+    with pytest.raises(ValueError, match=r"0 \(Linear\).*max_block_size"):
+        MBF(model, lr=0.1, max_block_size=64, max_state_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"damping": -1e-3}, "damping"),
+        ({"stat_decay": 1.0}, "stat_decay"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"stat_every": 0}, "stat_every"),
+        ({"inv_every": 1.5}, "inv_every"),
+        ({"max_block_size": 0}, "max_block_size"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"estimator": "kfac"}, "estimator"),
+        ({"loss_reduction": "none"}, "loss_reduction"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"kl_clip": 0.0}, "kl_clip"),
+    ],
+)
+def test_invalid_hyperparameters_are_refused(kwargs: dict, match: str) -> None:
+    params = dict({"lr": 0.1}, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        MBF(nn.Linear(2, 2), **params)
+
+
+def test_per_example_needs_the_model() -> None:
+    with pytest.raises(ValueError, match="needs the model"):
+        MBF(nn.Linear(2, 2).parameters(), lr=0.1, estimator="per_example")
