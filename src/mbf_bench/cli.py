@@ -29,7 +29,8 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(part) for part in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers like 0,1,2, got {text!r}") from None
+        message = f"seeds must be integers like 0,1,2, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _add_budget(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                      help="checkpoint interval in wall-clock seconds (default 120; 0: every step)")
     run.add_argument("--holdout", type=float, metavar="F",
-                     help="evaluate on a fraction F of the training set held out (not the test set)")
+                     help="evaluate on a held-out fraction F of the training set, not the test set")
 
     report = sub.add_parser("report", help="table and plots of a results folder")
     report.add_argument("dir", type=Path, help="the --out folder of `mbf-bench run`")

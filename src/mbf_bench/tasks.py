@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mbf_bench.data import (
     DataError,
     Graph,
     Split,
     augment_cifar,
+    black_level,
     load_cifar,
     load_curves_mat,
     load_digits,
@@ -38,8 +39,8 @@ from mbf_bench.models import (
     CURVES_AE_SIZES,
     DIGITS_AE_SIZES,
     FACES_AE_SIZES,
-    MNIST_AE_SIZES,
     GCN,
+    MNIST_AE_SIZES,
     autoencoder,
     resnet_cifar,
     vgg16_bn,
@@ -122,9 +123,11 @@ class Task:
 
 
 def _require(path: Path, task: str, what: str) -> Path:
+    """``path`` if it exists (the loaders then look for their files in it and its subfolders),
+    else a DataError saying how to point the benchmark at the data."""
     if not path.exists():
         raise DataError(
-            f"task {task} needs {what} at {path}, which does not exist; pass --data-dir DIR "
+            f"task {task} needs {what} under {path}, which does not exist; pass --data-dir DIR "
             f"(or set ${DATA_ENV}) to a folder that holds it"
         )
     return path
@@ -148,17 +151,18 @@ def _load_mnist(data_dir: Path, options: Mapping[str, str], subset: int | None) 
 
 
 def _load_curves(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
-    original = data_dir / "digs3pts_1.mat"
-    if original.exists():
-        return _subset(load_curves_mat(original), subset)
+    # The folders load_curves_mat searches; without the file, the generated stand-in.
+    for folder in (data_dir, data_dir / "curves", data_dir / "CURVES"):
+        if (folder / "digs3pts_1.mat").is_file():
+            return _subset(load_curves_mat(folder / "digs3pts_1.mat"), subset)
     if subset is None:
         return make_curves()
     return make_curves(n_train=subset, n_test=subset)
 
 
 def _load_faces(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
-    path = _require(data_dir / "newfaces_rot_single.mat", "faces-ae", "newfaces_rot_single.mat")
-    return _subset(load_faces_mat(path), subset)
+    folder = _require(data_dir, "faces-ae", "newfaces_rot_single.mat")
+    return _subset(load_faces_mat(folder), subset)
 
 
 def _load_digits(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
@@ -193,22 +197,22 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in [
         Task(
-            "mnist-ae", "autoencoder", "MNIST autoencoder 784-1000-500-250-30 (paper)",
+            "mnist-ae", "autoencoder", "MNIST autoencoder 784-1000-500-250-30-... (paper)",
             "MNIST (mnist_hinton_mat/ or IDX files)", _load_mnist, _ae(MNIST_AE_SIZES),
             batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
         ),
         Task(
-            "curves-ae", "autoencoder", "CURVES autoencoder 784-400-...-6 (paper)",
+            "curves-ae", "autoencoder", "CURVES autoencoder 784-400-200-100-50-25-6-... (paper)",
             "digs3pts_1.mat if present, else generated curves", _load_curves,
             _ae(CURVES_AE_SIZES), batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
         ),
         Task(
-            "faces-ae", "autoencoder", "FACES autoencoder 625-2000-1000-500-30 (paper)",
+            "faces-ae", "autoencoder", "FACES autoencoder 625-2000-1000-500-30-... (paper)",
             "newfaces_rot_single.mat", _load_faces, _ae(FACES_AE_SIZES),
             batch_size=1000, epochs=100, loss="half_squared_error",
         ),
         Task(
-            "digits-ae", "autoencoder", "8x8 digits autoencoder (CPU-sized, embedded data)",
+            "digits-ae", "autoencoder", "8x8 digits autoencoder 64-128-64-16-... (CPU-sized, data shipped)",
             "scikit-learn digits (shipped)", _load_digits, _ae(DIGITS_AE_SIZES),
             batch_size=100, epochs=30, loss="sigmoid_cross_entropy",
         ),
@@ -278,6 +282,12 @@ def load_data(
     return _load_cached(task.name, directory, tuple(sorted(resolved.items())), subset)
 
 
+def _augmenter(split: Split) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """Random crop (pad 4) and flip, padding with black like torchvision's RandomCrop on the
+    raw images of the reference setup (the data are already normalized)."""
+    return functools.partial(augment_cifar, fill=black_level(split.num_classes or 10))
+
+
 def make_problem(
     task: Task,
     data: Data,
@@ -305,5 +315,5 @@ def make_problem(
         data.x_train, data.y_train if labelled else None,
         data.x_test, data.y_test if labelled else None,
         loss=task.loss, batch_size=size, seed=seed, device=device,
-        augment=augment_cifar if task.augment else None, holdout=holdout,
+        augment=_augmenter(data) if task.augment else None, holdout=holdout,
     )
