@@ -212,7 +212,8 @@ TASKS: dict[str, Task] = {
             batch_size=1000, epochs=100, loss="half_squared_error",
         ),
         Task(
-            "digits-ae", "autoencoder", "8x8 digits autoencoder 64-128-64-16-... (CPU-sized, data shipped)",
+            "digits-ae", "autoencoder",
+            "8x8 digits autoencoder 64-128-64-16-... (CPU-sized, data shipped)",
             "scikit-learn digits (shipped)", _load_digits, _ae(DIGITS_AE_SIZES),
             batch_size=100, epochs=30, loss="sigmoid_cross_entropy",
         ),
