@@ -171,8 +171,9 @@ def _specs(args: argparse.Namespace, optimizers: list[str], seeds: list[int]) ->
 
 
 def _list(args: argparse.Namespace) -> int:
-    from mbf_bench.optimizers import OPTIMIZERS, defaults_for
+    from mbf_bench.optimizers import OPTIMIZERS
     from mbf_bench.tasks import TASKS, get_task
+    from mbf_bench.train import resolve_hparams
 
     print("tasks:")
     print(f"  {'name':<20} {'family':<12} {'batch':>6} {'epochs':>6}  {'loss':<22} "
@@ -184,7 +185,8 @@ def _list(args: argparse.Namespace) -> int:
         print(f"  {'':<20} {task.description}"
               + "".join(f"; --{k} {'|'.join(v)}" for k, v in task.options.items())
               + (f"; lr x{task.lr_gamma} at {task.lr_milestones} of the epochs"
-                 if task.lr_milestones else ""))
+                 if task.lr_milestones else "")
+              + ("; weight decay in the loss (first layer)" if task.penalty else ""))
     print("\noptimizers:")
     for name, spec in OPTIMIZERS.items():
         print(f"  {name:<16} {spec.description}")
@@ -192,7 +194,7 @@ def _list(args: argparse.Namespace) -> int:
         task = get_task(args.task)
         print(f"\ndefaults for {task.name} ({task.family}):")
         for name in OPTIMIZERS:
-            values = ", ".join(f"{k}={v}" for k, v in defaults_for(name, task.family).items())
+            values = ", ".join(f"{k}={v}" for k, v in resolve_hparams(name, task, {}).items())
             print(f"  {name:<16} {values}")
     return 0
 

@@ -211,7 +211,9 @@ class GraphProblem:
     """Full-batch node classification on one graph (one optimizer step per epoch).
 
     Trains on ``train_mask``; evaluates on ``test_mask``, or on ``val_mask`` when ``holdout``
-    (tuning), so that tuning never looks at test nodes.
+    (tuning), so that tuning never looks at test nodes. ``penalty(model)``, when given, is added
+    to the training loss (Kipf & Welling's weight decay on the first layer is part of their
+    objective, not of the optimizer); the evaluation loss is the plain cross-entropy.
     """
 
     steps_per_epoch = 1
@@ -226,7 +228,9 @@ class GraphProblem:
         *,
         device: torch.device,
         eval_prefix: str = "test",
+        penalty: Callable[[nn.Module], Tensor] | None = None,
     ) -> None:
+        self.penalty = penalty
         self.features = features.to(device)
         self.adjacency = adjacency.to(device)
         self.labels = labels.to(device)
@@ -239,9 +243,10 @@ class GraphProblem:
         return None
 
     def loss(self, model: nn.Module, batch: None) -> Tensor:
-        """Cross-entropy over the training nodes."""
+        """Cross-entropy over the training nodes (plus the penalty, if any)."""
         out = model(self.features, self.adjacency)
-        return F.cross_entropy(out[self.train_mask], self.labels[self.train_mask])
+        loss = F.cross_entropy(out[self.train_mask], self.labels[self.train_mask])
+        return loss if self.penalty is None else loss + self.penalty(model)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

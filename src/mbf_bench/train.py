@@ -125,15 +125,17 @@ def run_directory(out: Path, spec: RunSpec) -> Path:
     return Path(out) / spec.task / spec.optimizer / str(spec.seed)
 
 
-def resolve_hparams(optimizer: str, family: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's defaults for ``family`` updated with ``overrides``.
+def resolve_hparams(optimizer: str, task: Task, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's defaults for the task's family, then the settings the task fixes
+    (:attr:`Task.hparam_defaults`, where the optimizer has them), then ``overrides``.
 
     Raises:
         ValueError: unknown optimizer, or an override the optimizer does not take.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
-    merged = dict(defaults_for(optimizer, family))
+    merged = dict(defaults_for(optimizer, task.family))
+    merged.update({k: v for k, v in task.hparam_defaults.items() if k in merged})
     known = set(merged) | set(OPTIMIZERS[optimizer].defaults)
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -152,7 +154,7 @@ def validate(spec: RunSpec) -> Task:
     except KeyError as error:
         raise ValueError(error.args[0]) from None
     task.resolve_options(spec.task_options)
-    resolve_hparams(spec.optimizer, task.family, spec.hparams)
+    resolve_hparams(spec.optimizer, task, spec.hparams)
     if spec.seed < 0:
         raise ValueError(f"seeds must be non-negative, got {spec.seed}")
     for name in ("epochs", "max_steps", "batch_size", "subset", "checkpoint_every_steps"):
@@ -308,7 +310,7 @@ def run(
     """
     task = validate(spec)
     device = _device(spec.device)
-    hparams = resolve_hparams(spec.optimizer, task.family, spec.hparams)
+    hparams = resolve_hparams(spec.optimizer, task, spec.hparams)
     directory = run_directory(out, spec)
     data_dir = Path(spec.data_dir) if spec.data_dir is not None else default_data_dir()
     data = load_data(task, data_dir, spec.task_options, spec.subset)

@@ -19,10 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mbf_bench.optimizers import defaults_for
 from mbf_bench.settings import dump_config, format_value
-from mbf_bench.tasks import get_task
-from mbf_bench.train import RunResult, RunSpec, run_many
+from mbf_bench.tasks import Task, get_task
+from mbf_bench.train import RunResult, RunSpec, resolve_hparams, run_many
 
 __all__ = ["default_grid", "log13_grid", "tune"]
 
@@ -41,9 +40,9 @@ def log13_grid(center: float, decades: float = 1.0) -> list[float]:
     return values
 
 
-def default_grid(optimizer: str, family: str) -> dict[str, list[Any]]:
+def default_grid(optimizer: str, task: Task) -> dict[str, list[Any]]:
     """lr and (when the optimizer has one) damping on the 1-3 log grid around the defaults."""
-    defaults = defaults_for(optimizer, family)
+    defaults = resolve_hparams(optimizer, task, {})
     grid: dict[str, list[Any]] = {"lr": log13_grid(float(defaults["lr"]))}
     damping = defaults.get("damping")
     if isinstance(damping, float | int) and not isinstance(damping, bool) and damping > 0:
@@ -84,7 +83,7 @@ def tune(
         ValueError: every point diverged or failed, so there is nothing to recommend.
     """
     task = get_task(base.task)
-    grid = grid or default_grid(base.optimizer, task.family)
+    grid = grid or default_grid(base.optimizer, task)
     holdout = base.holdout if base.holdout is not None else 0.1
     metric = task.test_metric.replace("test", "val")
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]

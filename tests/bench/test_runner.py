@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mbf_bench.data import DataError
 from mbf_bench.optimizers import OPTIMIZERS, defaults_for
 from mbf_bench.problems import MinibatchProblem, epoch_order, split_holdout
-from mbf_bench.tasks import TASKS, get_task, load_data
-from mbf_bench.train import RunSpec, run, run_many
+from mbf_bench.tasks import TASKS, get_task, load_data, make_problem
+from mbf_bench.train import RunSpec, resolve_hparams, run, run_many
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -237,6 +238,21 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     longer = run(RunSpec(task="digits-ae", optimizer="sgdm", max_steps=4), tmp_path,
                  resume=True, progress=False)
     assert [line["step"] for line in lines(longer.directory)] == [1, 2, 2, 3, 4, 4]
+
+
+def test_gcn_objective_holds_kipf_welling_weight_decay_on_the_first_layer() -> None:
+    available("planetoid-gcn")
+    task = get_task("planetoid-gcn")
+    data = load_data(task, SHARED_DATA)
+    problem = make_problem(task, data, seed=0, device=torch.device("cpu"))
+    model = task.model(data).eval()  # no dropout: the same logits twice
+    out = model(data.features, data.adjacency)
+    ce = F.cross_entropy(out[data.train_mask], data.labels[data.train_mask])
+    decay = 5e-4 * 0.5 * model.layer1.weight.pow(2).sum()  # TF's l2_loss is sum(w^2) / 2
+    assert float(problem.loss(model, None)) == pytest.approx(float(ce + decay), rel=1e-6)
+    # so the optimizers' own weight decay is off for this task, unless asked for
+    assert resolve_hparams("adam", task, {})["weight_decay"] == 0.0
+    assert resolve_hparams("adam", task, {"weight_decay": 1e-3})["weight_decay"] == 1e-3
 
 
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:
