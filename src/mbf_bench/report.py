@@ -7,7 +7,8 @@ Per task and optimizer (mean over seeds unless said otherwise):
 - final / best test metric (error: lower is better; accuracy: higher is better);
 - time to target: the median over seeds of the training seconds at which the epoch-mean training
   loss first reaches the task's target, where the target is ``target_factor`` (1.05) times the
-  worst of the optimizers' best losses, so that every optimizer that did not diverge reaches it;
+  worst of the optimizers' best losses (means over the seeds that finished; diverged runs do not
+  set the target), so that every optimizer that did not diverge reaches it;
 - seconds per step: the median over all steps of all seeds, and its ratio to ``sgdm``'s.
 
 Plots (``DIR/<task>.png``): training loss against epochs and against seconds, and the test metric
@@ -105,8 +106,11 @@ def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[st
             statuses: dict[str, int] = {}
             for r in group:
                 statuses[r.status] = statuses.get(r.status, 0) + 1
+            finished = [min(v) for v, r in zip(losses, group, strict=True)
+                        if v and r.status == "finished"]
             rows[opt] = {
                 "runs": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
+                "finished_best_loss": _mean(finished),
                 "final_loss": _mean([v[-1] for v in losses if v]),
                 "best_loss": _mean([min(v) for v in losses if v]),
                 "final_metric": _mean([v[-1] for v in metrics if v]),
@@ -114,7 +118,9 @@ def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[st
                 "step_seconds": float(np.median(step_times)) if step_times else math.nan,
                 "group": group,
             }
-        bests = [row["best_loss"] for row in rows.values() if math.isfinite(row["best_loss"])]
+        # Diverged runs are left out: their early best would make the target trivially easy.
+        bests = [row["finished_best_loss"] for row in rows.values()
+                 if math.isfinite(row["finished_best_loss"])]
         target = max(bests) * target_factor if bests else math.nan
         base = rows.get(BASELINE, {}).get("step_seconds", math.nan)
         for row in rows.values():
@@ -149,7 +155,8 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
             f"Train losses are epoch means of minibatch losses; metric `{metric}` "
             f"({'higher' if _higher_is_better(metric) else 'lower'} is better); means over seeds. "
             f"Target loss {_fmt(info['target'])} = {target_factor} x the worst of the "
-            "optimizers' best losses; time to target is the median over the seeds that reach it. "
+            "optimizers' best losses (finished runs); time to target is the median over the "
+            "seeds that reach it. "
             f"s/step is the median step time; 'vs {BASELINE}' its ratio to {BASELINE}'s.",
             "",
             f"| optimizer | runs | final train loss | best train loss | final {metric} | "

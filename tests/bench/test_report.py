@@ -56,10 +56,13 @@ def test_summary_numbers_on_hand_made_runs(tmp_path: Path) -> None:
 def test_diverged_runs_are_shown_and_excluded_from_the_target(tmp_path: Path) -> None:
     fake_run(tmp_path, "sgdm", 0, [(1, 5.0, 0.5), (2, 2.0, 0.4)], 1.0)
     fake_run(tmp_path, "adam", 0, [], 1.0, status="diverged")
+    fake_run(tmp_path, "kfac", 0, [(1, 4.0, 0.5), (2, 9.0, 0.9)], 1.0, status="diverged")
     summary = summarize(load_runs(tmp_path))["toy"]
-    assert summary["target"] == pytest.approx(2.1)
+    assert summary["target"] == pytest.approx(2.1)  # not 1.05 x 4.0 from the diverged kfac
     assert summary["rows"]["adam"]["runs"] == "1 diverged"
     assert math.isnan(summary["rows"]["adam"]["best_loss"])
+    assert summary["rows"]["kfac"]["best_loss"] == 4.0
+    assert summary["rows"]["kfac"]["reached"] == "0/1"
     text, images = write_report(tmp_path)
     assert "| adam | 1 diverged | - |" in text and images[0].read_bytes()[:8] == PNG_MAGIC
 
