@@ -56,10 +56,10 @@ def test_smoke_settings_cover_every_task() -> None:
 
 # The CPU-sized tasks hold every layer type of the paper's models (Linear, Conv + BatchNorm,
 # pooling, graph convolution); the paper-sized ones add only size, which makes the curvature
-# optimizers' first steps take tens of seconds each on two cores. By default those run with the
-# first-order optimizers (data, model and loss plumbing); MBF_BENCH_SLOW=1 runs them all.
+# optimizers' first steps take tens of seconds each on two cores. By default those run with SGD
+# only (data, model and loss plumbing); MBF_BENCH_SLOW=1 runs them with every optimizer.
 CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn")
-FIRST_ORDER = ("sgdm", "adam")
+FIRST_ORDER = ("sgdm",)
 SLOW = bool(os.environ.get("MBF_BENCH_SLOW"))
 
 
@@ -70,7 +70,7 @@ def _smoke_cases() -> list[Any]:
             if task in CPU_SIZED or name in FIRST_ORDER:
                 cases.append((task, name))
             else:
-                reason = "paper-sized model x curvature optimizer: set MBF_BENCH_SLOW=1"
+                reason = "paper-sized model x another optimizer: set MBF_BENCH_SLOW=1"
                 cases.append(pytest.param(task, name, marks=[
                     pytest.mark.slow, pytest.mark.skipif(not SLOW, reason=reason)]))
     return cases
@@ -88,9 +88,10 @@ def test_every_task_takes_two_steps_with_every_optimizer(
     for result in results:
         assert result.status == "finished", (result.spec.optimizer, result.error)
         steps = lines(result.directory)
-        assert [line["step"] for line in steps] == [1, 2, 2]
+        assert [line["step"] for line in steps if "test_loss" not in line] == [1, 2]
         assert all(math.isfinite(line["train_loss"]) for line in steps)
-        assert math.isfinite(steps[-1]["test_loss"]) and metric in steps[-1]
+        assert steps[-1]["step"] == 2 and math.isfinite(steps[-1]["test_loss"])
+        assert math.isfinite(steps[-1][metric])
         config = json.loads((result.directory / "config.json").read_text())
         assert config["status"] == "finished" and config["task"] == task
         assert config["hparams"]["lr"] > 0 and "torch" in config["versions"]
@@ -138,7 +139,9 @@ def _crash_at(step: int):  # type: ignore[no-untyped-def]
 
 RESUME_CASES = [
     # digits: 40 examples / batch 20 = 2 steps an epoch; 7 steps cross three epoch ends.
-    *[("digits-ae", name, {"subset": 40, "batch_size": 20}, 7, 3, 5) for name in OPTIMIZERS],
+    # (mbf-batch is mbf with its default estimator spelled out; adamw's state is adam's.)
+    *[("digits-ae", name, {"subset": 40, "batch_size": 20}, 7, 3, 5) for name in OPTIMIZERS
+      if name not in ("mbf-batch", "adamw")],
     # GCN: dropout draws from the global RNG, which the checkpoint must carry.
     ("planetoid-gcn", "adam", {}, 6, 2, 5),
     # CNN: augmentation, batch norm buffers, and the step decay (epochs 2 and 3 of 4), which
@@ -246,10 +249,11 @@ def test_gcn_objective_holds_kipf_welling_weight_decay_on_the_first_layer() -> N
     data = load_data(task, SHARED_DATA)
     problem = make_problem(task, data, seed=0, device=torch.device("cpu"))
     model = task.model(data).eval()  # no dropout: the same logits twice
-    out = model(data.features, data.adjacency)
-    ce = F.cross_entropy(out[data.train_mask], data.labels[data.train_mask])
-    decay = 5e-4 * 0.5 * model.layer1.weight.pow(2).sum()  # TF's l2_loss is sum(w^2) / 2
-    assert float(problem.loss(model, None)) == pytest.approx(float(ce + decay), rel=1e-6)
+    with torch.no_grad():
+        out = model(data.features, data.adjacency)
+        ce = F.cross_entropy(out[data.train_mask], data.labels[data.train_mask])
+        decay = 5e-4 * 0.5 * model.layer1.weight.pow(2).sum()  # TF's l2_loss: sum(w^2) / 2
+        assert float(problem.loss(model, None)) == pytest.approx(float(ce + decay), rel=1e-6)
     # so the optimizers' own weight decay is off for this task, unless asked for
     assert resolve_hparams("adam", task, {})["weight_decay"] == 0.0
     assert resolve_hparams("adam", task, {"weight_decay": 1e-3})["weight_decay"] == 1e-3
