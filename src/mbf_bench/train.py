@@ -349,6 +349,9 @@ def run(
         if saved.get("status") == "diverged":
             return RunResult(spec, directory, "diverged", error="diverged before; not resumed")
         pos = _restore(checkpoint_path, model, optimizer)
+        if not metrics_path.exists() or metrics_path.stat().st_size < pos.metrics_bytes:
+            raise ResumeError(f"cannot resume {directory}: {METRICS} is missing or shorter than "
+                              "its checkpoint says; drop --resume to start over")
         with open(metrics_path, "r+b") as handle:
             handle.truncate(pos.metrics_bytes)
     else:
@@ -408,6 +411,16 @@ class _Loop:
         pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
         return line
 
+    def previous_eval(self) -> dict[str, Any]:
+        """The last evaluation line already written (a resumed run), else {}."""
+        self.metrics.flush()
+        path = self.checkpoint_path.with_name(METRICS)
+        for text in reversed(path.read_text().splitlines()):
+            line: dict[str, Any] = json.loads(text)
+            if any(k.endswith("_loss") and k != "train_loss" for k in line):
+                return line
+        return {}
+
     def checkpoint(self) -> None:
         self.pos.metrics_bytes = self.metrics.tell()
         _save(self.checkpoint_path, self.model, self.optimizer, self.pos)
@@ -435,7 +448,7 @@ class _Loop:
               on_step: Callable[[int], None] | None) -> tuple[str, dict[str, Any]]:
         """Step until the budget is spent or the loss turns non-finite."""
         spec, pos = self.spec, self.pos
-        last_eval: dict[str, Any] = {}
+        last_eval = self.previous_eval()
         last_checkpoint = time.monotonic()
         while not _stopped(spec, self.task, pos):
             value, elapsed = self.step()

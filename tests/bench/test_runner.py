@@ -241,6 +241,10 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     longer = run(RunSpec(task="digits-ae", optimizer="sgdm", max_steps=4), tmp_path,
                  resume=True, progress=False)
     assert [line["step"] for line in lines(longer.directory)] == [1, 2, 2, 3, 4, 4]
+    again = run(RunSpec(task="digits-ae", optimizer="sgdm", max_steps=4), tmp_path,
+                resume=True, progress=False)  # nothing left to do
+    assert again.last_eval == lines(longer.directory)[-1] and again.steps == 4
+    assert len(lines(again.directory)) == 6
 
 
 def test_gcn_objective_holds_kipf_welling_weight_decay_on_the_first_layer() -> None:
