@@ -46,6 +46,7 @@ from mbf import DEFAULTS
 from mbf.blocks import BlockLayout
 from mbf.units import build_units
 
+from .figures import save_compact_png
 from .small_data import DEFAULT_DATA_DIR, digits_images, mnist_test_images
 
 __all__ = [
@@ -507,7 +508,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(path, dpi=100)
+    save_compact_png(fig, path)
     plt.close(fig)
 
 
@@ -536,7 +537,7 @@ def plot_check(report: dict[str, Any], path: str | Path) -> None:
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_compact_png(fig, path)
     plt.close(fig)
 
 
