@@ -395,9 +395,20 @@ def run(
     eps: float = 1e-12,
     data_dir: str | Path = DEFAULT_DATA_DIR,
     seed: int = 0,
+    methods: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every method on every (data set, width) and collect the JSON report."""
+    """Run the methods (default: all) on every (data set, width) and collect the JSON report.
+
+    ``mbf_chunked`` runs only where the library would cut rows (``d > max_block_size``).
+    """
+    wanted = list(LABELS) if methods is None else methods
+    unknown = sorted(set(wanted) - set(LABELS))
+    if unknown or "idealized_mbf" not in wanted:
+        raise ValueError(
+            f"--methods {' '.join(wanted)}: choose among {', '.join(LABELS)} "
+            "(idealized_mbf included)"
+        )
     report: dict[str, Any] = {
         "setting": {
             "model": "f(x) = m^-1/2 sum_r a_r relu(w_r^T x), only W trained, float64",
@@ -425,7 +436,8 @@ def run(
             "cond_XXt": float(ev[-1] / ev[0]),
         }
         for width in widths:
-            for name in methods_for(TwoLayerReLU(problem.x.shape[1], 1, seed), eps):
+            available = methods_for(TwoLayerReLU(problem.x.shape[1], 1, seed), eps)
+            for name in (k for k in available if k in wanted):
                 start = time.perf_counter()
                 res = _run_method(name, problem, width, iters, alpha, eps, seed)
                 fit = res["fit"]
@@ -442,11 +454,10 @@ def run(
             report["block_mass"].append(mass)
     first_data, last_width = datasets[0], widths[-1]
     for name in LABELS:
-        if name not in report:
-            continue
-        runs = report[name]["runs"]
-        head = next(r for r in runs if r["data"] == first_data and r["width"] == last_width)
-        report[name]["loss"] = head["loss"]
+        runs = report.get(name, {}).get("runs", [])
+        head = [r for r in runs if r["data"] == first_data and r["width"] == last_width]
+        if head:
+            report[name]["loss"] = head[0]["loss"]
     report["headline"] = {"data": first_data, "width": last_width}
     return report
 
@@ -480,17 +491,19 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         squeeze=False,
         sharey=True,
     )
+    labeled: set[str] = set()
     for row, data in enumerate(datasets):
         info = report["setting"]["datasets"][data]
         for col, width in enumerate(widths):
             ax = axes[row][col]
             for name in LABELS:
-                if name not in report:
+                runs = report.get(name, {}).get("runs", [])
+                match = [r for r in runs if r["data"] == data and r["width"] == width]
+                if not match:
                     continue
-                res = next(
-                    r for r in report[name]["runs"] if r["data"] == data and r["width"] == width
-                )
-                label = LABELS[name] if row == col == 0 else None
+                res = match[0]
+                label = None if name in labeled else LABELS[name]
+                labeled.add(name)
                 ax.semilogy(res["loss"], color=COLORS[name], lw=1.6, label=label)
                 ax.semilogy(res["predicted_loss"], color=COLORS[name], lw=0.9, ls="--")
             ax.set_title(f"{data} (n={info['n']}, d={info['d']}), m={width}", fontsize=8)
@@ -582,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, default=0.5, help="step as a fraction of 2/(mu_min + mu_max)"
     )
     parser.add_argument("--eps", type=float, default=1e-12, help="relative vanishing damping")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help=f"subset of: {' '.join(LABELS)} (default all)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -605,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             eps=args.eps,
             data_dir=args.data_dir,
             seed=args.seed,
+            methods=args.methods,
         )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"mbf-bench theory: error: {err}\n")

@@ -348,3 +348,15 @@ def test_curvature_bad_arguments_exit_with_a_message(capsys) -> None:
         cp.main(["--examples", "100000"])
     assert exc.value.code == 2
     assert "--examples" in capsys.readouterr().err
+
+
+def test_theory_methods_subset_and_bad_subset(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t.json"
+    argv = ["--data", "random", "--dim", "12", "--n", "5", "--widths", "8", "--iters", "3"]
+    assert th.main(argv + ["--methods", "idealized_mbf", "gauss_newton", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"idealized_mbf", "gauss_newton"} <= set(report)
+    assert "kfac" not in report and "mbf_chunked" not in report  # d = 12 <= 32: no chunking
+    with pytest.raises(SystemExit) as exc:
+        th.main(argv + ["--methods", "adam"])
+    assert exc.value.code == 2 and "--methods" in capsys.readouterr().err
