@@ -65,7 +65,12 @@ LABELS = {
 # --- models, data, brief training --------------------------------------------------------------
 def make_model(kind: str, side: int, seed: int) -> tuple[nn.Module, str]:
     """A small ``mlp`` or ``cnn`` for ``side x side`` grey images, and its pictured layer's name."""
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # seeded initialization without touching the global stream
+        torch.manual_seed(seed)
+        return _build(kind, side)
+
+
+def _build(kind: str, side: int) -> tuple[nn.Module, str]:
     if kind == "mlp":
         model = nn.Sequential(
             nn.Flatten(),
@@ -92,7 +97,8 @@ def make_model(kind: str, side: int, seed: int) -> tuple[nn.Module, str]:
 
 
 def load_images(data: str, data_dir: str | Path) -> tuple[Tensor, Tensor]:
-    """``(N, 1, side, side)`` float64 images standardized per pixel set, and labels."""
+    """``(N, 1, side, side)`` float64 images, standardized with the data set's pixel mean and
+    standard deviation, and their labels."""
     if data == "digits":
         images, labels = digits_images()
     elif data == "mnist":
@@ -179,13 +185,15 @@ def kfac_factors(module: nn.Module, inputs: Tensor, out_grads: Tensor) -> tuple[
         if module.bias is not None:
             a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
     elif isinstance(module, nn.Conv2d):
-        if module.bias is not None or module.groups != 1:
-            raise ValueError("kfac_factors: Conv2d with bias or groups is not handled here")
+        if module.bias is not None or module.groups != 1 or isinstance(module.padding, str):
+            raise ValueError(
+                "kfac_factors: Conv2d with bias, groups or string padding is not handled here"
+            )
         u = F.unfold(
             inputs,
             module.kernel_size,
             dilation=module.dilation,
-            padding=module.padding,  # type: ignore[arg-type]
+            padding=module.padding,
             stride=module.stride,
         )
         a = u.transpose(1, 2)  # (N, T, C_in * k)

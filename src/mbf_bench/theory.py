@@ -3,7 +3,7 @@
 ``mbf-bench theory`` trains ``f(x) = m^-1/2 sum_r a_r relu(w_r^T x)`` (signs ``a_r`` fixed, only
 ``W`` trained; the setting of Zhang, Martens & Grosse 2019) with full-batch squared loss
 ``L = (1/2n) sum_i (f(x_i) - y_i)^2`` on ``n <= d`` examples whose input matrix has full row rank,
-in float64, with four preconditioners ``P`` in ``W <- W - eta P grad L``:
+in float64, with these preconditioners ``P`` in ``W <- W - eta P grad L``:
 
 - ``gradient_descent``: ``P = I``;
 - ``gauss_newton``: the exact Gauss-Newton matrix ``J^T J / n`` (the natural gradient of this
@@ -54,7 +54,6 @@ __all__ = [
     "TwoLayerReLU",
     "fit_rate",
     "gauss_newton_blocks",
-    "kfac_factors",
     "load_problem",
     "main",
     "methods_for",
@@ -65,6 +64,10 @@ __all__ = [
 DTYPE = torch.float64
 #: Loss (relative to the initial loss) below which float64 round-off dominates; runs stop there.
 FLOOR = 1e-26
+#: A run whose loss exceeds this multiple of the initial loss (or is not finite) has diverged.
+DIVERGED = 1e8
+#: Memory the dense per-example Jacobians (and their copies) may take.
+MAX_BYTES = 8 * 2**30
 #: Fits use the iterations whose loss is above this fraction of the initial loss.
 FIT_FLOOR = 1e-22
 
@@ -189,11 +192,6 @@ def gauss_newton_blocks(snap: Snapshot, layout: BlockLayout) -> Tensor:
     return jb.mT @ jb / snap.n
 
 
-def kfac_factors(snap: Snapshot) -> tuple[Tensor, Tensor]:
-    """KFAC's ``(A, G)``: ``A = X^T X / n`` (inputs), ``G = Delta^T Delta / n`` (``df/dh``)."""
-    return snap.x.T @ snap.x / snap.n, snap.delta.T @ snap.delta / snap.n
-
-
 def min_norm_solve(jb: Tensor, rhs: Tensor, eps: float) -> Tensor:
     """Minimum-norm least-squares solutions of ``J_b d = rhs`` for a ``(B, n, s)`` stack.
 
@@ -205,11 +203,12 @@ def min_norm_solve(jb: Tensor, rhs: Tensor, eps: float) -> Tensor:
     gram = jb @ jb.mT if s >= n else jb.mT @ jb
     size = gram.shape[-1]
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    # Relative to each block's own scale; the floor keeps all-zero blocks (dead neurons) solvable.
     lam = eps * (scale + scale.mean() * 1e-6 + torch.finfo(DTYPE).tiny)
     gram = gram + lam[:, None, None] * torch.eye(size, dtype=gram.dtype)
     factor, info = torch.linalg.cholesky_ex(gram)
     if bool((info != 0).any()):
-        raise RuntimeError(f"{int((info != 0).sum())} blocks not positive definite; raise --eps")
+        raise ValueError(f"{int((info != 0).sum())} blocks not positive definite; raise --eps")
     if s >= n:
         return jb.mT @ torch.cholesky_solve(rhs.expand(jb.shape[0], -1, -1), factor)
     return torch.cholesky_solve(jb.mT @ rhs, factor)
@@ -338,7 +337,7 @@ def _run_method(
         losses.append(snap.loss)
         predicted.append(0.5 * float(e_pred.square().mean()))
         contraction.append(float(snap.residual.norm() / e_old.norm()))
-        if not snap.loss > FLOOR * losses[0]:
+        if not FLOOR * losses[0] < snap.loss < DIVERGED * losses[0]:
             break
     fit = fit_rate(losses)
     rho = float((1 - eta * mu).abs().max())
@@ -359,6 +358,7 @@ def _run_method(
         ),
         "residual_contraction": contraction,
         "flipped_activations": float(((snap.pre > 0) != (pre0 > 0)).to(DTYPE).mean()),
+        "diverged": not snap.loss < DIVERGED * losses[0],
     }
     if name == "idealized_mbf":
         c0 = (pre0 > 0).sum(dim=1).to(DTYPE)
@@ -436,6 +436,12 @@ def run(
             "cond_XXt": float(ev[-1] / ev[0]),
         }
         for width in widths:
+            need = 4 * 8 * problem.x.shape[0] * width * problem.x.shape[1]  # J and a few copies
+            if need > MAX_BYTES:
+                raise ValueError(
+                    f"{data}, width {width}: about {need / 2**30:.1f} GiB of Jacobians; "
+                    "use smaller --widths or --n"
+                )
             available = methods_for(TwoLayerReLU(problem.x.shape[1], 1, seed), eps)
             for name in (k for k in available if k in wanted):
                 start = time.perf_counter()
@@ -492,13 +498,15 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         sharey=True,
     )
     labeled: set[str] = set()
+    runs = [r for name in LABELS for r in report.get(name, {}).get("runs", [])]
+    top = 1e3 * max(r["loss"][0] for r in runs)
     for row, data in enumerate(datasets):
         info = report["setting"]["datasets"][data]
         for col, width in enumerate(widths):
             ax = axes[row][col]
             for name in LABELS:
-                runs = report.get(name, {}).get("runs", [])
-                match = [r for r in runs if r["data"] == data and r["width"] == width]
+                mine = report.get(name, {}).get("runs", [])
+                match = [r for r in mine if r["data"] == data and r["width"] == width]
                 if not match:
                     continue
                 res = match[0]
@@ -506,8 +514,10 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
                 labeled.add(name)
                 ax.semilogy(res["loss"], color=COLORS[name], lw=1.6, label=label)
                 ax.semilogy(res["predicted_loss"], color=COLORS[name], lw=0.9, ls="--")
+                if res["diverged"]:  # stopped: mark where, inside the axes
+                    ax.plot(len(res["loss"]) - 1, top, "x", color=COLORS[name], ms=7, mew=2)
             ax.set_title(f"{data} (n={info['n']}, d={info['d']}), m={width}", fontsize=8)
-            ax.set_ylim(bottom=1e-28)
+            ax.set_ylim(1e-28, top * 10)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             if row == len(datasets) - 1:
@@ -516,11 +526,12 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
                 ax.set_ylabel("training loss", fontsize=8)
     fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(
-        "Full-batch training loss (solid) and its linearized prediction (dashed), "
-        f"step fraction alpha={report['setting']['alpha']}",
+        "Full-batch training loss (solid) and its linearized prediction (dashed)\n"
+        f"step fraction alpha={report['setting']['alpha']}"
+        + ("; x: diverged (run stopped)" if any(r["diverged"] for r in runs) else ""),
         fontsize=8,
     )
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.07, 1, 0.94))
     save_compact_png(fig, path)
     plt.close(fig)
 
@@ -608,6 +619,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iters <= 0:
         parser.error("--iters must be positive")
+    if (args.n is not None and args.n <= 0) or args.dim <= 0:
+        parser.error("--n and --dim must be positive")
+    if not args.eps > 0:
+        parser.error("--eps must be positive (it is the vanishing damping)")
     if not 0 < args.alpha < 1.5:
         parser.error("--alpha must be in (0, 1.5); 1 is the best step of the linear model")
     try:
