@@ -587,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gamma values; lambda = gamma * tr(F) / p",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads while the command runs (default 1: its many small batched "
+        "operations gain nothing from more, and lose much on a busy machine)",
+    )
     return parser
 
 
@@ -598,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--examples must be at least 2")
     if args.train_steps < 0:
         parser.error("--train-steps must be >= 0")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         report = run(
             args.data,
@@ -609,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"mbf-bench curvature: error: {err}\n")
+    finally:
+        torch.set_num_threads(previous)
     text = table(report)
     print(text)
     if args.plot:

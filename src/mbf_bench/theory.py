@@ -610,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", nargs="+", default=None, help=f"subset of: {' '.join(LABELS)} (default all)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads while the command runs (default 1: its many small batched "
+        "operations gain nothing from more, and lose much on a busy machine)",
+    )
     return parser
 
 
@@ -625,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--eps must be positive (it is the vanishing damping)")
     if not 0 < args.alpha < 1.5:
         parser.error("--alpha must be in (0, 1.5); 1 is the best step of the linear model")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         report = run(
             args.data,
@@ -640,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"mbf-bench theory: error: {err}\n")
+    finally:
+        torch.set_num_threads(previous)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

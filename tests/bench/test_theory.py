@@ -186,7 +186,9 @@ def test_theory_main_writes_json_with_documented_keys_and_png(tmp_path: Path) ->
     out, png, check = tmp_path / "t.json", tmp_path / "t.png", tmp_path / "c.png"
     argv = ["--data", "random", "digits", "--widths", "8,16", "--iters", "6", "--n", "6"]
     argv += ["--dim", "40", "--json", str(out), "--plot", str(png), "--check-plot", str(check)]
-    assert th.main(argv) == 0
+    threads = torch.get_num_threads()
+    assert th.main(argv + ["--threads", "2"]) == 0
+    assert torch.get_num_threads() == threads  # the process's setting is restored
     report = json.loads(out.read_text())
     assert report["headline"] == {"data": "random", "width": 16}
     for name in ("gradient_descent", "gauss_newton", "kfac", "idealized_mbf", "mbf_chunked"):
