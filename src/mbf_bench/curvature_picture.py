@@ -38,7 +38,7 @@ from mbf import DEFAULTS
 from mbf.units import Unit, build_units
 
 from .figures import save_compact_png
-from .small_data import DEFAULT_DATA_DIR, digits_images, mnist_test_images
+from .small_data import DEFAULT_DATA_DIR, DataError, digits_images, mnist_test_images
 
 __all__ = [
     "APPROXIMATIONS",
@@ -269,7 +269,8 @@ def _split(stats: UnitStats, flat: Tensor) -> list[Tensor]:
 
 def _mbf_blocks(stats: UnitStats) -> Tensor:
     """The unit's exact empirical Fisher mini-blocks ``(B, s, s)`` (zero-padded as the library)."""
-    per = stats.unit.layout.to_blocks(_split(stats, stats.grads))  # (N, B, s)
+    layout = stats.unit.layout
+    per = layout.rows_to_blocks(layout.to_rows(_split(stats, stats.grads)))  # (N, B, s)
     return torch.einsum("nbs,nbt->bst", per, per) / per.shape[0]
 
 
@@ -618,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
             seed=args.seed,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (DataError, ValueError) as err:
         parser.exit(2, f"mbf-bench curvature: error: {err}\n")
     finally:
         torch.set_num_threads(previous)

@@ -47,7 +47,7 @@ from mbf.blocks import BlockLayout
 from mbf.units import build_units
 
 from .figures import save_compact_png
-from .small_data import DEFAULT_DATA_DIR, digits_images, mnist_test_images
+from .small_data import DEFAULT_DATA_DIR, DataError, digits_images, mnist_test_images
 
 __all__ = [
     "Snapshot",
@@ -186,9 +186,14 @@ def snapshot(model: TwoLayerReLU, problem: Problem) -> Snapshot:
     return Snapshot(problem.x, out.detach() - problem.y, pre, jac, delta)
 
 
+def jacobian_blocks(snap: Snapshot, layout: BlockLayout) -> Tensor:
+    """Each example's output Jacobian cut into the layout's blocks: ``(B, n, s)``, zero-padded."""
+    return layout.rows_to_blocks(layout.to_rows([snap.jac])).transpose(0, 1)
+
+
 def gauss_newton_blocks(snap: Snapshot, layout: BlockLayout) -> Tensor:
     """The exact Gauss-Newton mini-blocks ``J_b^T J_b / n`` as a ``(B, s, s)`` stack."""
-    jb = layout.to_blocks([snap.jac]).transpose(0, 1)  # (B, n, s)
+    jb = jacobian_blocks(snap, layout)
     return jb.mT @ jb / snap.n
 
 
@@ -249,8 +254,7 @@ def _kfac(eps: float) -> Direction:
 
 def _block_method(layout: BlockLayout, eps: float) -> Direction:
     def step(snap: Snapshot, res: Tensor) -> Tensor:
-        jb = layout.to_blocks([snap.jac]).transpose(0, 1)  # (B, n, s)
-        d = min_norm_solve(jb, res, eps)  # (B, s, k)
+        d = min_norm_solve(jacobian_blocks(snap, layout), res, eps)  # (B, s, k)
         rows = layout.blocks_to_rows(d.permute(2, 0, 1))  # (k, m, d): a bias-free Linear's rows
         return rows.reshape(res.shape[1], *snap.jac.shape[1:])
 
@@ -649,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             methods=args.methods,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (DataError, ValueError) as err:
         parser.exit(2, f"mbf-bench theory: error: {err}\n")
     finally:
         torch.set_num_threads(previous)
