@@ -410,30 +410,19 @@ def analyze(
 
 
 # --- the command -------------------------------------------------------------------------------
-def run(
-    data: str = "digits",
-    *,
-    examples: int = 512,
-    train_steps: int = 300,
-    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1),
-    data_dir: str | Path = DEFAULT_DATA_DIR,
-    seed: int = 0,
-    log: Callable[[str], None] = print,
+def _analyze_seed(
+    x: Tensor,
+    y: Tensor,
+    examples: int,
+    train_steps: int,
+    dampings: tuple[float, ...],
+    seed: int,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Train each small model briefly and analyze its Fisher; returns the report."""
-    x, y = load_images(data, data_dir)
-    if examples > len(x):
-        raise ValueError(f"--examples {examples} exceeds the {len(x)} {data} images")
+    """Both models for one seed (data order, initialization, minibatches)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
-    report: dict[str, Any] = {
-        "data": data,
-        "examples": examples,
-        "train_steps": train_steps,
-        "seed": seed,
-        "labels": dict(LABELS),
-        "models": {},
-    }
+    models: dict[str, Any] = {}
     for kind in ("mlp", "cnn"):
         start = time.perf_counter()
         model, layer = make_model(kind, x.shape[-1], seed)
@@ -441,11 +430,69 @@ def run(
         accuracy = train_briefly(model, x, y, train_steps, seed)
         res = analyze(model, x[:examples], y[:examples], layer, list(dampings))
         res["train_accuracy"] = accuracy
-        report["models"][kind] = res
+        models[kind] = res
         log(
-            f"{kind}: {res['layer']} ({res['layer_params']} of {res['network_params']} params), "
-            f"train accuracy {accuracy:.3f}, {time.perf_counter() - start:.1f}s"
+            f"seed {seed} {kind}: {res['layer']} ({res['layer_params']} of "
+            f"{res['network_params']} params), train accuracy {accuracy:.3f}, "
+            f"{time.perf_counter() - start:.1f}s"
         )
+    return models
+
+
+def _summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per model and approximation, each headline number's values over the seeds."""
+    out: dict[str, Any] = {}
+    for kind in per_seed[0]:
+        rows: dict[str, dict[str, list[float]]] = {}
+        for name in (*APPROXIMATIONS, "gradient"):
+            row: dict[str, list[float]] = {}
+            for models in per_seed:
+                res = models[kind]
+                if name != "gradient" and name != "kfac":
+                    mass = res["layer_frobenius"][name]["mass_kept"]
+                    row.setdefault("layer_mass_kept", []).append(mass)
+                for d in res["dampings"]:
+                    for level in ("layer", "network"):
+                        value = (
+                            d[f"gradient_{level}_cosine"]
+                            if name == "gradient"
+                            else d[f"{level}_cosine"][name]
+                        )
+                        row.setdefault(f"{level}_cosine_gamma={d['gamma']:g}", []).append(value)
+            rows[name] = row
+        out[kind] = rows
+    return out
+
+
+def run(
+    data: str = "digits",
+    *,
+    examples: int = 512,
+    train_steps: int = 300,
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1),
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    seeds: tuple[int, ...] = (0,),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train each small model briefly and analyze its Fisher, for every seed.
+
+    ``models`` holds the first seed's full analysis (the one pictured); with several seeds,
+    ``across_seeds`` lists each headline number's values over all of them.
+    """
+    x, y = load_images(data, data_dir)
+    if examples > len(x):
+        raise ValueError(f"--examples {examples} exceeds the {len(x)} {data} images")
+    per_seed = [_analyze_seed(x, y, examples, train_steps, dampings, s, log) for s in seeds]
+    report: dict[str, Any] = {
+        "data": data,
+        "examples": examples,
+        "train_steps": train_steps,
+        "seeds": list(seeds),
+        "labels": dict(LABELS),
+        "models": per_seed[0],
+    }
+    if len(seeds) > 1:
+        report["across_seeds"] = _summary(per_seed)
     return report
 
 
@@ -485,7 +532,36 @@ def table(report: dict[str, Any]) -> str:
                 )
             grad_cos = " | ".join(_fmt(d[f"gradient_{level}_cosine"]) for d in res["dampings"])
             lines += [f"| gradient (no preconditioner) | 0 | - | - | {grad_cos} |", ""]
+    if "across_seeds" in report:
+        lines += _seed_table(report)
     return "\n".join(lines)
+
+
+def _seed_table(report: dict[str, Any]) -> list[str]:
+    """Mean and range over the seeds of the layer's mass kept and of the cosines."""
+    seeds = report["seeds"]
+    lines = [
+        f"**Over {len(seeds)} seeds** ({', '.join(map(str, seeds))}): mean (min to max).",
+        "",
+    ]
+    for kind, rows in report["across_seeds"].items():
+        keys = [k for k in rows["diagonal"] if k != "layer_mass_kept"]
+        lines += [
+            f"| {kind.upper()} | layer mass kept | " + " | ".join(keys) + " |",
+            "|---" * (2 + len(keys)) + "|",
+        ]
+        for name, row in rows.items():
+            cells = [_spread(row.get("layer_mass_kept"))] + [_spread(row[k]) for k in keys]
+            label = LABELS.get(name, "gradient (no preconditioner)")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _spread(values: list[float] | None) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.2f} ({min(values):.2f} to {max(values):.2f})"
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:
@@ -550,7 +626,8 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
         f"Empirical Fisher of briefly trained small networks on {report['data']} "
-        f"({report['examples']} examples, float64; coordinates ordered block by block)",
+        f"({report['examples']} examples, float64, seed {report['seeds'][0]}; "
+        "coordinates ordered block by block)",
         fontsize=9,
     )
     fig.tight_layout()
@@ -565,6 +642,16 @@ def _positive_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,1e-2, got {text!r}") from None
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one seed")
     return values
 
 
@@ -587,7 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1e-3, 1e-2, 1e-1],
         help="gamma values; lambda = gamma * tr(F) / p",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=[0],
+        help="seeds (data order, initialization, minibatches); the first is pictured, several "
+        "add a summary over all (default 0)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -617,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
             train_steps=args.train_steps,
             dampings=tuple(args.dampings),
             data_dir=args.data_dir,
-            seed=args.seed,
+            seeds=tuple(args.seeds),
         )
     except (DataError, ValueError) as err:
         parser.exit(2, f"mbf-bench curvature: error: {err}\n")

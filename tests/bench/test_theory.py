@@ -330,7 +330,8 @@ def test_directions_match_dense_solves(which: int) -> None:
 
 def test_curvature_main_writes_png_json_and_table(tmp_path: Path) -> None:
     png, out, md = tmp_path / "c.png", tmp_path / "c.json", tmp_path / "c.md"
-    argv = ["--examples", "24", "--train-steps", "3", "--dampings", "0.01", "--plot", str(png)]
+    argv = ["--examples", "24", "--train-steps", "3", "--dampings", "0.01", "--seeds", "0,1"]
+    argv += ["--plot", str(png)]
     assert cp.main(argv + ["--json", str(out), "--table", str(md)]) == 0
     assert png.read_bytes()[:8] == PNG_MAGIC
     report = json.loads(out.read_text())
@@ -342,7 +343,14 @@ def test_curvature_main_writes_png_json_and_table(tmp_path: Path) -> None:
         assert res["layer_frobenius"]["layer"]["mass_kept"] == pytest.approx(1.0)
         mass = res["layer_frobenius"]
         assert mass["diagonal"]["mass_kept"] < mass["mbf"]["mass_kept"] < 1.0
-    assert "MBF mini-blocks" in md.read_text()
+    text = md.read_text()
+    assert "MBF mini-blocks" in text and "Over 2 seeds" in text
+    spread = report["across_seeds"]["cnn"]["mbf"]
+    assert len(spread["layer_mass_kept"]) == len(spread["network_cosine_gamma=0.01"]) == 2
+    assert (
+        spread["layer_mass_kept"][0]
+        == report["models"]["cnn"]["layer_frobenius"]["mbf"]["mass_kept"]
+    )
 
 
 def test_curvature_bad_arguments_exit_with_a_message(capsys) -> None:
