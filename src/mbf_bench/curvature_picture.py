@@ -450,15 +450,15 @@ def _summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                 res = models[kind]
                 if name != "gradient" and name != "kfac":
                     mass = res["layer_frobenius"][name]["mass_kept"]
-                    row.setdefault("layer_mass_kept", []).append(mass)
-                for d in res["dampings"]:
-                    for level in ("layer", "network"):
+                    row.setdefault("layer mass kept", []).append(mass)
+                for level in ("layer", "network"):
+                    for d in res["dampings"]:
                         value = (
                             d[f"gradient_{level}_cosine"]
                             if name == "gradient"
                             else d[f"{level}_cosine"][name]
                         )
-                        row.setdefault(f"{level}_cosine_gamma={d['gamma']:g}", []).append(value)
+                        row.setdefault(f"{level} cos, gamma={d['gamma']:g}", []).append(value)
             rows[name] = row
         out[kind] = rows
     return out
@@ -545,13 +545,13 @@ def _seed_table(report: dict[str, Any]) -> list[str]:
         "",
     ]
     for kind, rows in report["across_seeds"].items():
-        keys = [k for k in rows["diagonal"] if k != "layer_mass_kept"]
+        keys = [k for k in rows["diagonal"] if k != "layer mass kept"]
         lines += [
             f"| {kind.upper()} | layer mass kept | " + " | ".join(keys) + " |",
             "|---" * (2 + len(keys)) + "|",
         ]
         for name, row in rows.items():
-            cells = [_spread(row.get("layer_mass_kept"))] + [_spread(row[k]) for k in keys]
+            cells = [_spread(row.get("layer mass kept"))] + [_spread(row[k]) for k in keys]
             label = LABELS.get(name, "gradient (no preconditioner)")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
