@@ -346,9 +346,9 @@ def test_curvature_main_writes_png_json_and_table(tmp_path: Path) -> None:
     text = md.read_text()
     assert "MBF mini-blocks" in text and "Over 2 seeds" in text
     spread = report["across_seeds"]["cnn"]["mbf"]
-    assert len(spread["layer_mass_kept"]) == len(spread["network_cosine_gamma=0.01"]) == 2
+    assert len(spread["layer mass kept"]) == len(spread["network cos, gamma=0.01"]) == 2
     assert (
-        spread["layer_mass_kept"][0]
+        spread["layer mass kept"][0]
         == report["models"]["cnn"]["layer_frobenius"]["mbf"]["mass_kept"]
     )
 
