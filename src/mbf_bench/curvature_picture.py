@@ -38,7 +38,8 @@ from mbf import DEFAULTS
 from mbf.units import Unit, build_units
 
 from .figures import save_compact_png
-from .small_data import DEFAULT_DATA_DIR, DataError, digits_images, mnist_test_images
+from .small_data import DataError, digits_images, mnist_test_images
+from .tasks import default_data_dir
 
 __all__ = [
     "APPROXIMATIONS",
@@ -96,13 +97,13 @@ def _build(kind: str, side: int) -> tuple[nn.Module, str]:
     raise ValueError(f"unknown model kind {kind!r}; use mlp or cnn")
 
 
-def load_images(data: str, data_dir: str | Path) -> tuple[Tensor, Tensor]:
+def load_images(data: str, data_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
     """``(N, 1, side, side)`` float64 images, standardized with the data set's pixel mean and
     standard deviation, and their labels."""
     if data == "digits":
         images, labels = digits_images()
     elif data == "mnist":
-        images, labels = mnist_test_images(data_dir)
+        images, labels = mnist_test_images(data_dir or default_data_dir())
     else:
         raise ValueError(f"unknown data set {data!r}; use digits or mnist")
     x = torch.as_tensor(images, dtype=DTYPE).unsqueeze(1)
@@ -470,7 +471,7 @@ def run(
     examples: int = 512,
     train_steps: int = 300,
     dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1),
-    data_dir: str | Path = DEFAULT_DATA_DIR,
+    data_dir: str | Path | None = None,
     seeds: tuple[int, ...] = (0,),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -665,7 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--table", type=Path, help="write the markdown tables here")
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="real data folder")
+    parser.add_argument(
+        "--data-dir", help="folder with the MNIST files (default: $MBF_BENCH_DATA, else ./data)"
+    )
     parser.add_argument("--examples", type=int, default=512, help="examples in the Fisher")
     parser.add_argument("--train-steps", type=int, default=300, help="Adam steps before")
     parser.add_argument(

@@ -14,10 +14,7 @@ import torch
 
 from .data import DataError, load_digits, load_mnist
 
-__all__ = ["DEFAULT_DATA_DIR", "DataError", "digits_images", "mnist_test_images"]
-
-#: Where the project's real data lives beside a checkout (``../shared/data``).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
+__all__ = ["DataError", "digits_images", "mnist_test_images"]
 
 
 def digits_images() -> tuple[np.ndarray, np.ndarray]:
@@ -29,7 +26,7 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 8, 8).numpy(), y.numpy()
 
 
-def mnist_test_images(data_dir: str | Path = DEFAULT_DATA_DIR) -> tuple[np.ndarray, np.ndarray]:
+def mnist_test_images(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 MNIST test images: ``(10000, 28, 28)`` float64 in [0, 1] and int64 labels.
 
     ``data_dir`` is the folder with the MNIST files or a parent of it (see

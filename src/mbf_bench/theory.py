@@ -47,7 +47,8 @@ from mbf.blocks import BlockLayout
 from mbf.units import build_units
 
 from .figures import save_compact_png
-from .small_data import DEFAULT_DATA_DIR, DataError, digits_images, mnist_test_images
+from .small_data import DataError, digits_images, mnist_test_images
+from .tasks import default_data_dir
 
 __all__ = [
     "Snapshot",
@@ -91,9 +92,11 @@ class Problem:
 
 
 def load_problem(
-    data: str, n: int, *, dim: int = 64, data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0
+    data: str, n: int, *, dim: int = 64, data_dir: str | Path | None = None, seed: int = 0
 ) -> Problem:
     """``n`` examples of ``digits``, ``mnist`` (test images) or ``random`` Gaussian inputs.
+
+    MNIST is read from ``data_dir`` (default: :func:`mbf_bench.tasks.default_data_dir`).
 
     Rows are scaled to unit norm (the setting's assumption). Targets are +1 for even digits and
     -1 for odd ones, random signs for ``random``. Raises if the inputs lack full row rank.
@@ -103,7 +106,10 @@ def load_problem(
         x = rng.standard_normal((n, dim))
         y = rng.choice([-1.0, 1.0], size=n)
     elif data in ("digits", "mnist"):
-        images, labels = digits_images() if data == "digits" else mnist_test_images(data_dir)
+        if data == "digits":
+            images, labels = digits_images()
+        else:
+            images, labels = mnist_test_images(data_dir or default_data_dir())
         if n > len(images):
             raise ValueError(f"--n {n} exceeds the {len(images)} {data} images")
         pick = rng.choice(len(images), size=n, replace=False)
@@ -397,7 +403,7 @@ def run(
     n: int | None = None,
     dim: int = 64,
     eps: float = 1e-12,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
+    data_dir: str | Path | None = None,
     seed: int = 0,
     methods: list[str] | None = None,
     log: Callable[[str], None] = print,
@@ -597,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=["digits", "random"],
         help="data sets (default: digits random)",
     )
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="real data folder")
+    parser.add_argument(
+        "--data-dir", help="folder with the MNIST files (default: $MBF_BENCH_DATA, else ./data)"
+    )
     parser.add_argument(
         "--widths", type=_positive_ints, default=[64, 256, 1024], help="hidden widths m"
     )
