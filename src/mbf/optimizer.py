@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
 from .linalg import damped_cholesky, solve_blocks, symmetric_outer
@@ -56,6 +57,7 @@ class _Bucket:
     fisher: Tensor
     factor: Tensor
     factored: bool = False
+    sharded: bool = False  # factors only partly valid on this rank (see mbf.distributed)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -123,6 +125,11 @@ class MBF(torch.optim.Optimizer):
             ``FloatingPointError`` with the state untouched.
         max_state_bytes: refuse to build when curvature state would exceed this many bytes.
         chunk_elements: per-example gradient entries materialized at once (memory bound).
+        process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
+            ``DistributedDataParallel`` model's group, else the default group, when
+            ``torch.distributed`` is initialized with several ranks; factorization and solves are
+            then sharded over the ranks and per-example statistics summed over them. ``False``:
+            a single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class MBF(torch.optim.Optimizer):
         nonfinite: str = "skip",
         max_state_bytes: int | None = 8 * 2**30,
         chunk_elements: int = 1 << 24,
+        process_group: Any = None,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"MBF: estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -186,6 +194,7 @@ class MBF(torch.optim.Optimizer):
             "nonfinite_blocks": 0,
         }
         self._warned: set[str] = set()
+        self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
         defaults.update(
             stat_every=stat_every,
@@ -201,6 +210,8 @@ class MBF(torch.optim.Optimizer):
         self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
         self._rebuild()
         self._ready = True
+        # Data parallelism (mbf.distributed): None in a single process.
+        self._dist = _distributed.setup(self, process_group, model)
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -208,6 +219,8 @@ class MBF(torch.optim.Optimizer):
         if getattr(self, "_ready", False):
             _check_group(self.param_groups[-1])
             self._rebuild()
+            if self._dist is not None:  # mbf.distributed: every rank must add the same group
+                self._dist.check_config(self)
 
     def _rebuild(self) -> None:
         """(Re)build units and buckets; existing curvature of unchanged units is kept."""
@@ -228,7 +241,9 @@ class MBF(torch.optim.Optimizer):
                     prev.stat_updates,
                 )
         self._units = units
-        self._buckets = self._make_buckets(units)
+        old_buckets, self._buckets = self._buckets, self._make_buckets(units)
+        if self._dist is not None:  # mbf.distributed: partly-held factors must be redone
+            self._dist.rebuilt(old_buckets, self._buckets)
         self._hooks.remove()
         self._hooks.add(units)
         self._schedule_collection()
@@ -286,6 +301,11 @@ class MBF(torch.optim.Optimizer):
         return buckets
 
     # ------------------------------------------------------------------ introspection
+    @property
+    def distributed(self) -> _distributed.ShardedMBF | None:
+        """The data-parallel engine (process group, rank, traffic), or ``None`` in one process."""
+        return self._dist
+
     @property
     def counters(self) -> dict[str, int]:
         """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
@@ -402,20 +422,40 @@ class MBF(torch.optim.Optimizer):
             return loss
 
         live_ids = {id(u) for u, _ in live}
+        if self._dist is not None:  # mbf.distributed: per-example statistics of the global batch
+            self._dist.reduce_statistics(
+                [u for u, _ in live if u.per_example and self._is_stat_step(u)]
+            )
         refreshed: set[int] = set()
         for unit, grads in live:
             if self._is_stat_step(unit) and self._update_stats(unit, grads):
                 refreshed.add(id(unit))
 
+        if self._dist is not None:  # mbf.distributed: owners factor and solve, then share
+            directions = self._dist.precondition(self, live_ids, refreshed)
+        else:
+            directions = self._precondition(live_ids, refreshed)
+        self._apply(live, directions)
+        self._step_count += 1
+        self._counters["steps"] += 1
+        self._schedule_collection()
+        return loss
+
+    def _factor_due(self, bucket: _Bucket, members: list[Unit], refreshed: set[int]) -> bool:
+        """Whether the bucket is factored this step: on schedule, on first statistics, or never."""
+        due = self._step_count % self.param_groups[bucket.group]["inv_every"] == 0
+        first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
+        return due or first or not bucket.factored
+
+    def _precondition(self, live_ids: set[int], refreshed: set[int]) -> dict[int, list[Tensor]]:
+        """Factor what is due and solve every live unit's blocks; ``{id(unit): [d, ...]}``."""
         directions: dict[int, list[Tensor]] = {}
         for bucket in self._buckets:
             members = [u for u in bucket.units if id(u) in live_ids]
             if not members:
                 continue
             group = self.param_groups[bucket.group]
-            due = self._step_count % group["inv_every"] == 0
-            first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
-            if due or first or not bucket.factored:
+            if self._factor_due(bucket, members, refreshed):
                 self._factor(bucket)
             rhs = [self._momentum_blocks(u, group) for u in members]
             if len(members) == len(bucket.units):
@@ -425,12 +465,7 @@ class MBF(torch.optim.Optimizer):
                 parts = tuple(solve_blocks(u.factor, r) for u, r in zip(members, rhs, strict=True))
             for unit, part in zip(members, parts, strict=True):
                 directions[id(unit)] = unit.layout.from_blocks(part)
-
-        self._apply(live, directions)
-        self._step_count += 1
-        self._counters["steps"] += 1
-        self._schedule_collection()
-        return loss
+        return directions
 
     def _momentum_blocks(self, unit: Unit, group: dict[str, Any]) -> Tensor:
         """Update the momentum of the unit's parameters; return it as blocks."""
@@ -512,7 +547,19 @@ class MBF(torch.optim.Optimizer):
             ],
             "factored": [b.factored for b in self._buckets],
         }
+        if self._dist is not None:  # mbf.distributed: mark factors this rank does not hold
+            self._dist.annotate_state_dict(self, sd)
         return sd
+
+    def consolidate_state_dict(self) -> None:
+        """Gather the sharded factors, so that :meth:`state_dict` on any rank is complete.
+
+        Data-parallel runs only (a no-op in one process); every rank must call it, e.g. just
+        before rank 0 saves. Without it a rank's state dict lacks the other ranks' factors and a
+        resume refactors those blocks (see :mod:`mbf.distributed`).
+        """
+        if self._dist is not None:
+            self._dist.consolidate(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (on any device)."""
@@ -575,6 +622,7 @@ class MBF(torch.optim.Optimizer):
             unit.stat_updates = int(saved["stat_updates"])
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
+        _distributed.apply_saved_factor_masks(self, units)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
