@@ -28,18 +28,31 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def classifier() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
 
 
 def autoencoder() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 8),
-        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 64),
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 32),
+        nn.ReLU(),
+        nn.Linear(32, 8),
+        nn.Linear(8, 32),
+        nn.ReLU(),
+        nn.Linear(32, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
     )
 
 
 def run(
-    problem: str, make_opt: Callable[[nn.Module], torch.optim.Optimizer], steps: int, seed: int,
+    problem: str,
+    make_opt: Callable[[nn.Module], torch.optim.Optimizer],
+    steps: int,
+    seed: int,
     batch: int = 128,
 ) -> tuple[float, float]:
     x, y = data()
@@ -50,7 +63,9 @@ def run(
         if problem == "clf":
             return nn.functional.cross_entropy(out, y[idx])
         target = x[idx]
-        return nn.functional.binary_cross_entropy_with_logits(out, target, reduction="sum") / len(idx)
+        return nn.functional.binary_cross_entropy_with_logits(out, target, reduction="sum") / len(
+            idx
+        )
 
     opt = make_opt(model)
     gen = torch.Generator().manual_seed(seed)
@@ -76,8 +91,10 @@ def main() -> None:
     parser.add_argument("--lrs", default="0.001,0.003,0.01,0.03,0.1")
     parser.add_argument("--dampings", default="1e-4,1e-3,1e-2,1e-1")
     parser.add_argument("--inv-every", type=int, default=20)
+    parser.add_argument("--max-block-sizes", default="32")
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest and immune to oversubscription
     seeds = [int(s) for s in args.seeds.split(",")]
     grid: dict[str, Callable[..., torch.optim.Optimizer]] = {}
     if not args.no_baselines:
@@ -88,12 +105,20 @@ def main() -> None:
         for lr in (1e-3, 3e-3, 1e-2):
             grid[f"adam lr={lr}"] = lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr)
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    for est, lr, damping in itertools.product(
-        args.estimators.split(","), floats(args.lrs), floats(args.dampings)
+    for est, lr, damping, mbs in itertools.product(
+        args.estimators.split(","),
+        floats(args.lrs),
+        floats(args.dampings),
+        [int(v) for v in args.max_block_sizes.split(",")],
     ):
-        grid[f"mbf-{est} lr={lr} damping={damping}"] = (
-            lambda m, est=est, lr=lr, damping=damping: MBF(
-                m, lr=lr, damping=damping, estimator=est, inv_every=args.inv_every
+        grid[f"mbf-{est} lr={lr} damping={damping} max_block_size={mbs}"] = (
+            lambda m, est=est, lr=lr, damping=damping, mbs=mbs: MBF(
+                m,
+                lr=lr,
+                damping=damping,
+                estimator=est,
+                inv_every=args.inv_every,
+                max_block_size=mbs,
             )
         )
     for problem in args.problems.split(","):
@@ -103,7 +128,9 @@ def main() -> None:
             losses = [r[0] for r in results]
             rows.append((float(np.mean(losses)), name, float(np.mean([r[1] for r in results]))))
         rows.sort()
-        print(f"\n## {problem}: final training loss after {args.steps} steps (mean of seeds {seeds})")
+        print(
+            f"\n## {problem}: final training loss after {args.steps} steps (mean of seeds {seeds})"
+        )
         print("| setting | loss | ms/step |\n|---|---|---|")
         for loss, name, sec in rows:
             print(f"| {name} | {loss:.4f} | {1000 * sec:.2f} |")

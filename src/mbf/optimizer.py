@@ -25,8 +25,9 @@ NONFINITE_POLICIES = ("skip", "raise")
 
 #: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
 DEFAULTS: dict[str, Any] = {
+    "lr": 0.01,
     "momentum": 0.9,
-    "damping": 1e-3,
+    "damping": 0.3,
     "stat_decay": 0.9,
     "stat_every": 1,
     "inv_every": 20,
@@ -135,7 +136,7 @@ class MBF(torch.optim.Optimizer):
     def __init__(
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float = DEFAULTS["lr"],
         *,
         momentum: float = DEFAULTS["momentum"],
         damping: float = DEFAULTS["damping"],
