@@ -133,45 +133,61 @@ def plan_costs(
 
 
 # ------------------------------------------------------------------------ triangle packing
-_TRIU_CACHE: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+# Packing is a gather along the flattened ``s * s`` axis with cached indices (``index_select``
+# is about 2.5x faster than indexing rows and columns separately).
+_INDEX_CACHE: dict[tuple[str, int, torch.device], Tensor] = {}
 
 
-def _triu(size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (size, device)
-    if key not in _TRIU_CACHE:
-        rows, cols = torch.triu_indices(size, size, device=device)
-        _TRIU_CACHE[key] = (rows, cols)
-    return _TRIU_CACHE[key]
+def _index(kind: str, size: int, device: torch.device) -> Tensor:
+    key = (kind, size, device)
+    if key not in _INDEX_CACHE:
+        rows, cols = torch.triu_indices(size, size)
+        if kind == "upper":  # flat positions of the upper triangle, row by row
+            index = rows * size + cols
+        elif kind == "lower":  # flat positions of the lower triangle (the transpose's order)
+            index = cols * size + rows
+        else:  # for each flat position: its packed entry; "sym" mirrors, "tril" points to a zero
+            index = torch.full((size, size), rows.numel(), dtype=torch.long)
+            k = torch.arange(rows.numel())
+            if kind == "sym":
+                index[rows, cols] = k
+                index[cols, rows] = k
+            else:
+                index[cols, rows] = k
+            index = index.reshape(-1)
+        _INDEX_CACHE[key] = index.to(device)
+    return _INDEX_CACHE[key]
+
+
+def _triangle(size: int) -> int:
+    return size * (size + 1) // 2
 
 
 def pack_upper(blocks: Tensor) -> Tensor:
     """The upper triangles of ``(B, s, s)`` symmetric blocks, flattened to ``B * s(s+1)/2``."""
-    rows, cols = _triu(blocks.shape[-1], blocks.device)
-    return blocks[:, rows, cols].reshape(-1)
+    b, s = blocks.shape[0], blocks.shape[-1]
+    return blocks.reshape(b, s * s).index_select(1, _index("upper", s, blocks.device)).reshape(-1)
 
 
 def unpack_symmetric(packed: Tensor, num_blocks: int, size: int) -> Tensor:
     """Inverse of :func:`pack_upper`: ``(B, s, s)`` symmetric blocks."""
-    rows, cols = _triu(size, packed.device)
     tri = packed.reshape(num_blocks, -1)
-    out = packed.new_zeros(num_blocks, size, size)
-    out[:, rows, cols] = tri
-    out[:, cols, rows] = tri
-    return out
+    full = tri.index_select(1, _index("sym", size, packed.device))
+    return full.reshape(num_blocks, size, size)
 
 
 def pack_lower(blocks: Tensor) -> Tensor:
     """The lower triangles of ``(B, s, s)`` blocks (Cholesky factors), flattened."""
-    rows, cols = _triu(blocks.shape[-1], blocks.device)
-    return blocks[:, cols, rows].reshape(-1)
+    b, s = blocks.shape[0], blocks.shape[-1]
+    return blocks.reshape(b, s * s).index_select(1, _index("lower", s, blocks.device)).reshape(-1)
 
 
 def unpack_lower(packed: Tensor, num_blocks: int, size: int) -> Tensor:
     """Inverse of :func:`pack_lower`: ``(B, s, s)`` lower-triangular blocks."""
-    rows, cols = _triu(size, packed.device)
-    out = packed.new_zeros(num_blocks, size, size)
-    out[:, cols, rows] = packed.reshape(num_blocks, -1)
-    return out
+    tri = packed.reshape(num_blocks, -1)
+    padded = torch.cat([tri, tri.new_zeros(num_blocks, 1)], dim=1)  # the zero of the upper part
+    full = padded.index_select(1, _index("tril", size, packed.device))
+    return full.reshape(num_blocks, size, size)
 
 
 # ------------------------------------------------------------------------ configuration check
@@ -327,27 +343,22 @@ class ShardedMBF:
             by_dtype.setdefault(unit.dtype, []).append(unit)
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].device)
-            parts = []
-            for u in members:
-                nb, s = u.layout.num_blocks, u.layout.block_size
-                if u.pending is None:
-                    parts.append(torch.zeros(nb * s * (s + 1) // 2, dtype=dtype, device=device))
-                else:
-                    parts.append(pack_upper(u.pending).to(device))
-            counts = torch.tensor([float(u.pending_count) for u in members], dtype=dtype)
-            buffer = torch.cat([*parts, counts.to(device)])
-            self._all_reduce("statistics", "sum of per-example statistics", buffer)
-            offset = 0
+            sizes = [u.layout.num_blocks * _triangle(u.layout.block_size) for u in members]
+            buffer = torch.zeros(sum(sizes) + len(members), dtype=dtype, device=device)
+            parts = list(torch.split(buffer[: sum(sizes)], sizes))
             for u, part in zip(members, parts, strict=True):
-                nb, s = u.layout.num_blocks, u.layout.block_size
-                packed = buffer[offset : offset + part.numel()]
-                offset += part.numel()
-                u.pending = unpack_symmetric(packed, nb, s).to(u.device)
-            totals = buffer[offset:].tolist()
-            for u, total in zip(members, totals, strict=True):
+                if u.pending is not None:
+                    part.copy_(pack_upper(u.pending))
+                    u.pending = None  # release it before the reduced copy is unpacked
+            counts = [float(u.pending_count) for u in members]
+            buffer[sum(sizes) :] = torch.tensor(counts, dtype=dtype)
+            self._all_reduce("statistics", "sum of per-example statistics", buffer)
+            totals = buffer[sum(sizes) :].tolist()
+            for u, part, total in zip(members, parts, totals, strict=True):
                 u.pending_count = int(round(total))
-                if u.pending_count == 0:
-                    u.clear_pending()
+                if u.pending_count > 0:
+                    packed = unpack_symmetric(part, u.layout.num_blocks, u.layout.block_size)
+                    u.pending = packed.to(u.device)
 
     # -------------------------------------------------------------- factor, solve, share
     def precondition(
@@ -471,11 +482,8 @@ class ShardedMBF:
             dtype = torch.promote_types(dtype, b.factor.dtype)
         device = _comm_device(self.group, buckets[0].factor.device)
 
-        def tri(b: _Bucket) -> int:
-            return b.block_size * (b.block_size + 1) // 2
-
         sizes = [
-            sum((plan[id(b)][r][1] - plan[id(b)][r][0]) * tri(b) for b in buckets)
+            sum((plan[id(b)][r][1] - plan[id(b)][r][0]) * _triangle(b.block_size) for b in buckets)
             for r in range(self.world_size)
         ]
         local = torch.zeros(max(sizes), dtype=dtype, device=device)
@@ -490,7 +498,7 @@ class ShardedMBF:
         offsets = [0] * self.world_size
         for b in buckets:
             for r, (lo, hi) in enumerate(plan[id(b)]):
-                n = (hi - lo) * tri(b)
+                n = (hi - lo) * _triangle(b.block_size)
                 if r != self.rank and n:
                     packed = gathered[r, offsets[r] : offsets[r] + n]
                     b.factor[lo:hi] = unpack_lower(packed, hi - lo, b.block_size).to(
