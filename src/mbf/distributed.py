@@ -163,17 +163,29 @@ def _triangle(size: int) -> int:
     return size * (size + 1) // 2
 
 
-def pack_upper(blocks: Tensor) -> Tensor:
-    """The upper triangles of ``(B, s, s)`` symmetric blocks, flattened to ``B * s(s+1)/2``."""
+def pack_upper(blocks: Tensor, out: Tensor | None = None) -> Tensor:
+    """The upper triangles of ``(B, s, s)`` symmetric blocks, flattened to ``B * s(s+1)/2``.
+
+    ``out``, if given, is a contiguous tensor of that many entries to write into.
+    """
     b, s = blocks.shape[0], blocks.shape[-1]
-    return blocks.reshape(b, s * s).index_select(1, _index("upper", s, blocks.device)).reshape(-1)
+    index = _index("upper", s, blocks.device)
+    if out is None:
+        return blocks.reshape(b, s * s).index_select(1, index).reshape(-1)
+    torch.index_select(blocks.reshape(b, s * s), 1, index, out=out.view(b, -1))
+    return out
 
 
-def unpack_symmetric(packed: Tensor, num_blocks: int, size: int) -> Tensor:
-    """Inverse of :func:`pack_upper`: ``(B, s, s)`` symmetric blocks."""
+def unpack_symmetric(
+    packed: Tensor, num_blocks: int, size: int, out: Tensor | None = None
+) -> Tensor:
+    """Inverse of :func:`pack_upper`: ``(B, s, s)`` symmetric blocks (into ``out`` if given)."""
     tri = packed.reshape(num_blocks, -1)
-    full = tri.index_select(1, _index("sym", size, packed.device))
-    return full.reshape(num_blocks, size, size)
+    index = _index("sym", size, packed.device)
+    if out is None:
+        return tri.index_select(1, index).reshape(num_blocks, size, size)
+    torch.index_select(tri, 1, index, out=out.view(num_blocks, size * size))
+    return out
 
 
 def pack_lower(blocks: Tensor) -> Tensor:
@@ -265,6 +277,7 @@ class ShardedMBF:
         self.traffic: dict[str, dict[str, int]] = {}
         self._plan_key: tuple = ()
         self._plan: list[list[tuple[int, int]]] = []
+        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     # -------------------------------------------------------------- collectives
     def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Any) -> None:
@@ -344,21 +357,37 @@ class ShardedMBF:
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].device)
             sizes = [u.layout.num_blocks * _triangle(u.layout.block_size) for u in members]
-            buffer = torch.zeros(sum(sizes) + len(members), dtype=dtype, device=device)
-            parts = list(torch.split(buffer[: sum(sizes)], sizes))
+            total = sum(sizes)
+            buffer = self._buffer(dtype, device, total + len(members))
+            parts = list(torch.split(buffer[:total], sizes))
             for u, part in zip(members, parts, strict=True):
-                if u.pending is not None:
+                if u.pending is None:
+                    part.zero_()
+                elif u.pending.device == device:
+                    pack_upper(u.pending, out=part)
+                else:
                     part.copy_(pack_upper(u.pending))
-                    u.pending = None  # release it before the reduced copy is unpacked
             counts = [float(u.pending_count) for u in members]
-            buffer[sum(sizes) :] = torch.tensor(counts, dtype=dtype)
+            buffer[total:] = torch.tensor(counts, dtype=dtype)
             self._all_reduce("statistics", "sum of per-example statistics", buffer)
-            totals = buffer[sum(sizes) :].tolist()
-            for u, part, total in zip(members, parts, totals, strict=True):
-                u.pending_count = int(round(total))
-                if u.pending_count > 0:
-                    packed = unpack_symmetric(part, u.layout.num_blocks, u.layout.block_size)
-                    u.pending = packed.to(u.device)
+            totals = buffer[total:].tolist()
+            for u, part, count in zip(members, parts, totals, strict=True):
+                u.pending_count = int(round(count))
+                nb, s = u.layout.num_blocks, u.layout.block_size
+                if u.pending_count == 0:
+                    u.clear_pending()
+                elif u.pending is not None and u.pending.device == device:
+                    unpack_symmetric(part, nb, s, out=u.pending)  # in place: no new memory
+                else:
+                    u.pending = unpack_symmetric(part, nb, s).to(u.device)
+
+    def _buffer(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
+        """A reusable flat buffer (fresh memory every step costs page faults on large models)."""
+        key = (dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
     # -------------------------------------------------------------- factor, solve, share
     def precondition(
