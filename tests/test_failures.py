@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mbf import MBF
-from mbf.linalg import damped_cholesky
+from mbf.linalg import damped_cholesky, damped_inverse
 
 
 def _step(opt: MBF, model: nn.Module, scale: float = 1.0) -> None:
@@ -32,6 +32,10 @@ def test_damped_cholesky_retries_and_falls_back() -> None:
     torch.testing.assert_close(factor[1] @ factor[1].T, 0.5 * torch.eye(3, dtype=torch.float64))
     # Fallbacks precondition with (1 / damping) I.
     torch.testing.assert_close(factor[2], 0.1**0.5 * torch.eye(3, dtype=torch.float64))
+    inverse, _ = damped_inverse(fisher, damping=0.1)
+    torch.testing.assert_close(inverse[1], 2.0 * torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(inverse[3], 10.0 * torch.eye(3, dtype=torch.float64))
+    assert torch.isfinite(inverse).all()
 
 
 def test_zero_damping_singular_block_is_retried() -> None:

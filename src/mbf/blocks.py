@@ -72,6 +72,11 @@ class BlockLayout:
     block_size: int
     _gather: Tensor | None = field(default=None, repr=False)
     _scatter: Tensor | None = field(default=None, repr=False)
+    _slots: list[Tensor] = field(default_factory=list, repr=False)
+    _pads: Tensor | None = field(default=None, repr=False)
+    _on_device: dict[torch.device, tuple[list[Tensor], Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     def __post_init__(self) -> None:
         padded = self.chunks * self.block_size
@@ -89,6 +94,21 @@ class BlockLayout:
                 start += size
             self._gather = gather.reshape(-1)
             self._scatter = scatter
+            self._pads = (gather.reshape(-1) == self.row_length).nonzero().squeeze(-1)
+        # Where each tensor's columns sit in a padded row of chunks * block_size slots.
+        columns = torch.arange(self.row_length)
+        start = 0
+        for width in self._widths():
+            cols = columns[start : start + width]
+            self._slots.append(cols if self._scatter is None else self._scatter[cols])
+            start += width
+
+    def _widths(self) -> list[int]:
+        if self.kind == "linear" and len(self.shapes) == 2:
+            return [self.row_length - 1, 1]
+        if self.kind == "norm":
+            return [1, 1]
+        return [self.row_length]
 
     @property
     def num_blocks(self) -> int:
@@ -145,13 +165,48 @@ class BlockLayout:
             return flat
         return flat.index_select(-1, self._scatter.to(blocks.device))
 
-    def to_blocks(self, tensors: Sequence[Tensor]) -> Tensor:
-        """The unit's tensors as one ``(num_blocks, block_size)`` tensor."""
-        return self.rows_to_blocks(self.to_rows(tensors))
+    def _indices(self, device: torch.device) -> tuple[list[Tensor], Tensor | None]:
+        """Slot and padding indices on ``device`` (copied there once)."""
+        if device not in self._on_device:
+            pads = None if self._pads is None else self._pads.to(device)
+            self._on_device[device] = ([s.to(device) for s in self._slots], pads)
+        return self._on_device[device]
+
+    def to_blocks(self, tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+        """The unit's tensors as one ``(num_blocks, block_size)`` tensor.
+
+        One pass over the data (a view, when a single tensor needs no padding); ``out`` (a
+        contiguous ``(num_blocks, block_size)`` tensor) receives the blocks when given.
+        """
+        if out is None and len(tensors) == 1 and self._pads is None:
+            return tensors[0].reshape(self.num_blocks, self.block_size)
+        width = self.chunks * self.block_size
+        if out is None:
+            out = tensors[0].new_empty(self.num_blocks, self.block_size)
+        flat = out.view(self.rows, width)
+        slots_on, pads = self._indices(out.device)
+        for tensor, cols, slots in zip(tensors, self._slots, slots_on, strict=True):
+            values = tensor.reshape(self.rows, -1)
+            if pads is None:
+                flat[:, int(cols[0]) : int(cols[-1]) + 1] = values
+            else:
+                flat.index_copy_(1, slots, values.to(out.dtype))
+        if pads is not None:
+            flat.index_fill_(1, pads, 0)
+        return out
 
     def from_blocks(self, blocks: Tensor) -> list[Tensor]:
         """Split a ``(num_blocks, block_size)`` tensor back into tensors of the unit's shapes."""
-        return self.from_rows(self.blocks_to_rows(blocks))
+        flat = blocks.reshape(self.rows, self.chunks * self.block_size)
+        slots_on, pads = self._indices(flat.device)
+        parts = []
+        for shape, cols, slots in zip(self.shapes, self._slots, slots_on, strict=True):
+            if pads is None:
+                part = flat[:, int(cols[0]) : int(cols[-1]) + 1]
+            else:
+                part = flat.index_select(1, slots)
+            parts.append(part.reshape(shape))
+        return parts
 
     def dense_indices(self) -> list[Tensor]:
         """For tests and diagnostics: each block's coordinates in the unit's flattened tensors.

@@ -110,6 +110,9 @@ class PerExampleHooks:
         else:  # pragma: no cover - only served types are hooked
             return
         for unit in units:
-            value = stats[unit.role] * scale
-            unit.pending = value if unit.pending is None else unit.pending + value
+            value = stats[unit.role]
+            if unit.pending is None:
+                unit.pending = value.mul_(scale)
+            else:
+                unit.pending.add_(value, alpha=scale)
             unit.pending_count += n

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
-from .linalg import damped_cholesky, solve_blocks, symmetric_outer
+from .linalg import damped_inverse, solve_blocks
 from .units import Unit, build_units, state_dtype
 
 __all__ = ["DEFAULTS", "MBF", "UnitState"]
@@ -45,7 +45,7 @@ class UnitState(NamedTuple):
     layout: BlockLayout
     params: list[Tensor]
     fisher: Tensor
-    factor: Tensor
+    inverse: Tensor
 
 
 @dataclass(eq=False)
@@ -56,7 +56,7 @@ class _Bucket:
     block_size: int
     units: list[Unit]
     fisher: Tensor
-    factor: Tensor
+    inverse: Tensor
     factored: bool = False
     sharded: bool = False  # factors only partly valid on this rank (see mbf.distributed)
 
@@ -236,9 +236,9 @@ class MBF(torch.optim.Optimizer):
         for unit in units:
             prev = old.get(tuple(id(p) for p in unit.params))
             if prev is not None and prev.layout.num_blocks == unit.layout.num_blocks:
-                unit.fisher, unit.factor, unit.stat_updates = (
+                unit.fisher, unit.inverse, unit.stat_updates = (
                     prev.fisher,
-                    prev.factor,
+                    prev.inverse,
                     prev.stat_updates,
                 )
         self._units = units
@@ -285,18 +285,18 @@ class MBF(torch.optim.Optimizer):
         for (group, size, device, dtype), members in keyed.items():
             total = sum(u.layout.num_blocks for u in members)
             fisher = torch.zeros(total, size, size, dtype=dtype, device=device)
-            factor = torch.zeros_like(fisher)
+            inverse = torch.zeros_like(fisher)
             offset = 0
             for unit in members:
                 nb = unit.layout.num_blocks
                 if unit.fisher.shape == (nb, size, size):
                     fisher[offset : offset + nb].copy_(unit.fisher)
-                    factor[offset : offset + nb].copy_(unit.factor)
+                    inverse[offset : offset + nb].copy_(unit.inverse)
                 unit.fisher = fisher[offset : offset + nb]
-                unit.factor = factor[offset : offset + nb]
+                unit.inverse = inverse[offset : offset + nb]
                 unit.offset = offset
                 offset += nb
-            bucket = _Bucket(group, size, members, fisher, factor)
+            bucket = _Bucket(group, size, members, fisher, inverse)
             bucket.factored = all(u.stat_updates > 0 for u in members)
             buckets.append(bucket)
         return buckets
@@ -317,12 +317,12 @@ class MBF(torch.optim.Optimizer):
         return {u.name: u.state_bytes() for u in self._units}
 
     def blocks(self) -> list[UnitState]:
-        """Every unit's name, layout, parameters, running-average blocks and their factors.
+        """Every unit's name, layout, parameters, running-average blocks and damped inverses.
 
         The tensors are live views of the optimizer's state (read them, do not keep them).
         """
         return [
-            UnitState(u.name, u.layout, list(u.params), u.fisher, u.factor) for u in self._units
+            UnitState(u.name, u.layout, list(u.params), u.fisher, u.inverse) for u in self._units
         ]
 
     def remove_hooks(self) -> None:
@@ -355,8 +355,12 @@ class MBF(torch.optim.Optimizer):
         ]
 
     def _all_finite(self, grads: list[list[Tensor]]) -> bool:
-        flags = [torch.isfinite(g).all() for gs in grads for g in gs]
-        return bool(torch.stack(flags).all()) if flags else True
+        # One reduction per tensor: a sum is non-finite iff an entry is (or the sum overflows
+        # float32, i.e. the gradient is ~1e38: no step worth taking either).
+        sums = [
+            g.sum(dtype=torch.promote_types(g.dtype, torch.float32)) for gs in grads for g in gs
+        ]
+        return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
     def _estimate(self, unit: Unit, grads: list[Tensor]) -> Tensor | None:
         if unit.per_example:
@@ -370,26 +374,30 @@ class MBF(torch.optim.Optimizer):
                         stacklevel=4,
                     )
                 return None
-            return unit.pending / unit.pending_count
-        return symmetric_outer(unit.layout.to_blocks(grads))
+            return unit.pending.div_(unit.pending_count)
+        return unit.layout.to_blocks(grads)
 
     def _update_stats(self, unit: Unit, grads: list[Tensor]) -> bool:
         estimate = self._estimate(unit, grads)
         unit.clear_pending()
         if estimate is None:
             return False
-        decay = self.param_groups[unit.group]["stat_decay"]
-        if unit.stat_updates == 0:
-            unit.fisher.copy_(estimate)
+        # The first estimate is taken as it is; later ones enter the running average.
+        weight = (
+            1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
+        )
+        if estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
+            vectors = estimate.unsqueeze(-1)
+            unit.fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
         else:
-            unit.fisher.mul_(decay).add_(estimate, alpha=1.0 - decay)
+            unit.fisher.lerp_(estimate, weight)
         unit.stat_updates += 1
         return True
 
     def _factor(self, bucket: _Bucket) -> None:
         damping = self.param_groups[bucket.group]["damping"]
-        factor, report = damped_cholesky(bucket.fisher, damping)
-        bucket.factor.copy_(factor)
+        inverse, report = damped_inverse(bucket.fisher, damping)
+        bucket.inverse.copy_(inverse)
         if report.nonfinite:
             # A poisoned statistic would poison every later step: start that block afresh.
             bad = ~torch.isfinite(bucket.fisher).all(dim=(-2, -1))
@@ -458,18 +466,23 @@ class MBF(torch.optim.Optimizer):
             group = self.param_groups[bucket.group]
             if self._factor_due(bucket, members, refreshed):
                 self._factor(bucket)
-            rhs = [self._momentum_blocks(u, group) for u in members]
+            rhs = bucket.fisher.new_empty(bucket.fisher.shape[:2])
+            for u in members:
+                self._momentum_blocks(u, group, rhs[u.offset : u.offset + u.layout.num_blocks])
             if len(members) == len(bucket.units):
-                solved = solve_blocks(bucket.factor, torch.cat(rhs))
-                parts = torch.split(solved, [u.layout.num_blocks for u in members])
+                solved = solve_blocks(bucket.inverse, rhs)
+                parts = [solved[u.offset : u.offset + u.layout.num_blocks] for u in members]
             else:
-                parts = tuple(solve_blocks(u.factor, r) for u, r in zip(members, rhs, strict=True))
+                parts = [
+                    solve_blocks(u.inverse, rhs[u.offset : u.offset + u.layout.num_blocks])
+                    for u in members
+                ]
             for unit, part in zip(members, parts, strict=True):
                 directions[id(unit)] = unit.layout.from_blocks(part)
         return directions
 
-    def _momentum_blocks(self, unit: Unit, group: dict[str, Any]) -> Tensor:
-        """Update the momentum of the unit's parameters; return it as blocks."""
+    def _momentum_blocks(self, unit: Unit, group: dict[str, Any], out: Tensor) -> None:
+        """Update the momentum of the unit's parameters and write it, as blocks, into ``out``."""
         mu, wd = group["momentum"], group["weight_decay"]
         l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
         bufs = []
@@ -491,7 +504,7 @@ class MBF(torch.optim.Optimizer):
                     buf.mul_(mu).add_(d)
                 d = buf
             bufs.append(d)
-        return unit.layout.to_blocks(bufs)
+        unit.layout.to_blocks(bufs, out=out)
 
     def _apply(
         self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]
@@ -529,7 +542,7 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus curvature (statistics, factors) and counters."""
+        """The usual optimizer state plus curvature (statistics, inverses) and counters."""
         sd = super().state_dict()
         sd["mbf"] = {
             "version": 1,
@@ -541,7 +554,7 @@ class MBF(torch.optim.Optimizer):
                     "num_blocks": u.layout.num_blocks,
                     "block_size": u.layout.block_size,
                     "fisher": u.fisher,
-                    "factor": u.factor,
+                    "inverse": u.inverse,
                     "stat_updates": u.stat_updates,
                 }
                 for u in self._units
@@ -619,7 +632,7 @@ class MBF(torch.optim.Optimizer):
                     f"but has {tuple(unit.fisher.shape)} here (saved for another model?)"
                 )
             unit.fisher.copy_(saved["fisher"])
-            unit.factor.copy_(saved["factor"])
+            unit.inverse.copy_(saved["inverse"])
             unit.stat_updates = int(saved["stat_updates"])
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)

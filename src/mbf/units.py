@@ -43,7 +43,7 @@ class Unit:
     role: str = "other"  # "linear" | "conv_weight" | "conv_bias" | "other"
     per_example: bool = False
     fisher: Tensor = field(default_factory=lambda: torch.empty(0))
-    factor: Tensor = field(default_factory=lambda: torch.empty(0))
+    inverse: Tensor = field(default_factory=lambda: torch.empty(0))
     offset: int = 0
     stat_updates: int = 0
     collect: bool = False
@@ -59,7 +59,7 @@ class Unit:
         return self.params[0].device
 
     def state_bytes(self) -> int:
-        """Bytes of curvature (statistics + factor) and momentum this unit needs."""
+        """Bytes of curvature (statistics + inverse) and momentum this unit needs."""
         item = torch.empty((), dtype=self.dtype).element_size()
         blocks = self.layout.num_blocks * self.layout.block_size**2
         return item * (2 * blocks + self.layout.numel)
