@@ -11,16 +11,17 @@ batch. MBF then runs as follows (``docs/distributed.md`` has the user's view):
   summed over ranks together with the example counts, upper triangles only, in one
   ``all_reduce`` per dtype; dividing by the global count gives the empirical Fisher of the global
   batch. The running-average statistics are thus replicated (identical) on every rank.
-- **Factorization and solves** are sharded: every bucket of equal-size blocks is cut into
+- **Inversion and solves** are sharded: every bucket of equal-size blocks is cut into
   ``world_size`` contiguous block ranges whose sizes differ by at most one (:func:`shard_plan`).
-  Rank ``r`` factors and solves only its ranges; the solved directions are exchanged with one
-  ``all_gather`` per step, and every rank applies the same update. Parameters stay bit-identical
-  across ranks because every rank applies identical arithmetic to identical inputs.
-- **Factors** live on their owner only (a bucket's ``sharded`` flag says so).
+  Rank ``r`` computes the damped inverses of its ranges (every ``inv_every`` steps) and applies
+  them to the momentum (every step); the preconditioned directions are exchanged with one
+  ``all_gather`` per step. Every rank then applies the same directions to the same parameters and
+  momentum, so parameters stay bit-identical across ranks.
+- **Inverses** live on their owner only (a bucket's ``sharded`` flag says so).
   :meth:`ShardedMBF.consolidate` (exposed as ``MBF.consolidate_state_dict``) gathers them so that
   any rank's ``state_dict`` is complete, and loadable on any number of ranks. A state dict saved
-  without consolidation records which factors are missing; loading it refactors those buckets at
-  the next step (from the saved statistics).
+  without consolidation records which inverses are missing; loading it recomputes those buckets'
+  inverses at the next step (from the saved statistics).
 
 A single process never reaches this module's collectives: :func:`resolve_group` returns ``None``
 unless a process group with more than one rank is initialized (or given).
@@ -39,13 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .linalg import FactorReport, damped_cholesky, solve_blocks
+from .linalg import FactorReport, damped_inverse, solve_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import MBF, _Bucket
     from .units import Unit
 
-__all__ = ["ShardedMBF", "apply_saved_factor_masks", "resolve_group", "shard_plan"]
+__all__ = ["ShardedMBF", "apply_saved_inverse_masks", "resolve_group", "shard_plan"]
 
 #: ``FactorReport`` fields summed over ranks after a sharded factorization, in this order.
 _REPORT_FIELDS = ("blocks", "retried", "fallback", "nonfinite")
@@ -96,7 +97,7 @@ def _comm_device(group: Any, device: torch.device) -> torch.device:
 def shard_plan(num_blocks: Sequence[int], world_size: int) -> list[list[tuple[int, int]]]:
     """Block ranges ``plan[bucket][rank] = (start, stop)``: every bucket cut into equal parts.
 
-    Blocks of one bucket have one size, so an equal split balances factorization
+    Blocks of one bucket have one size, so an equal split balances inversion
     (``~ blocks * size^3``) and solves (``~ blocks * size^2``) at once: every rank gets within
     one block of ``1 / world_size`` of every bucket, hence of both costs. The spare blocks of
     successive buckets go to successive ranks (round robin), so small buckets do not all land
@@ -121,12 +122,12 @@ def shard_plan(num_blocks: Sequence[int], world_size: int) -> list[list[tuple[in
 def plan_costs(
     plan: list[list[tuple[int, int]]], block_sizes: Sequence[int]
 ) -> list[dict[str, float]]:
-    """Per rank: the factorization (``blocks * s^3 / 3``) and solve (``2 * blocks * s^2``) flops."""
+    """Per rank: inversion (Cholesky + inverse, ``blocks * s^3``) and solve (``2 B s^2``) flops."""
     world = len(plan[0]) if plan else 1
     costs = [{"factor": 0.0, "solve": 0.0, "blocks": 0.0} for _ in range(world)]
     for ranges, s in zip(plan, block_sizes, strict=True):
         for rank, (lo, hi) in enumerate(ranges):
-            costs[rank]["factor"] += (hi - lo) * s**3 / 3
+            costs[rank]["factor"] += (hi - lo) * s**3
             costs[rank]["solve"] += 2 * (hi - lo) * s**2
             costs[rank]["blocks"] += hi - lo
     return costs
@@ -144,16 +145,11 @@ def _index(kind: str, size: int, device: torch.device) -> Tensor:
         rows, cols = torch.triu_indices(size, size)
         if kind == "upper":  # flat positions of the upper triangle, row by row
             index = rows * size + cols
-        elif kind == "lower":  # flat positions of the lower triangle (the transpose's order)
-            index = cols * size + rows
-        else:  # for each flat position: its packed entry; "sym" mirrors, "tril" points to a zero
-            index = torch.full((size, size), rows.numel(), dtype=torch.long)
+        else:  # "sym": for each flat position, its entry in the packed upper triangle
+            index = torch.empty((size, size), dtype=torch.long)
             k = torch.arange(rows.numel())
-            if kind == "sym":
-                index[rows, cols] = k
-                index[cols, rows] = k
-            else:
-                index[cols, rows] = k
+            index[rows, cols] = k
+            index[cols, rows] = k
             index = index.reshape(-1)
         _INDEX_CACHE[key] = index.to(device)
     return _INDEX_CACHE[key]
@@ -186,20 +182,6 @@ def unpack_symmetric(
         return tri.index_select(1, index).reshape(num_blocks, size, size)
     torch.index_select(tri, 1, index, out=out.view(num_blocks, size * size))
     return out
-
-
-def pack_lower(blocks: Tensor) -> Tensor:
-    """The lower triangles of ``(B, s, s)`` blocks (Cholesky factors), flattened."""
-    b, s = blocks.shape[0], blocks.shape[-1]
-    return blocks.reshape(b, s * s).index_select(1, _index("lower", s, blocks.device)).reshape(-1)
-
-
-def unpack_lower(packed: Tensor, num_blocks: int, size: int) -> Tensor:
-    """Inverse of :func:`pack_lower`: ``(B, s, s)`` lower-triangular blocks."""
-    tri = packed.reshape(num_blocks, -1)
-    padded = torch.cat([tri, tri.new_zeros(num_blocks, 1)], dim=1)  # the zero of the upper part
-    full = padded.index_select(1, _index("tril", size, packed.device))
-    return full.reshape(num_blocks, size, size)
 
 
 # ------------------------------------------------------------------------ configuration check
@@ -343,7 +325,7 @@ class ShardedMBF:
         return self._plan
 
     def rebuilt(self, old: list[_Bucket], new: list[_Bucket]) -> None:
-        """After the buckets are rebuilt: factors that were only partly here must be redone."""
+        """After the buckets are rebuilt: inverses that were only partly here must be redone."""
         if any(b.sharded for b in old):
             for bucket in new:
                 bucket.factored = False
@@ -410,13 +392,12 @@ class ShardedMBF:
             if not members:
                 continue
             group = opt.param_groups[bucket.group]
-            rhs = [opt._momentum_blocks(u, group) for u in members]
-            if len(members) == len(bucket.units):
-                full = torch.cat(rhs)
-            else:  # blocks of units without gradients get a zero right-hand side
-                full = rhs[0].new_zeros(bucket.fisher.shape[:2])
-                for u, r in zip(members, rhs, strict=True):
-                    full[u.offset : u.offset + u.layout.num_blocks] = r
+            # Blocks of units without gradients (if any) keep a zero right-hand side.
+            full = bucket.fisher.new_empty(bucket.fisher.shape[:2])
+            if len(members) < len(bucket.units):
+                full.zero_()
+            for u in members:
+                opt._momentum_blocks(u, group, full[u.offset : u.offset + u.layout.num_blocks])
             lo, hi = ranges[self.rank]
             due = opt._factor_due(bucket, members, refreshed)
             if due:
@@ -425,7 +406,7 @@ class ShardedMBF:
             pieces.append(_Piece(bucket, ranges, members, due))
             rhs_of.append(full)
             if hi > lo:
-                sends.append(solve_blocks(bucket.factor[lo:hi], full[lo:hi]))
+                sends.append(solve_blocks(bucket.inverse[lo:hi], full[lo:hi]))
         if factored:
             self._sync_report(opt, pieces, report, factored)
         return self._exchange(pieces, sends, rhs_of)
@@ -433,12 +414,12 @@ class ShardedMBF:
     def _factor(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
         if hi > lo:
             damping = opt.param_groups[bucket.group]["damping"]
-            factor, part = damped_cholesky(bucket.fisher[lo:hi], damping)
-            bucket.factor[lo:hi].copy_(factor)
+            inverse, part = damped_inverse(bucket.fisher[lo:hi], damping)
+            bucket.inverse[lo:hi].copy_(inverse)
             for name in _REPORT_FIELDS:
                 setattr(report, name, getattr(report, name) + getattr(part, name))
         bucket.factored = True
-        bucket.sharded = True  # the other ranks' parts of this bucket's factors are stale here
+        bucket.sharded = True  # the other ranks' parts of this bucket's inverses are stale here
 
     def _sync_report(
         self, opt: MBF, pieces: list[_Piece], report: FactorReport, factored: int
@@ -501,44 +482,43 @@ class ShardedMBF:
 
     # -------------------------------------------------------------- checkpoints
     def consolidate(self, opt: MBF) -> None:
-        """Gather every rank's factors (lower triangles), so that every rank holds them all."""
+        """Gather every rank's inverses (upper triangles), so that every rank holds them all."""
         buckets = [b for b in opt._buckets if b.sharded]
         if not buckets:
             return
         plan = dict(zip(map(id, opt._buckets), self.plan(opt._buckets), strict=True))
-        dtype = buckets[0].factor.dtype
+        dtype = buckets[0].inverse.dtype
         for b in buckets[1:]:
-            dtype = torch.promote_types(dtype, b.factor.dtype)
-        device = _comm_device(self.group, buckets[0].factor.device)
-
+            dtype = torch.promote_types(dtype, b.inverse.dtype)
+        device = _comm_device(self.group, buckets[0].inverse.device)
         sizes = [
             sum((plan[id(b)][r][1] - plan[id(b)][r][0]) * _triangle(b.block_size) for b in buckets)
             for r in range(self.world_size)
         ]
         local = torch.zeros(max(sizes), dtype=dtype, device=device)
-        mine = [
-            pack_lower(b.factor[plan[id(b)][self.rank][0] : plan[id(b)][self.rank][1]])
-            for b in buckets
-        ]
+        mine = []
+        for b in buckets:
+            lo, hi = plan[id(b)][self.rank]
+            if hi > lo:
+                mine.append(pack_upper(b.inverse[lo:hi]).to(device=device, dtype=dtype))
         if mine:
-            flat = torch.cat([m.to(device=device, dtype=dtype) for m in mine])
+            flat = torch.cat(mine)
             local[: flat.numel()] = flat
-        gathered = self._all_gather("consolidate", "gathering of the factors", local)
+        gathered = self._all_gather("consolidate", "gathering of the inverses", local)
         offsets = [0] * self.world_size
         for b in buckets:
             for r, (lo, hi) in enumerate(plan[id(b)]):
                 n = (hi - lo) * _triangle(b.block_size)
                 if r != self.rank and n:
                     packed = gathered[r, offsets[r] : offsets[r] + n]
-                    b.factor[lo:hi] = unpack_lower(packed, hi - lo, b.block_size).to(
-                        device=b.factor.device, dtype=b.factor.dtype
+                    b.inverse[lo:hi] = unpack_symmetric(packed, hi - lo, b.block_size).to(
+                        device=b.inverse.device, dtype=b.inverse.dtype
                     )
                 offsets[r] += n
-        for b in buckets:
             b.sharded = False
 
     def annotate_state_dict(self, opt: MBF, sd: dict[str, Any]) -> None:
-        """Mark, per unit, the blocks whose factors this rank's state dict really holds."""
+        """Mark, per unit, the blocks whose inverses this rank's state dict really holds."""
         if not any(b.sharded for b in opt._buckets):
             return
         plan = dict(zip(map(id, opt._buckets), self.plan(opt._buckets), strict=True))
@@ -549,21 +529,21 @@ class ShardedMBF:
                 continue
             lo, hi = plan[id(bucket)][self.rank]
             blocks = torch.arange(unit.offset, unit.offset + unit.layout.num_blocks)
-            saved["factor_valid"] = (blocks >= lo) & (blocks < hi)
+            saved["inverse_valid"] = (blocks >= lo) & (blocks < hi)
 
 
-def apply_saved_factor_masks(opt: MBF, saved_units: list[dict[str, Any]]) -> None:
-    """After a load: buckets with factors missing from the state dict are refactored next step."""
+def apply_saved_inverse_masks(opt: MBF, saved_units: list[dict[str, Any]]) -> None:
+    """After a load: buckets with inverses missing from the state dict are refactored next step."""
     bucket_of = {id(u): b for b in opt._buckets for u in b.units}
     stale = 0
     for unit, saved in zip(opt._units, saved_units, strict=True):
-        valid = saved.get("factor_valid")
+        valid = saved.get("inverse_valid")
         if valid is not None and not bool(torch.as_tensor(valid).all()):
             bucket_of[id(unit)].factored = False
             stale += 1
     if stale:
         warnings.warn(
-            f"MBF: the state dict lacks some factors of {stale} unit(s) (it was saved on one rank "
+            f"MBF: the state dict lacks some inverses of {stale} unit(s) (it was saved on one rank "
             "of a sharded run without consolidation); they are recomputed from the saved "
             "statistics at the next step. Call optimizer.consolidate_state_dict() on every rank "
             "before saving for an exact resume.",

@@ -58,7 +58,7 @@ class _Bucket:
     fisher: Tensor
     inverse: Tensor
     factored: bool = False
-    sharded: bool = False  # factors only partly valid on this rank (see mbf.distributed)
+    sharded: bool = False  # inverses only partly valid on this rank (see mbf.distributed)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -128,7 +128,7 @@ class MBF(torch.optim.Optimizer):
         chunk_elements: per-example gradient entries materialized at once (memory bound).
         process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
-            ``torch.distributed`` is initialized with several ranks; factorization and solves are
+            ``torch.distributed`` is initialized with several ranks; inversion and solves are
             then sharded over the ranks and per-example statistics summed over them. ``False``:
             a single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
@@ -243,7 +243,7 @@ class MBF(torch.optim.Optimizer):
                 )
         self._units = units
         old_buckets, self._buckets = self._buckets, self._make_buckets(units)
-        if self._dist is not None:  # mbf.distributed: partly-held factors must be redone
+        if self._dist is not None:  # mbf.distributed: partly-held inverses must be redone
             self._dist.rebuilt(old_buckets, self._buckets)
         self._hooks.remove()
         self._hooks.add(units)
@@ -440,7 +440,7 @@ class MBF(torch.optim.Optimizer):
             if self._is_stat_step(unit) and self._update_stats(unit, grads):
                 refreshed.add(id(unit))
 
-        if self._dist is not None:  # mbf.distributed: owners factor and solve, then share
+        if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
             directions = self._dist.precondition(self, live_ids, refreshed)
         else:
             directions = self._precondition(live_ids, refreshed)
@@ -561,16 +561,16 @@ class MBF(torch.optim.Optimizer):
             ],
             "factored": [b.factored for b in self._buckets],
         }
-        if self._dist is not None:  # mbf.distributed: mark factors this rank does not hold
+        if self._dist is not None:  # mbf.distributed: mark inverses this rank does not hold
             self._dist.annotate_state_dict(self, sd)
         return sd
 
     def consolidate_state_dict(self) -> None:
-        """Gather the sharded factors, so that :meth:`state_dict` on any rank is complete.
+        """Gather the sharded inverses, so that :meth:`state_dict` on any rank is complete.
 
         Data-parallel runs only (a no-op in one process); every rank must call it, e.g. just
-        before rank 0 saves. Without it a rank's state dict lacks the other ranks' factors and a
-        resume refactors those blocks (see :mod:`mbf.distributed`).
+        before rank 0 saves. Without it a rank's state dict lacks the other ranks' inverses and a
+        resume recomputes them for those blocks (see :mod:`mbf.distributed`).
         """
         if self._dist is not None:
             self._dist.consolidate(self)
@@ -636,7 +636,7 @@ class MBF(torch.optim.Optimizer):
             unit.stat_updates = int(saved["stat_updates"])
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
-        _distributed.apply_saved_factor_masks(self, units)
+        _distributed.apply_saved_inverse_masks(self, units)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
