@@ -171,8 +171,8 @@ def main() -> None:
     k, mb = args.world, 2.0**20
     print(f"model {args.model}: {one['numel']:,} parameters, blocks by size {one['blocks']}")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
-    # Ring algorithms: an all-reduce of n bytes sends 2 (k-1)/k n per rank, an all-gather of
-    # p bytes per rank sends (k-1) p per rank.
+    # Ring algorithms, per rank: an all-reduce of n bytes sends 2 (k-1)/k n, a reduce-scatter
+    # of n bytes (k chunks) sends (k-1)/k n, an all-gather of p bytes per rank sends (k-1) p.
     print("| per rank per step (float32) | payload | sent by each rank (ring) |")
     print("|---|---|---|")
     grad = one["numel"] * 4
@@ -183,7 +183,8 @@ def main() -> None:
     for estimator in ESTIMATORS:
         for kind, entry in sorted(many["traffic"][estimator].items()):
             per = entry["bytes"] / args.steps
-            sent = (k - 1) * per if kind in ("directions", "consolidate") else 2 * (k - 1) / k * per
+            share = {"directions": k - 1, "statistics": (k - 1) / k}.get(kind, 2 * (k - 1) / k)
+            sent = share * per
             print(
                 f"| MBF {estimator}: {kind} ({entry['calls']} calls in {args.steps} steps) "
                 f"| {per / mb:.3f} MiB | {sent / mb:.3f} MiB |"

@@ -93,9 +93,11 @@ def scenario_train(rank: int, world: int, outdir: Path, resume: str | None = Non
             train(model, opt, range(first, STEPS), rank, world)
         else:
             train(model, opt, range(CHECKPOINT_AT), rank, world)
-            if rank == 0:  # the usual DDP idiom: rank 0 alone writes
-                raw = {"model": model.module.state_dict(), "opt": opt.state_dict()}
-                torch.save(raw, outdir / f"raw_{estimator}.pt")
+            try:  # each rank holds only its share of the curvature until consolidation
+                opt.state_dict()
+                out[f"unconsolidated_{estimator}"] = None
+            except RuntimeError as exc:
+                out[f"unconsolidated_{estimator}"] = str(exc)
             opt.consolidate_state_dict()  # every rank
             if rank == 0:
                 full = {"model": model.module.state_dict(), "opt": opt.state_dict()}

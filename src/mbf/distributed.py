@@ -5,23 +5,25 @@ batch. MBF then runs as follows (``docs/distributed.md`` has the user's view):
 
 - **Gradients** are the ones ``DistributedDataParallel`` has already averaged, so they are the
   same on every rank. The ``batch`` estimator (``g_b g_b^T``) therefore needs no communication.
+- **Every rank owns a slice of every bucket.** Each bucket of equal-size blocks is cut into
+  ``world_size`` contiguous block ranges whose sizes differ by at most one (:func:`shard_plan`);
+  a rank keeps the running-average statistics, computes the damped inverses (every
+  ``inv_every`` steps) and applies them to the momentum (every step) for its ranges only, so the
+  whole curvature workload (``~ blocks * size^2`` per step, ``~ blocks * size^3`` per inversion)
+  is split evenly.
 - **Per-example statistics** are local sums ``sum_i grad l_i grad l_i^T`` over a rank's examples
   (see :mod:`mbf.hooks`: for a mean-reduced loss the hook's ``N^2`` factor undoes autograd's
   ``1/N_local``, whatever DDP later does to the parameter gradients). On statistics steps they are
   summed over ranks together with the example counts, upper triangles only, in one
-  ``all_reduce`` per dtype; dividing by the global count gives the empirical Fisher of the global
-  batch. The running-average statistics are thus replicated (identical) on every rank.
-- **Inversion and solves** are sharded: every bucket of equal-size blocks is cut into
-  ``world_size`` contiguous block ranges whose sizes differ by at most one (:func:`shard_plan`).
-  Rank ``r`` computes the damped inverses of its ranges (every ``inv_every`` steps) and applies
-  them to the momentum (every step); the preconditioned directions are exchanged with one
-  ``all_gather`` per step. Every rank then applies the same directions to the same parameters and
-  momentum, so parameters stay bit-identical across ranks.
-- **Inverses** live on their owner only (a bucket's ``sharded`` flag says so).
-  :meth:`ShardedMBF.consolidate` (exposed as ``MBF.consolidate_state_dict``) gathers them so that
-  any rank's ``state_dict`` is complete, and loadable on any number of ranks. A state dict saved
-  without consolidation records which inverses are missing; loading it recomputes those buckets'
-  inverses at the next step (from the saved statistics).
+  ``reduce_scatter`` per dtype that hands every rank the sums of its own blocks; dividing by the
+  global count gives the empirical Fisher of the global batch.
+- **Directions** (the preconditioned momentum) are exchanged with one ``all_gather`` per step.
+  Every rank then applies the same directions to the same parameters and momentum (which every
+  rank keeps in full), so parameters stay bit-identical across ranks.
+- **Checkpoints.** :meth:`ShardedMBF.consolidate` (``MBF.consolidate_state_dict``) gathers every
+  rank's statistics and inverses so that a ``state_dict`` is the one a single process would
+  have, loadable on any number of ranks; ``state_dict`` refuses to run before that, rather than
+  write a checkpoint holding one rank's share.
 
 A single process never reaches this module's collectives: :func:`resolve_group` returns ``None``
 unless a process group with more than one rank is initialized (or given).
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import MBF, _Bucket
     from .units import Unit
 
-__all__ = ["ShardedMBF", "apply_saved_inverse_masks", "resolve_group", "shard_plan"]
+__all__ = ["ShardedMBF", "plan_costs", "resolve_group", "shard_plan"]
 
 #: ``FactorReport`` fields summed over ranks after a sharded factorization, in this order.
 _REPORT_FIELDS = ("blocks", "retried", "fallback", "nonfinite")
@@ -168,7 +169,7 @@ def pack_upper(blocks: Tensor, out: Tensor | None = None) -> Tensor:
     index = _index("upper", s, blocks.device)
     if out is None:
         return blocks.reshape(b, s * s).index_select(1, index).reshape(-1)
-    torch.index_select(blocks.reshape(b, s * s), 1, index, out=out.view(b, -1))
+    torch.index_select(blocks.reshape(b, s * s), 1, index, out=out.view(b, index.numel()))
     return out
 
 
@@ -176,7 +177,7 @@ def unpack_symmetric(
     packed: Tensor, num_blocks: int, size: int, out: Tensor | None = None
 ) -> Tensor:
     """Inverse of :func:`pack_upper`: ``(B, s, s)`` symmetric blocks (into ``out`` if given)."""
-    tri = packed.reshape(num_blocks, -1)
+    tri = packed.reshape(num_blocks, _triangle(size))
     index = _index("sym", size, packed.device)
     if out is None:
         return tri.index_select(1, index).reshape(num_blocks, size, size)
@@ -232,6 +233,14 @@ def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any] | None:
 
 
 # ------------------------------------------------------------------------ the sharded engine
+def _unit_span(unit: Unit, start: int, stop: int) -> tuple[int, int]:
+    """The part of bucket blocks ``[start, stop)`` that falls in ``unit``, in its own indices."""
+    nb = unit.layout.num_blocks
+    a = min(max(start - unit.offset, 0), nb)
+    b = min(max(stop - unit.offset, 0), nb)
+    return a, max(a, b)
+
+
 @dataclass
 class _Piece:
     """One bucket's part in this step's exchange of directions."""
@@ -239,7 +248,6 @@ class _Piece:
     bucket: _Bucket
     ranges: list[tuple[int, int]]
     members: list[Unit]
-    factored: bool
 
 
 class ShardedMBF:
@@ -249,7 +257,7 @@ class ShardedMBF:
         group: the process group; ``rank`` and ``world_size`` within it.
         traffic: per kind of exchange (``"statistics"``, ``"directions"``, ``"counters"``,
             ``"consolidate"``, ``"config"``), the number of collective calls and the bytes this
-            rank handed to them (its payload; see ``docs/distributed.md`` for bytes on the wire).
+            rank handed to them (its payload; ``docs/distributed.md`` relates it to the wire).
     """
 
     def __init__(self, group: Any) -> None:
@@ -259,27 +267,28 @@ class ShardedMBF:
         self.traffic: dict[str, dict[str, int]] = {}
         self._plan_key: tuple = ()
         self._plan: list[list[tuple[int, int]]] = []
-        self._buffers: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._reduce_scatter_works = True
 
     # -------------------------------------------------------------- collectives
-    def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Any) -> None:
-        """Run one collective with a clear error when another rank died or stalled."""
+    def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Tensor) -> None:
+        """Run one collective (``args[-1]`` is this rank's payload), with a clear error when
+        another rank died or stalled."""
         entry = self.traffic.setdefault(kind, {"calls": 0, "bytes": 0})
         entry["calls"] += 1
-        entry["bytes"] += sum(a.numel() * a.element_size() for a in args[-1:])
+        entry["bytes"] += args[-1].numel() * args[-1].element_size()
         try:
             work = collective(*args, group=self.group, async_op=True)
             work.wait()
         except RuntimeError as exc:
+            if "not supported" in str(exc) or "does not support" in str(exc):
+                raise NotImplementedError(str(exc)) from exc
             raise RuntimeError(
                 f"MBF (rank {self.rank} of {self.world_size}): the {what} with the other ranks "
                 f"failed: {exc}\nAnother rank has probably died or stalled; MBF stops rather "
                 "than continue with parameters that would no longer match. (Collectives give up "
                 "after the timeout passed to torch.distributed.init_process_group.)"
             ) from exc
-
-    def _all_reduce(self, kind: str, what: str, tensor: Tensor) -> None:
-        self._run(kind, what, dist.all_reduce, tensor)
 
     def _all_gather(self, kind: str, what: str, local: Tensor) -> Tensor:
         """``(world_size, n)`` from every rank's ``(n,)`` tensor."""
@@ -288,6 +297,27 @@ class ShardedMBF:
         self._run(kind, what, gather, out.view(-1), local)
         return out
 
+    def _reduce_scatter(self, kind: str, what: str, chunks: Tensor) -> Tensor:
+        """The sum over ranks of chunk ``rank`` of every rank's ``(world_size, n)`` tensor."""
+        if self._reduce_scatter_works:
+            out = chunks.new_empty(chunks.shape[1])
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            try:
+                self._run(kind, what, scatter, out, chunks.view(-1))
+                return out
+            except NotImplementedError:  # an older backend: fall back to an all-reduce
+                self._reduce_scatter_works = False
+        self._run(kind, what, dist.all_reduce, chunks)
+        return chunks[self.rank]
+
+    def _buffer(self, name: str, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
+        """A reusable flat buffer (fresh memory every step costs page faults on large models)."""
+        key = (name, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
     # -------------------------------------------------------------- construction
     def check_config(self, opt: MBF) -> None:
         """Raise ``ValueError`` on every rank unless all ranks built the same optimizer."""
@@ -295,16 +325,12 @@ class ShardedMBF:
         text = json.dumps(mine, sort_keys=True).encode()
         digest = int.from_bytes(hashlib.sha256(text).digest()[:8], "little", signed=True)
         first = opt._units[0].device if opt._units else torch.device("cpu")
-        device = _comm_device(self.group, first)
-        local = torch.tensor([digest], dtype=torch.int64, device=device)
+        local = torch.tensor([digest], dtype=torch.int64, device=_comm_device(self.group, first))
         digests = self._all_gather("config", "configuration check", local).view(-1).tolist()
         if len(set(digests)) == 1:
             return
         every: list[Any] = [None] * self.world_size
-        try:
-            dist.all_gather_object(every, mine, group=self.group)
-        except RuntimeError as exc:  # pragma: no cover - the digests already disagreed
-            raise ValueError("MBF: the ranks were given different configurations") from exc
+        dist.all_gather_object(every, mine, group=self.group)
         for rank, theirs in enumerate(every[1:], start=1):
             found = _first_difference(every[0], theirs, "")
             if found:
@@ -324,62 +350,89 @@ class ShardedMBF:
             self._plan_key = key
         return self._plan
 
-    def rebuilt(self, old: list[_Bucket], new: list[_Bucket]) -> None:
-        """After the buckets are rebuilt: inverses that were only partly here must be redone."""
-        if any(b.sharded for b in old):
-            for bucket in new:
-                bucket.factored = False
+    def _ranges_of(self, opt: MBF) -> dict[int, list[tuple[int, int]]]:
+        """``{id(unit): plan ranges of its bucket}``."""
+        plan = self.plan(opt._buckets)
+        return {
+            id(u): ranges for b, ranges in zip(opt._buckets, plan, strict=True) for u in b.units
+        }
 
-    # -------------------------------------------------------------- per-example statistics
-    def reduce_statistics(self, units: list[Unit]) -> None:
-        """Sum the units' pending per-example statistics and example counts over the ranks."""
+    # -------------------------------------------------------------- statistics
+    def update_statistics(self, opt: MBF, live: list[tuple[Unit, list[Tensor]]]) -> set[int]:
+        """Update the running-average statistics of this rank's blocks; ``{id(unit)}`` updated.
+
+        Per-example units first get the global sums for those blocks (:meth:`_reduce_pending`).
+        """
+        due = [(u, g) for u, g in live if opt._is_stat_step(u)]
+        ranges = self._ranges_of(opt)
+        self._reduce_pending([u for u, _ in due if u.per_example], ranges)
+        bucket_of = {id(u): b for b in opt._buckets for u in b.units}
+        refreshed: set[int] = set()
+        for unit, grads in due:
+            a, b = _unit_span(unit, *ranges[id(unit)][self.rank])
+            if opt._update_stats(unit, grads, slice(a, b)):
+                refreshed.add(id(unit))
+            bucket_of[id(unit)].sharded = True
+        return refreshed
+
+    def _reduce_pending(self, units: list[Unit], ranges: dict[int, list[tuple[int, int]]]) -> None:
+        """Sum the units' per-example statistics over the ranks, each rank getting its blocks.
+
+        One reduce-scatter per dtype of upper triangles, arranged by owner; every chunk ends
+        with the example counts, so every rank learns the global counts. Afterwards a unit's
+        ``pending`` holds the sums for this rank's blocks of it only.
+        """
         by_dtype: dict[torch.dtype, list[Unit]] = {}
         for unit in units:
             by_dtype.setdefault(unit.dtype, []).append(unit)
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].device)
-            sizes = [u.layout.num_blocks * _triangle(u.layout.block_size) for u in members]
-            total = sum(sizes)
-            buffer = self._buffer(dtype, device, total + len(members))
-            parts = list(torch.split(buffer[:total], sizes))
-            for u, part in zip(members, parts, strict=True):
-                if u.pending is None:
-                    part.zero_()
-                elif u.pending.device == device:
-                    pack_upper(u.pending, out=part)
-                else:
-                    part.copy_(pack_upper(u.pending))
-            counts = [float(u.pending_count) for u in members]
-            buffer[total:] = torch.tensor(counts, dtype=dtype)
-            self._all_reduce("statistics", "sum of per-example statistics", buffer)
-            totals = buffer[total:].tolist()
-            for u, part, count in zip(members, parts, totals, strict=True):
-                u.pending_count = int(round(count))
-                nb, s = u.layout.num_blocks, u.layout.block_size
+            spans = [
+                [_unit_span(u, *ranges[id(u)][r]) for u in members] for r in range(self.world_size)
+            ]
+            tri = [_triangle(u.layout.block_size) for u in members]
+            sizes = [sum((b - a) * t for (a, b), t in zip(sp, tri, strict=True)) for sp in spans]
+            chunk = max(sizes) + len(members)  # padded to one size; counts at the end
+            chunks = self._buffer("scatter", dtype, device, self.world_size * chunk)
+            chunks = chunks.view(self.world_size, chunk)
+            counts = torch.tensor([float(u.pending_count) for u in members], dtype=dtype)
+            for r in range(self.world_size):
+                offset = 0
+                for u, (a, b), t in zip(members, spans[r], tri, strict=True):
+                    part = chunks[r, offset : offset + (b - a) * t]
+                    offset += part.numel()
+                    if u.pending is None:
+                        part.zero_()
+                    elif u.pending.device == device:
+                        pack_upper(u.pending[a:b], out=part)
+                    else:
+                        part.copy_(pack_upper(u.pending[a:b]))
+                chunks[r, offset : chunk - len(members)] = 0.0
+                chunks[r, chunk - len(members) :] = counts
+            mine = self._reduce_scatter("statistics", "sum of per-example statistics", chunks)
+            totals = mine[chunk - len(members) :].tolist()
+            offset = 0
+            for u, (a, b), t, total in zip(members, spans[self.rank], tri, totals, strict=True):
+                part = mine[offset : offset + (b - a) * t]
+                offset += part.numel()
+                u.pending_count = int(round(total))
                 if u.pending_count == 0:
                     u.clear_pending()
-                elif u.pending is not None and u.pending.device == device:
-                    unpack_symmetric(part, nb, s, out=u.pending)  # in place: no new memory
+                    continue
+                s = u.layout.block_size
+                if u.pending is not None and u.pending.device == device:
+                    u.pending = unpack_symmetric(part, b - a, s, out=u.pending[a:b])  # in place
                 else:
-                    u.pending = unpack_symmetric(part, nb, s).to(u.device)
+                    u.pending = unpack_symmetric(part, b - a, s).to(u.device)
 
-    def _buffer(self, dtype: torch.dtype, device: torch.device, numel: int) -> Tensor:
-        """A reusable flat buffer (fresh memory every step costs page faults on large models)."""
-        key = (dtype, device)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer[:numel]
-
-    # -------------------------------------------------------------- factor, solve, share
+    # -------------------------------------------------------------- invert, solve, share
     def precondition(
         self, opt: MBF, live_ids: set[int], refreshed: set[int]
     ) -> dict[int, list[Tensor]]:
-        """Factor and solve this rank's blocks, exchange the directions; ``{id(unit): [d, ...]}``.
+        """Invert and solve this rank's blocks, exchange the directions; ``{id(unit): [d, ...]}``.
 
-        Every live unit's momentum is updated on every rank (it is cheap, elementwise, and keeps
-        the optimizer state complete everywhere); only the owner of a block range factors and
-        solves it.
+        Every live unit's momentum is updated on every rank (cheap, elementwise, and it keeps
+        that state complete everywhere); only the owner of a block range inverts and solves it.
         """
         plan = self.plan(opt._buckets)
         pieces: list[_Piece] = []
@@ -399,37 +452,37 @@ class ShardedMBF:
             for u in members:
                 opt._momentum_blocks(u, group, full[u.offset : u.offset + u.layout.num_blocks])
             lo, hi = ranges[self.rank]
-            due = opt._factor_due(bucket, members, refreshed)
-            if due:
-                self._factor(opt, bucket, lo, hi, report)
+            if opt._factor_due(bucket, members, refreshed):
+                self._invert(opt, bucket, lo, hi, report)
                 factored += 1
-            pieces.append(_Piece(bucket, ranges, members, due))
+            pieces.append(_Piece(bucket, ranges, members))
             rhs_of.append(full)
             if hi > lo:
                 sends.append(solve_blocks(bucket.inverse[lo:hi], full[lo:hi]))
         if factored:
-            self._sync_report(opt, pieces, report, factored)
+            self._sync_report(opt, pieces[0].bucket, report, factored)
         return self._exchange(pieces, sends, rhs_of)
 
-    def _factor(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
+    def _invert(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
         if hi > lo:
             damping = opt.param_groups[bucket.group]["damping"]
-            inverse, part = damped_inverse(bucket.fisher[lo:hi], damping)
+            fisher = bucket.fisher[lo:hi]
+            inverse, part = damped_inverse(fisher, damping)
             bucket.inverse[lo:hi].copy_(inverse)
+            if part.nonfinite:  # a poisoned statistic would poison every later step: restart it
+                fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
             for name in _REPORT_FIELDS:
                 setattr(report, name, getattr(report, name) + getattr(part, name))
         bucket.factored = True
-        bucket.sharded = True  # the other ranks' parts of this bucket's inverses are stale here
+        bucket.sharded = True
 
-    def _sync_report(
-        self, opt: MBF, pieces: list[_Piece], report: FactorReport, factored: int
-    ) -> None:
-        """Sum the ranks' factorization reports into the (rank-independent) counters."""
-        device = _comm_device(self.group, pieces[0].bucket.fisher.device)
+    def _sync_report(self, opt: MBF, bucket: _Bucket, report: FactorReport, factored: int) -> None:
+        """Sum the ranks' inversion reports, so that the counters agree on every rank."""
+        device = _comm_device(self.group, bucket.fisher.device)
         counts = torch.tensor(
             [getattr(report, f) for f in _REPORT_FIELDS], dtype=torch.int64, device=device
         )
-        self._all_reduce("counters", "sum of factorization counters", counts)
+        self._run("counters", "sum of inversion counters", dist.all_reduce, counts)
         blocks, retried, fallback, nonfinite = counts.tolist()
         c = opt._counters
         c["factorizations"] += factored
@@ -437,14 +490,6 @@ class ShardedMBF:
         c["retried_blocks"] += retried
         c["fallback_blocks"] += fallback
         c["nonfinite_blocks"] += nonfinite
-        if nonfinite:
-            # A poisoned statistic would poison every later factorization: every rank starts
-            # such blocks afresh, so the replicated statistics stay identical.
-            for piece in (p for p in pieces if p.factored):
-                fisher = piece.bucket.fisher
-                bad = ~torch.isfinite(fisher).all(dim=(-2, -1))
-                if bool(bad.any()):
-                    fisher[bad] = 0.0
 
     def _exchange(
         self, pieces: list[_Piece], sends: list[Tensor], rhs_of: list[Tensor]
@@ -459,8 +504,7 @@ class ShardedMBF:
             sum((p.ranges[r][1] - p.ranges[r][0]) * p.bucket.block_size for p in pieces)
             for r in range(self.world_size)
         ]
-        length = max(sizes)
-        local = torch.zeros(length, dtype=dtype, device=device)
+        local = torch.zeros(max(sizes), dtype=dtype, device=device)
         if sends:
             flat = torch.cat([s.reshape(-1).to(device=device, dtype=dtype) for s in sends])
             local[: flat.numel()] = flat
@@ -482,75 +526,50 @@ class ShardedMBF:
 
     # -------------------------------------------------------------- checkpoints
     def consolidate(self, opt: MBF) -> None:
-        """Gather every rank's inverses (upper triangles), so that every rank holds them all."""
+        """Gather every rank's statistics and inverses (upper triangles) onto every rank."""
         buckets = [b for b in opt._buckets if b.sharded]
         if not buckets:
             return
         plan = dict(zip(map(id, opt._buckets), self.plan(opt._buckets), strict=True))
-        dtype = buckets[0].inverse.dtype
+        dtype = buckets[0].fisher.dtype
         for b in buckets[1:]:
-            dtype = torch.promote_types(dtype, b.inverse.dtype)
-        device = _comm_device(self.group, buckets[0].inverse.device)
-        sizes = [
-            sum((plan[id(b)][r][1] - plan[id(b)][r][0]) * _triangle(b.block_size) for b in buckets)
-            for r in range(self.world_size)
-        ]
+            dtype = torch.promote_types(dtype, b.fisher.dtype)
+        device = _comm_device(self.group, buckets[0].fisher.device)
+
+        def size(b: _Bucket, rank: int) -> int:
+            lo, hi = plan[id(b)][rank]
+            return 2 * (hi - lo) * _triangle(b.block_size)
+
+        sizes = [sum(size(b, r) for b in buckets) for r in range(self.world_size)]
         local = torch.zeros(max(sizes), dtype=dtype, device=device)
-        mine = []
+        offset = 0
         for b in buckets:
             lo, hi = plan[id(b)][self.rank]
-            if hi > lo:
-                mine.append(pack_upper(b.inverse[lo:hi]).to(device=device, dtype=dtype))
-        if mine:
-            flat = torch.cat(mine)
-            local[: flat.numel()] = flat
-        gathered = self._all_gather("consolidate", "gathering of the inverses", local)
+            for tensor in (b.fisher, b.inverse):
+                packed = pack_upper(tensor[lo:hi])
+                local[offset : offset + packed.numel()] = packed.to(device=device, dtype=dtype)
+                offset += packed.numel()
+        gathered = self._all_gather("consolidate", "gathering of the curvature", local)
         offsets = [0] * self.world_size
         for b in buckets:
             for r, (lo, hi) in enumerate(plan[id(b)]):
-                n = (hi - lo) * _triangle(b.block_size)
-                if r != self.rank and n:
-                    packed = gathered[r, offsets[r] : offsets[r] + n]
-                    b.inverse[lo:hi] = unpack_symmetric(packed, hi - lo, b.block_size).to(
-                        device=b.inverse.device, dtype=b.inverse.dtype
-                    )
-                offsets[r] += n
+                for tensor in (b.fisher, b.inverse):
+                    n = (hi - lo) * _triangle(b.block_size)
+                    if r != self.rank and n:
+                        packed = gathered[r, offsets[r] : offsets[r] + n]
+                        unpacked = unpack_symmetric(packed, hi - lo, b.block_size)
+                        tensor[lo:hi] = unpacked.to(device=tensor.device, dtype=tensor.dtype)
+                    offsets[r] += n
             b.sharded = False
 
-    def annotate_state_dict(self, opt: MBF, sd: dict[str, Any]) -> None:
-        """Mark, per unit, the blocks whose inverses this rank's state dict really holds."""
-        if not any(b.sharded for b in opt._buckets):
-            return
-        plan = dict(zip(map(id, opt._buckets), self.plan(opt._buckets), strict=True))
-        bucket_of = {id(u): b for b in opt._buckets for u in b.units}
-        for unit, saved in zip(opt._units, sd["mbf"]["units"], strict=True):
-            bucket = bucket_of[id(unit)]
-            if not bucket.sharded:
-                continue
-            lo, hi = plan[id(bucket)][self.rank]
-            blocks = torch.arange(unit.offset, unit.offset + unit.layout.num_blocks)
-            saved["inverse_valid"] = (blocks >= lo) & (blocks < hi)
-
-
-def apply_saved_inverse_masks(opt: MBF, saved_units: list[dict[str, Any]]) -> None:
-    """After a load: buckets with inverses missing from the state dict are refactored next step."""
-    bucket_of = {id(u): b for b in opt._buckets for u in b.units}
-    stale = 0
-    for unit, saved in zip(opt._units, saved_units, strict=True):
-        valid = saved.get("inverse_valid")
-        if valid is not None and not bool(torch.as_tensor(valid).all()):
-            bucket_of[id(unit)].factored = False
-            stale += 1
-    if stale:
-        warnings.warn(
-            f"MBF: the state dict lacks some inverses of {stale} unit(s) (it was saved on one rank "
-            "of a sharded run without consolidation); they are recomputed from the saved "
-            "statistics at the next step. Call optimizer.consolidate_state_dict() on every rank "
-            "before saving for an exact resume.",
-            stacklevel=3,
-        )
-    for bucket in opt._buckets:
-        bucket.sharded = False  # what the state dict holds is now all there is
+    def check_consolidated(self, opt: MBF) -> None:
+        """Refuse to write a state dict that holds only this rank's share of the curvature."""
+        if any(b.sharded for b in opt._buckets):
+            raise RuntimeError(
+                f"MBF (rank {self.rank} of {self.world_size}): each rank holds only its share of "
+                "the curvature; call optimizer.consolidate_state_dict() on every rank before "
+                "optimizer.state_dict() (e.g. just before rank 0 saves a checkpoint)"
+            )
 
 
 def setup(opt: MBF, process_group: Any, model: nn.Module | None) -> ShardedMBF | None:

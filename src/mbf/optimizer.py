@@ -58,7 +58,7 @@ class _Bucket:
     fisher: Tensor
     inverse: Tensor
     factored: bool = False
-    sharded: bool = False  # inverses only partly valid on this rank (see mbf.distributed)
+    sharded: bool = False  # curvature only partly valid on this rank (see mbf.distributed)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -128,9 +128,9 @@ class MBF(torch.optim.Optimizer):
         chunk_elements: per-example gradient entries materialized at once (memory bound).
         process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
-            ``torch.distributed`` is initialized with several ranks; inversion and solves are
-            then sharded over the ranks and per-example statistics summed over them. ``False``:
-            a single-process optimizer even then. Or an explicit ``ProcessGroup``.
+            ``torch.distributed`` is initialized with several ranks; the curvature work is then
+            sharded over the ranks and per-example statistics summed over them. ``False``: a
+            single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
     def __init__(
@@ -216,6 +216,9 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        engine = getattr(self, "_dist", None)
+        if engine is not None:  # mbf.distributed: rebuild from the full curvature
+            engine.consolidate(self)
         super().add_param_group(param_group)
         if getattr(self, "_ready", False):
             _check_group(self.param_groups[-1])
@@ -242,9 +245,7 @@ class MBF(torch.optim.Optimizer):
                     prev.stat_updates,
                 )
         self._units = units
-        old_buckets, self._buckets = self._buckets, self._make_buckets(units)
-        if self._dist is not None:  # mbf.distributed: partly-held inverses must be redone
-            self._dist.rebuilt(old_buckets, self._buckets)
+        self._buckets = self._make_buckets(units)
         self._hooks.remove()
         self._hooks.add(units)
         self._schedule_collection()
@@ -377,20 +378,23 @@ class MBF(torch.optim.Optimizer):
             return unit.pending.div_(unit.pending_count)
         return unit.layout.to_blocks(grads)
 
-    def _update_stats(self, unit: Unit, grads: list[Tensor]) -> bool:
+    def _update_stats(self, unit: Unit, grads: list[Tensor], blocks: slice = slice(None)) -> bool:
+        """Blend this step's estimate into the unit's statistics (``blocks``: only those blocks,
+        as a data-parallel rank does; its per-example ``pending`` then holds just those)."""
         estimate = self._estimate(unit, grads)
         unit.clear_pending()
         if estimate is None:
             return False
+        fisher = unit.fisher[blocks]
         # The first estimate is taken as it is; later ones enter the running average.
         weight = (
             1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
         )
         if estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
-            vectors = estimate.unsqueeze(-1)
-            unit.fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
+            vectors = estimate[blocks].unsqueeze(-1)
+            fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
         else:
-            unit.fisher.lerp_(estimate, weight)
+            fisher.lerp_(estimate, weight)
         unit.stat_updates += 1
         return True
 
@@ -431,14 +435,13 @@ class MBF(torch.optim.Optimizer):
             return loss
 
         live_ids = {id(u) for u, _ in live}
-        if self._dist is not None:  # mbf.distributed: per-example statistics of the global batch
-            self._dist.reduce_statistics(
-                [u for u, _ in live if u.per_example and self._is_stat_step(u)]
-            )
         refreshed: set[int] = set()
-        for unit, grads in live:
-            if self._is_stat_step(unit) and self._update_stats(unit, grads):
-                refreshed.add(id(unit))
+        if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
+            refreshed = self._dist.update_statistics(self, live)
+        else:
+            for unit, grads in live:
+                if self._is_stat_step(unit) and self._update_stats(unit, grads):
+                    refreshed.add(id(unit))
 
         if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
             directions = self._dist.precondition(self, live_ids, refreshed)
@@ -542,7 +545,12 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus curvature (statistics, inverses) and counters."""
+        """The usual optimizer state plus curvature (statistics, inverses) and counters.
+
+        With several ranks, call :meth:`consolidate_state_dict` on every rank first.
+        """
+        if self._dist is not None:  # mbf.distributed: refuse a state dict with others' shares
+            self._dist.check_consolidated(self)
         sd = super().state_dict()
         sd["mbf"] = {
             "version": 1,
@@ -561,16 +569,14 @@ class MBF(torch.optim.Optimizer):
             ],
             "factored": [b.factored for b in self._buckets],
         }
-        if self._dist is not None:  # mbf.distributed: mark inverses this rank does not hold
-            self._dist.annotate_state_dict(self, sd)
         return sd
 
     def consolidate_state_dict(self) -> None:
-        """Gather the sharded inverses, so that :meth:`state_dict` on any rank is complete.
+        """Gather every rank's share of the curvature, so that :meth:`state_dict` is complete.
 
-        Data-parallel runs only (a no-op in one process); every rank must call it, e.g. just
-        before rank 0 saves. Without it a rank's state dict lacks the other ranks' inverses and a
-        resume recomputes them for those blocks (see :mod:`mbf.distributed`).
+        Data-parallel runs only (a no-op in one process). Every rank must call it, e.g. just
+        before rank 0 saves; the state dict is then the one a single process would have, and
+        loads on any number of ranks (see :mod:`mbf.distributed`).
         """
         if self._dist is not None:
             self._dist.consolidate(self)
@@ -636,7 +642,6 @@ class MBF(torch.optim.Optimizer):
             unit.stat_updates = int(saved["stat_updates"])
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
-        _distributed.apply_saved_inverse_masks(self, units)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
