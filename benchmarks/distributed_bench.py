@@ -66,6 +66,8 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
         model, shape = build(args.model)
         wrapped: nn.Module = DDP(model) if world > 1 else model
         opt = MBF(wrapped, lr=1e-3, estimator=estimator, max_block_size=args.max_block_size)
+        if args.native and opt.distributed is not None:
+            opt.distributed._sum_only = False  # all_gather / reduce_scatter, as on NCCL
         times = []
         for step in range(args.steps):
             x = torch.rand(args.batch // world, *shape, generator=gen)
@@ -162,6 +164,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training steps per estimator")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median)")
     parser.add_argument("--max-block-size", type=int, default=32)
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="use all_gather / reduce_scatter (MBF's choice on NCCL) instead of gloo's all-reduces",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="MBF: per-example statistics serve")
@@ -183,8 +190,12 @@ def main() -> None:
     for estimator in ESTIMATORS:
         for kind, entry in sorted(many["traffic"][estimator].items()):
             per = entry["bytes"] / args.steps
-            share = {"directions": k - 1, "statistics": (k - 1) / k}.get(kind, 2 * (k - 1) / k)
-            sent = share * per
+            if "all_gather" in kind:
+                sent = (k - 1) * per
+            elif "reduce_scatter" in kind:
+                sent = (k - 1) / k * per
+            else:  # all_reduce
+                sent = 2 * (k - 1) / k * per
             print(
                 f"| MBF {estimator}: {kind} ({entry['calls']} calls in {args.steps} steps) "
                 f"| {per / mb:.3f} MiB | {sent / mb:.3f} MiB |"

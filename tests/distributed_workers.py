@@ -78,12 +78,21 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ scenarios
-def scenario_train(rank: int, world: int, outdir: Path, resume: str | None = None) -> dict:
-    """Both estimators under DDP; with ``resume``, continue a single-process checkpoint."""
+def scenario_train(
+    rank: int, world: int, outdir: Path, resume: str | None = None, native: bool = False
+) -> dict:
+    """Both estimators under DDP; with ``resume``, continue a single-process checkpoint.
+
+    ``native``: use all_gather and reduce_scatter as on NCCL, instead of the all-reduces MBF
+    prefers on gloo, so that the tests cover both.
+    """
     out: dict[str, Any] = {}
     for estimator in ("batch", "per_example"):
         model = DDP(make_model())
         opt = make_optimizer(model, estimator)
+        assert opt.distributed is not None
+        if native:
+            opt.distributed._sum_only = False
         first = 0
         if resume is not None:
             saved = torch.load(Path(resume) / f"single_{estimator}.pt")

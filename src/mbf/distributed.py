@@ -255,9 +255,10 @@ class ShardedMBF:
 
     Attributes:
         group: the process group; ``rank`` and ``world_size`` within it.
-        traffic: per kind of exchange (``"statistics"``, ``"directions"``, ``"counters"``,
-            ``"consolidate"``, ``"config"``), the number of collective calls and the bytes this
-            rank handed to them (its payload; ``docs/distributed.md`` relates it to the wire).
+        traffic: per kind of exchange and collective, e.g. ``"directions (all_gather_single)"``
+            (kinds: statistics, directions, counters, consolidate, config), the number of calls
+            and the bytes this rank handed to them (``docs/distributed.md`` relates them to the
+            bytes on the wire).
     """
 
     def __init__(self, group: Any) -> None:
@@ -269,12 +270,16 @@ class ShardedMBF:
         self._plan: list[list[tuple[int, int]]] = []
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._reduce_scatter_works = True
+        # gloo's all_gather and reduce_scatter are 2-3x slower than its all_reduce of the same
+        # output (docs/distributed.md), so on gloo both are done as sums of disjoint parts.
+        self._sum_only = str(dist.get_backend(group)).lower() == "gloo"
 
     # -------------------------------------------------------------- collectives
     def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Tensor) -> None:
         """Run one collective (``args[-1]`` is this rank's payload), with a clear error when
         another rank died or stalled."""
-        entry = self.traffic.setdefault(kind, {"calls": 0, "bytes": 0})
+        op = getattr(collective, "__name__", "collective")
+        entry = self.traffic.setdefault(f"{kind} ({op})", {"calls": 0, "bytes": 0})
         entry["calls"] += 1
         entry["bytes"] += args[-1].numel() * args[-1].element_size()
         try:
@@ -290,8 +295,19 @@ class ShardedMBF:
                 "after the timeout passed to torch.distributed.init_process_group.)"
             ) from exc
 
-    def _all_gather(self, kind: str, what: str, local: Tensor) -> Tensor:
-        """``(world_size, n)`` from every rank's ``(n,)`` tensor."""
+    def _all_gather(self, kind: str, what: str, local: Tensor, reuse: bool = False) -> Tensor:
+        """``(world_size, n)`` from every rank's ``(n,)`` tensor (``reuse``: a cached buffer)."""
+        if self._sum_only:  # every other row is zero: the sum is exact
+            numel = self.world_size * local.numel()
+            if reuse:
+                rows = self._buffer("gather", local.dtype, local.device, numel)
+            else:
+                rows = local.new_empty(numel)
+            rows = rows.view(self.world_size, local.numel())
+            rows.zero_()
+            rows[self.rank] = local
+            self._run(kind, what, dist.all_reduce, rows)
+            return rows
         out = local.new_empty(self.world_size, local.numel())
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._run(kind, what, gather, out.view(-1), local)
@@ -299,7 +315,7 @@ class ShardedMBF:
 
     def _reduce_scatter(self, kind: str, what: str, chunks: Tensor) -> Tensor:
         """The sum over ranks of chunk ``rank`` of every rank's ``(world_size, n)`` tensor."""
-        if self._reduce_scatter_works:
+        if self._reduce_scatter_works and not self._sum_only:
             out = chunks.new_empty(chunks.shape[1])
             scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             try:
@@ -508,7 +524,9 @@ class ShardedMBF:
         if sends:
             flat = torch.cat([s.reshape(-1).to(device=device, dtype=dtype) for s in sends])
             local[: flat.numel()] = flat
-        gathered = self._all_gather("directions", "exchange of preconditioned directions", local)
+        gathered = self._all_gather(
+            "directions", "exchange of preconditioned directions", local, reuse=True
+        )
         offsets = [0] * self.world_size
         directions: dict[int, list[Tensor]] = {}
         for piece, rhs in zip(pieces, rhs_of, strict=True):
