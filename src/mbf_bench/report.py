@@ -1,0 +1,248 @@
+"""``mbf-bench report DIR``: a markdown table and plots of the runs under ``DIR``.
+
+Per task and optimizer (mean over seeds unless said otherwise):
+
+- final / best training loss: the ``train_loss`` of evaluation lines, i.e. the mean minibatch
+  loss of each epoch (less noisy than single steps);
+- final / best test metric (error: lower is better; accuracy: higher is better);
+- time to target: the median over seeds of the training seconds at which the epoch-mean training
+  loss first reaches the task's target, where the target is ``target_factor`` (1.05) times the
+  worst of the optimizers' best losses (means over the seeds that finished; diverged runs do not
+  set the target), so that every optimizer that did not diverge reaches it;
+- seconds per step: the median over all steps of all seeds, and its ratio to ``sgdm``'s.
+
+Plots (``DIR/<task>.png``): training loss against epochs and against seconds, and the test metric
+against epochs; one line per optimizer, the mean over seeds with the min-max spread shaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Run", "load_runs", "summarize", "write_report"]
+
+BASELINE = "sgdm"
+
+
+@dataclass
+class Run:
+    """One run's config and metrics lines, split into step lines and evaluation lines."""
+
+    task: str
+    optimizer: str
+    seed: str
+    config: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return str(self.config.get("status", "unknown"))
+
+    @property
+    def metric(self) -> str:
+        return str(self.config.get("test_metric", "test_error"))
+
+
+def load_runs(directory: Path) -> list[Run]:
+    """Every run under ``directory`` (``<task>/<optimizer>/<seed>/config.json``); lines that do
+    not parse (a run killed mid-write) are skipped."""
+    runs = []
+    for config_path in sorted(Path(directory).glob("*/*/*/config.json")):
+        config = json.loads(config_path.read_text())
+        seed_dir = config_path.parent
+        run = Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, config)
+        metrics = seed_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        for text in lines:
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            is_eval = any(key.endswith("_loss") and key != "train_loss" for key in line)
+            (run.evals if is_eval else run.steps).append(line)
+        runs.append(run)
+    return runs
+
+
+def _floats(values: list[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _higher_is_better(metric: str) -> bool:
+    return metric.endswith("accuracy")
+
+
+def _step_seconds(run: Run) -> list[float]:
+    times = [0.0] + [float(line["seconds"]) for line in run.steps]
+    return [b - a for a, b in zip(times, times[1:], strict=False) if b >= a]
+
+
+def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[str, Any]]:
+    """Per task: ``{"target": loss, "metric": name, "rows": {optimizer: {column: value}}}``."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for task in sorted({run.task for run in runs}):
+        by_opt: dict[str, list[Run]] = {}
+        for run in runs:
+            if run.task == task:
+                by_opt.setdefault(run.optimizer, []).append(run)
+        metric = next(iter(by_opt.values()))[0].metric
+        better = max if _higher_is_better(metric) else min
+        rows: dict[str, dict[str, Any]] = {}
+        for opt, group in sorted(by_opt.items()):
+            losses = [_floats([e.get("train_loss") for e in r.evals]) for r in group]
+            metrics = [_floats([e.get(metric) for e in r.evals]) for r in group]
+            step_times = [t for r in group for t in _step_seconds(r)]
+            statuses: dict[str, int] = {}
+            for r in group:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+            finished = [min(v) for v, r in zip(losses, group, strict=True)
+                        if v and r.status == "finished"]
+            rows[opt] = {
+                "runs": ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())),
+                "finished_best_loss": _mean(finished),
+                "final_loss": _mean([v[-1] for v in losses if v]),
+                "best_loss": _mean([min(v) for v in losses if v]),
+                "final_metric": _mean([v[-1] for v in metrics if v]),
+                "best_metric": _mean([better(v) for v in metrics if v]),
+                "step_seconds": float(np.median(step_times)) if step_times else math.nan,
+                "group": group,
+            }
+        # Diverged runs are left out: their early best would make the target trivially easy.
+        bests = [row["finished_best_loss"] for row in rows.values()
+                 if math.isfinite(row["finished_best_loss"])]
+        target = max(bests) * target_factor if bests else math.nan
+        base = rows.get(BASELINE, {}).get("step_seconds", math.nan)
+        for row in rows.values():
+            row["relative_step"] = row["step_seconds"] / base if base and base > 0 else math.nan
+            reached = [t for t in (_time_to(r, target) for r in row["group"]) if t is not None]
+            row["time_to_target"] = float(np.median(reached)) if reached else math.nan
+            row["reached"] = f"{len(reached)}/{len(row['group'])}"
+        tasks[task] = {"target": target, "metric": metric, "rows": rows}
+    return tasks
+
+
+def _time_to(run: Run, target: float) -> float | None:
+    for line in run.evals:
+        loss = line.get("train_loss")
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            return float(line["seconds"])
+    return None
+
+
+def _fmt(value: float, spec: str = ".4g") -> str:
+    return "-" if not math.isfinite(value) else format(value, spec)
+
+
+def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
+    """The report's text: one table per task."""
+    out = ["# mbf-bench report", ""]
+    for task, info in summary.items():
+        metric = info["metric"]
+        out += [
+            f"## {task}",
+            "",
+            f"Train losses are epoch means of minibatch losses; metric `{metric}` "
+            f"({'higher' if _higher_is_better(metric) else 'lower'} is better); means over seeds. "
+            f"Target loss {_fmt(info['target'])} = {target_factor} x the worst of the "
+            "optimizers' best losses (finished runs); time to target is the median over the "
+            "seeds that reach it. "
+            f"s/step is the median step time; 'vs {BASELINE}' its ratio to {BASELINE}'s.",
+            "",
+            f"| optimizer | runs | final train loss | best train loss | final {metric} | "
+            f"best {metric} | time to target (s) | s/step | vs {BASELINE} |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for opt, row in info["rows"].items():
+            out.append(
+                f"| {opt} | {row['runs']} | {_fmt(row['final_loss'])} | {_fmt(row['best_loss'])} "
+                f"| {_fmt(row['final_metric'])} | {_fmt(row['best_metric'])} "
+                f"| {_fmt(row['time_to_target'], '.3g')} ({row['reached']}) "
+                f"| {_fmt(row['step_seconds'], '.3g')} | {_fmt(row['relative_step'], '.2f')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def _band(curves: list[tuple[list[float], list[float]]]) -> tuple[np.ndarray, ...] | None:
+    """Mean, min and max of several curves on the x range they all cover (interpolated)."""
+    curves = [(x, y) for x, y in curves if x]
+    if not curves:
+        return None
+    lo = max(x[0] for x, _ in curves)
+    hi = min(x[-1] for x, _ in curves)
+    grid = np.unique(np.concatenate([np.asarray(x) for x, _ in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if grid.size == 0:
+        grid = np.asarray(curves[0][0])
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+
+
+def _series(run: Run, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    points = [(float(e[x_key]), e.get(y_key)) for e in run.evals]
+    kept = [(x, float(y)) for x, y in points if y is not None and math.isfinite(float(y))]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def plot_task(task: str, info: dict[str, Any], path: Path) -> Path:
+    """Three panels (loss vs epochs, loss vs seconds, metric vs epochs) saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = info["metric"]
+    panels = [("epoch", "train_loss", "epochs", "training loss"),
+              ("seconds", "train_loss", "training seconds", "training loss"),
+              ("epoch", metric, "epochs", metric.replace("_", " "))]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (x_key, y_key, x_label, y_label) in zip(axes, panels, strict=True):
+        positive = True
+        for opt, row in info["rows"].items():
+            band = _band([_series(r, x_key, y_key) for r in row["group"]])
+            if band is None:
+                continue
+            grid, mean, low, high = band
+            positive = positive and bool((low > 0).all())
+            (line,) = ax.plot(grid, mean, marker="o" if grid.size < 3 else None, label=opt)
+            if len(row["group"]) > 1:
+                ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+        if y_key == "train_loss" and positive and ax.lines:
+            ax.set_yscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{task} (mean over seeds, min-max shaded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, list[Path]]:
+    """Write ``DIR/report.md`` and ``DIR/<task>.png``; return the text and the image paths.
+
+    Raises:
+        ValueError: no runs under ``directory``.
+    """
+    directory = Path(directory)
+    runs = load_runs(directory)
+    if not runs:
+        raise ValueError(f"no runs under {directory} (expected <task>/<optimizer>/<seed>/)")
+    summary = summarize(runs, target_factor)
+    text = markdown(summary, target_factor)
+    (directory / "report.md").write_text(text)
+    images = [plot_task(task, info, directory / f"{task}.png") for task, info in summary.items()]
+    return text, images

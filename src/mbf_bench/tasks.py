@@ -1,0 +1,338 @@
+"""The task registry: each benchmark problem of the paper (and CPU-sized stand-ins) by name.
+
+A :class:`Task` names its data, model, loss, batch size, default length and learning-rate
+schedule; :func:`load_data` reads (and caches) its data and :func:`make_problem` turns the data
+into the :mod:`mbf_bench.problems` object the training loop drives.
+
+Data directory: tasks that read files take ``data_dir`` (CLI ``--data-dir``); without one they
+use ``$MBF_BENCH_DATA`` if set, else ``./data`` (see :func:`default_data_dir`). The layout
+inside it is the one of the original public files (see ``docs/bench.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mbf_bench.data import (
+    DataError,
+    Graph,
+    Split,
+    augment_cifar,
+    black_level,
+    load_cifar,
+    load_curves_mat,
+    load_digits,
+    load_faces_mat,
+    load_mnist,
+    load_planetoid,
+    make_curves,
+)
+from mbf_bench.models import (
+    CURVES_AE_SIZES,
+    DIGITS_AE_SIZES,
+    FACES_AE_SIZES,
+    GCN,
+    MNIST_AE_SIZES,
+    autoencoder,
+    resnet_cifar,
+    vgg16_bn,
+)
+from mbf_bench.problems import GraphProblem, MinibatchProblem, Problem
+
+__all__ = [
+    "DATA_ENV",
+    "TASKS",
+    "Task",
+    "default_data_dir",
+    "get_task",
+    "load_data",
+    "make_problem",
+]
+
+#: Environment variable naming the default data directory.
+DATA_ENV = "MBF_BENCH_DATA"
+
+Data = Split | Graph
+Loader = Callable[[Path, Mapping[str, str], int | None], Data]
+
+
+def default_data_dir() -> Path:
+    """``$MBF_BENCH_DATA`` when set, else ``./data`` (relative to the working directory)."""
+    return Path(os.environ.get(DATA_ENV, "data"))
+
+
+@dataclass(frozen=True)
+class Task:
+    """One benchmark problem.
+
+    Attributes:
+        name: registry key, e.g. ``"mnist-ae"``.
+        family: ``"autoencoder"``, ``"cnn"`` or ``"gcn"`` (selects optimizer defaults).
+        description: one line for ``mbf-bench list``.
+        data: what the task reads, for ``list`` and for error messages.
+        loader: ``(data_dir, options, subset) -> Split | Graph``.
+        model: builds the network from the loaded data.
+        batch_size: training minibatch size; None means the full graph.
+        epochs: default length of a run.
+        loss: a key of :data:`mbf_bench.problems.LOSSES`.
+        augment: random crop + flip on training batches (CIFAR).
+        lr_milestones: fractions of the planned epochs at which the learning rate is
+            multiplied by ``lr_gamma`` (step decay).
+        options: task options and their allowed values; the first value is the default.
+        penalty: a term added to the training loss (GCN: weight decay of the first layer).
+        hparam_defaults: optimizer settings this task fixes on top of the optimizer's family
+            defaults (before ``--config`` and ``--set``): the GCN keeps its weight decay in
+            ``penalty``, so the optimizers' own ``weight_decay`` is 0 there.
+    """
+
+    name: str
+    family: str
+    description: str
+    data: str
+    loader: Loader
+    model: Callable[[Data], nn.Module]
+    batch_size: int | None
+    epochs: int
+    loss: str
+    augment: bool = False
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    penalty: Callable[[nn.Module], Tensor] | None = None
+    hparam_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def test_metric(self) -> str:
+        """``"test_error"`` for autoencoders (lower is better), else ``"test_accuracy"``."""
+        return "test_error" if self.family == "autoencoder" else "test_accuracy"
+
+    def resolve_options(self, given: Mapping[str, str]) -> dict[str, str]:
+        """Defaults filled in; unknown options or values raise ``ValueError`` naming them."""
+        for key, value in given.items():
+            if key not in self.options:
+                known = ", ".join(self.options) or "none"
+                raise ValueError(f"task {self.name} has no option {key!r} (options: {known})")
+            if value not in self.options[key]:
+                raise ValueError(
+                    f"task {self.name}: option {key} must be one of {self.options[key]}, "
+                    f"got {value!r}"
+                )
+        return {key: given.get(key, values[0]) for key, values in self.options.items()}
+
+
+def _require(path: Path, task: str, what: str) -> Path:
+    """``path`` if it exists (the loaders then look for their files in it and its subfolders),
+    else a DataError saying how to point the benchmark at the data."""
+    if not path.exists():
+        raise DataError(
+            f"task {task} needs {what} under {path}, which does not exist; pass --data-dir DIR "
+            f"(or set ${DATA_ENV}) to a folder that holds it"
+        )
+    return path
+
+
+def _subset(split: Split, n: int | None) -> Split:
+    """The first ``n`` training and test examples (smoke tests on big data)."""
+    if n is None:
+        return split
+    return dataclasses.replace(
+        split,
+        x_train=split.x_train[:n],
+        y_train=None if split.y_train is None else split.y_train[:n],
+        x_test=split.x_test[:n],
+        y_test=None if split.y_test is None else split.y_test[:n],
+    )
+
+
+def _load_mnist(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    return _subset(load_mnist(_require(data_dir, "mnist-ae", "the MNIST files")), subset)
+
+
+def _load_curves(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    # The folders load_curves_mat searches; without the file, the generated stand-in.
+    for folder in (data_dir, data_dir / "curves", data_dir / "CURVES"):
+        if (folder / "digs3pts_1.mat").is_file():
+            return _subset(load_curves_mat(folder / "digs3pts_1.mat"), subset)
+    if subset is None:
+        return make_curves()
+    return make_curves(n_train=subset, n_test=subset)
+
+
+def _load_faces(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    folder = _require(data_dir, "faces-ae", "newfaces_rot_single.mat")
+    return _subset(load_faces_mat(folder), subset)
+
+
+def _load_digits(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    return _subset(load_digits(seed=0), subset)
+
+
+def _cifar_loader(num_classes: int) -> Loader:
+    def load(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+        source = _require(data_dir, f"CIFAR-{num_classes}", f"the CIFAR-{num_classes} files")
+        return _subset(load_cifar(source, num_classes=num_classes), subset)
+
+    return load
+
+
+def _load_planetoid(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    name = options["dataset"]
+    return load_planetoid(_require(data_dir, "planetoid-gcn", f"the {name} files"), name=name)
+
+
+def _ae(sizes: tuple[int, ...] | list[int]) -> Callable[[Data], nn.Module]:
+    return lambda data: autoencoder(sizes)
+
+
+#: Kipf & Welling's weight decay: 5e-4 * l2_loss(W1), with TensorFlow's l2_loss = sum(w^2) / 2,
+#: on the first layer only, added to the loss in their code (gcn/models.py).
+GCN_WEIGHT_DECAY = 5e-4
+
+
+def _gcn_penalty(model: nn.Module) -> Tensor:
+    weight = model.get_parameter("layer1.weight")
+    return GCN_WEIGHT_DECAY * 0.5 * weight.pow(2).sum()
+
+
+def _gcn(data: Data) -> nn.Module:
+    assert isinstance(data, Graph)
+    return GCN(data.features.shape[1], hidden=16, num_classes=data.num_classes, dropout=0.5)
+
+
+_CIFAR_SCHEDULE = (0.5, 0.75)
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in [
+        Task(
+            "mnist-ae", "autoencoder", "MNIST autoencoder 784-1000-500-250-30-... (paper)",
+            "MNIST (mnist_hinton_mat/ or IDX files)", _load_mnist, _ae(MNIST_AE_SIZES),
+            batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
+        ),
+        Task(
+            "curves-ae", "autoencoder", "CURVES autoencoder 784-400-200-100-50-25-6-... (paper)",
+            "digs3pts_1.mat if present, else generated curves", _load_curves,
+            _ae(CURVES_AE_SIZES), batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
+        ),
+        Task(
+            "faces-ae", "autoencoder", "FACES autoencoder 625-2000-1000-500-30-... (paper)",
+            "newfaces_rot_single.mat", _load_faces, _ae(FACES_AE_SIZES),
+            batch_size=1000, epochs=100, loss="half_squared_error",
+        ),
+        Task(
+            "digits-ae", "autoencoder",
+            "8x8 digits autoencoder 64-128-64-16-... (CPU-sized, data shipped)",
+            "scikit-learn digits (shipped)", _load_digits, _ae(DIGITS_AE_SIZES),
+            batch_size=100, epochs=30, loss="sigmoid_cross_entropy",
+        ),
+        Task(
+            "cifar10-resnet32", "cnn", "CIFAR-10 ResNet-32 (paper)", "CIFAR-10",
+            _cifar_loader(10), lambda data: resnet_cifar(32, num_classes=10),
+            batch_size=128, epochs=200, loss="cross_entropy", augment=True,
+            lr_milestones=_CIFAR_SCHEDULE,
+        ),
+        Task(
+            "cifar100-vgg16", "cnn", "CIFAR-100 VGG-16-BN, FC 512-4096-4096 (paper)",
+            "CIFAR-100", _cifar_loader(100), lambda data: vgg16_bn(num_classes=100),
+            batch_size=128, epochs=200, loss="cross_entropy", augment=True,
+            lr_milestones=_CIFAR_SCHEDULE,
+        ),
+        Task(
+            "cifar10-resnet8", "cnn", "CIFAR-10 ResNet-8, one block per stage (CPU-sized)",
+            "CIFAR-10", _cifar_loader(10), lambda data: resnet_cifar(8, num_classes=10),
+            batch_size=128, epochs=20, loss="cross_entropy", augment=True,
+            lr_milestones=_CIFAR_SCHEDULE,
+        ),
+        Task(
+            "cifar10-vgg16-small", "cnn", "CIFAR-10 VGG-16-BN at 1/8 width, FC 128-128 (CPU-sized)",
+            "CIFAR-10", _cifar_loader(10),
+            lambda data: vgg16_bn(num_classes=10, fc=(128, 128), width_mult=0.125),
+            batch_size=128, epochs=20, loss="cross_entropy", augment=True,
+            lr_milestones=_CIFAR_SCHEDULE,
+        ),
+        Task(
+            "planetoid-gcn", "gcn", "2-layer GCN, Kipf & Welling setup (hidden 16, dropout 0.5)",
+            "Planetoid ind.<dataset>.* files", _load_planetoid, _gcn,
+            batch_size=None, epochs=200, loss="cross_entropy",
+            options={"dataset": ("cora", "citeseer", "pubmed")},
+            penalty=_gcn_penalty, hparam_defaults={"weight_decay": 0.0},
+        ),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; ``KeyError`` with the list of tasks otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(
+    name: str, data_dir: str, options: tuple[tuple[str, str], ...], subset: int | None
+) -> Data:
+    return TASKS[name].loader(Path(data_dir), dict(options), subset)
+
+
+def load_data(
+    task: Task,
+    data_dir: Path | None = None,
+    options: Mapping[str, str] | None = None,
+    subset: int | None = None,
+) -> Data:
+    """The task's data (cached per process, so several runs share one copy).
+
+    Raises:
+        DataError: the files are missing or unreadable (the message names the remedy).
+    """
+    resolved = task.resolve_options(options or {})
+    directory = str(data_dir if data_dir is not None else default_data_dir())
+    return _load_cached(task.name, directory, tuple(sorted(resolved.items())), subset)
+
+
+def _augmenter(split: Split) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """Random crop (pad 4) and flip, padding with black like torchvision's RandomCrop on the
+    raw images of the reference setup (the data are already normalized)."""
+    return functools.partial(augment_cifar, fill=black_level(split.num_classes or 10))
+
+
+def make_problem(
+    task: Task,
+    data: Data,
+    *,
+    seed: int,
+    device: torch.device,
+    batch_size: int | None = None,
+    holdout: float | None = None,
+) -> Problem:
+    """The :mod:`mbf_bench.problems` object for one run of ``task`` on ``data``."""
+    if isinstance(data, Graph):
+        if holdout is not None:
+            return GraphProblem(
+                data.features, data.adjacency, data.labels, data.train_mask, data.val_mask,
+                device=device, eval_prefix="val", penalty=task.penalty,
+            )
+        return GraphProblem(
+            data.features, data.adjacency, data.labels, data.train_mask, data.test_mask,
+            device=device, penalty=task.penalty,
+        )
+    size = batch_size or task.batch_size
+    assert size is not None
+    labelled = task.family != "autoencoder"  # autoencoders ignore labels (digits has them)
+    return MinibatchProblem(
+        data.x_train, data.y_train if labelled else None,
+        data.x_test, data.y_test if labelled else None,
+        loss=task.loss, batch_size=size, seed=seed, device=device,
+        augment=_augmenter(data) if task.augment else None, holdout=holdout,
+    )

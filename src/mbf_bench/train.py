@@ -1,0 +1,536 @@
+"""One benchmark run: (task, optimizer, seed, hyperparameters, budget) -> metrics on disk.
+
+Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
+
+- ``config.json``: everything needed to rerun (task, optimizer, merged hyperparameters, seed,
+  budget, data directory, versions, a ``rerun`` command line) and ``status`` (``running``,
+  ``finished``, ``diverged``, ``failed``, ``interrupted``).
+- ``metrics.jsonl``: one JSON object a line. Every line has ``step``, ``epoch`` (steps done /
+  steps per epoch, a float), ``seconds`` (training time: the sum of step times, evaluation and
+  checkpointing excluded) and ``train_loss`` (that step's minibatch loss). Evaluation lines, after
+  each epoch and at the end, add ``lr`` and ``test_loss`` plus ``test_accuracy`` (classification)
+  or ``test_error`` (autoencoders), and their ``train_loss`` is the mean of the minibatch losses
+  since the previous evaluation. A diverged run ends with a line whose ``train_loss`` is null and
+  ``status`` is ``"diverged"``.
+- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically every
+  ``checkpoint_every`` seconds and at the end; ``resume=True`` continues from it. Because the data
+  order is a function of (seed, epoch), a resumed run repeats exactly what the uninterrupted run
+  would have done (bitwise on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from tqdm import tqdm
+
+from mbf_bench.data import DataError
+from mbf_bench.optimizers import OPTIMIZERS, build_optimizer, defaults_for
+from mbf_bench.settings import format_value, parse_value
+from mbf_bench.problems import Problem
+from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_problem
+
+__all__ = [
+    "ResumeError",
+    "RunResult",
+    "RunSpec",
+    "resolve_hparams",
+    "run",
+    "run_directory",
+    "run_many",
+    "validate",
+]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+# Settings that define a run's trajectory: resuming with different ones would not continue it.
+_TRAJECTORY_KEYS = (
+    "task", "optimizer", "seed", "hparams", "batch_size", "subset", "holdout", "task_options",
+    "lr_milestone_epochs",
+)
+
+
+class ResumeError(ValueError):
+    """A run directory cannot be resumed (other settings, or an unreadable checkpoint)."""
+
+
+@dataclass
+class RunSpec:
+    """What to run. ``hparams`` are overrides on top of the optimizer's defaults for the task's
+    family; without ``epochs``, ``budget_seconds`` and ``max_steps`` a run lasts the task's
+    default number of epochs. ``checkpoint_every`` is in wall-clock seconds (0: every step);
+    ``checkpoint_every_steps``, when set, checkpoints every that many steps instead."""
+
+    task: str
+    optimizer: str
+    seed: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    budget_seconds: float | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    subset: int | None = None
+    holdout: float | None = None
+    task_options: dict[str, str] = field(default_factory=dict)
+    data_dir: str | None = None
+    device: str = "cpu"
+    checkpoint_every: float = 120.0
+    checkpoint_every_steps: int | None = None
+
+
+@dataclass
+class RunResult:
+    """How a run ended, and its last evaluation (empty if it never evaluated)."""
+
+    spec: RunSpec
+    directory: Path
+    status: str
+    steps: int = 0
+    seconds: float = 0.0
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class _Position:
+    """Where a run stands; saved in checkpoints."""
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_eval_step: int = -1
+    metrics_bytes: int = 0
+
+
+def run_directory(out: Path, spec: RunSpec) -> Path:
+    """``out/<task>/<optimizer>/<seed>``."""
+    return Path(out) / spec.task / spec.optimizer / str(spec.seed)
+
+
+def resolve_hparams(optimizer: str, task: Task, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's defaults for the task's family, then the settings the task fixes
+    (:attr:`Task.hparam_defaults`, where the optimizer has them), then ``overrides``.
+
+    Raises:
+        ValueError: unknown optimizer, or an override the optimizer does not take.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; optimizers: {', '.join(OPTIMIZERS)}")
+    merged = dict(defaults_for(optimizer, task.family))
+    merged.update({k: v for k, v in task.hparam_defaults.items() if k in merged})
+    known = set(merged) | set(OPTIMIZERS[optimizer].defaults)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"optimizer {optimizer} has no hyperparameter {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(sorted(known))})"
+        )
+    merged.update(overrides)
+    return merged
+
+
+def validate(spec: RunSpec) -> Task:
+    """Check names, options and numbers of ``spec`` before any work; ``ValueError`` if bad."""
+    try:
+        task = get_task(spec.task)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from None
+    task.resolve_options(spec.task_options)
+    resolve_hparams(spec.optimizer, task, spec.hparams)
+    if spec.seed < 0:
+        raise ValueError(f"seeds must be non-negative, got {spec.seed}")
+    for name in ("epochs", "max_steps", "batch_size", "subset", "checkpoint_every_steps"):
+        value = getattr(spec, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if spec.budget_seconds is not None and spec.budget_seconds <= 0:
+        raise ValueError(f"budget_seconds must be positive, got {spec.budget_seconds}")
+    _device(spec.device)
+    return task
+
+
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available to this PyTorch; use cpu")
+    return device
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: non-finite floats become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file and ``os.replace`` so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def versions() -> dict[str, str]:
+    """Versions of what a run's numbers depend on."""
+    import numpy
+
+    import mbf
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "mbf": getattr(mbf, "__version__", "unknown"),
+        "platform": platform.platform(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def rerun_command(spec: RunSpec, out: Path, hparams: dict[str, Any]) -> str:
+    """A command line that reproduces the run (all merged hyperparameters spelled out)."""
+    parts = ["mbf-bench", "run", "--task", spec.task, "--optimizers", spec.optimizer,
+             "--seeds", str(spec.seed), "--out", str(out), "--device", spec.device]
+    for flag, value in (("--epochs", spec.epochs), ("--budget-seconds", spec.budget_seconds),
+                        ("--max-steps", spec.max_steps), ("--batch-size", spec.batch_size),
+                        ("--subset", spec.subset), ("--holdout", spec.holdout),
+                        ("--data-dir", spec.data_dir)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for key, value in spec.task_options.items():
+        parts += [f"--{key}", value]
+    for key, value in hparams.items():
+        text = value if isinstance(value, str) and parse_value(value) == value else None
+        parts += ["--set", f"{key}={text or format_value(value)}"]
+    return shlex.join(parts)
+
+
+def _milestones(task: Task, spec: RunSpec) -> list[int]:
+    planned = spec.epochs or task.epochs
+    return [max(1, round(f * planned)) for f in task.lr_milestones]
+
+
+def _stopped(spec: RunSpec, task: Task, pos: _Position) -> bool:
+    if spec.max_steps is not None and pos.step >= spec.max_steps:
+        return True
+    if spec.budget_seconds is not None and pos.seconds >= spec.budget_seconds:
+        return True
+    epochs = spec.epochs
+    if epochs is None and spec.budget_seconds is None and spec.max_steps is None:
+        epochs = task.epochs
+    return epochs is not None and pos.epoch >= epochs
+
+
+def _check_resumable(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+    try:
+        saved: dict[str, Any] = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise ResumeError(f"cannot resume {directory}: {CONFIG} unreadable ({error})") from None
+    for key in _TRAJECTORY_KEYS:
+        if saved.get(key) != config[key]:
+            raise ResumeError(
+                f"cannot resume {directory}: it was started with {key}={saved.get(key)!r}, "
+                f"now {config[key]!r}; use another --out or drop --resume to start over"
+            )
+    return saved
+
+
+class _Progress:
+    """A tqdm bar on stderr counting steps (epoch budgets) or training seconds (time budgets)."""
+
+    def __init__(self, spec: RunSpec, task: Task, steps_per_epoch: int, pos: _Position,
+                 enabled: bool) -> None:
+        epochs = spec.epochs or (None if spec.budget_seconds or spec.max_steps else task.epochs)
+        totals = [t for t in (spec.max_steps, epochs and epochs * steps_per_epoch) if t]
+        self.by_steps = bool(totals) or spec.budget_seconds is None
+        total = min(totals) if totals else spec.budget_seconds
+        initial: float = pos.step if self.by_steps else pos.seconds
+        self.bar = tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
+                        desc=f"{spec.task}/{spec.optimizer}/{spec.seed}", dynamic_ncols=True,
+                        unit="step" if self.by_steps else "s")
+
+    def update(self, seconds: float, loss: float) -> None:
+        self.bar.update(1 if self.by_steps else seconds)
+        self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(
+    spec: RunSpec,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Train one run to its budget, writing metrics, config and checkpoints under ``out``.
+
+    Args:
+        spec: what to run.
+        out: root of the results; the run lives in :func:`run_directory`.
+        resume: continue from the run's checkpoint when there is one (else start afresh).
+            Without it an existing run directory is started over.
+        progress: show a progress bar on stderr.
+        on_step: called with the step number after each step's bookkeeping (tests use it to
+            interrupt a run).
+
+    Returns:
+        The run's status (``finished`` or ``diverged``) and last evaluation.
+
+    Raises:
+        DataError: the task's data is missing or unreadable.
+        ValueError: bad settings.
+        ResumeError: a resume whose settings differ from the saved run's, or a bad checkpoint.
+    """
+    task = validate(spec)
+    device = _device(spec.device)
+    hparams = resolve_hparams(spec.optimizer, task, spec.hparams)
+    directory = run_directory(out, spec)
+    data_dir = Path(spec.data_dir) if spec.data_dir is not None else default_data_dir()
+    data = load_data(task, data_dir, spec.task_options, spec.subset)
+    problem = make_problem(task, data, seed=spec.seed, device=device,
+                           batch_size=spec.batch_size, holdout=spec.holdout)
+    milestones = _milestones(task, spec)
+
+    torch.manual_seed(spec.seed)
+    model = task.model(data).to(device)
+    optimizer = build_optimizer(spec.optimizer, model, hparams)
+    # Before any restore: a checkpoint holds the scheduled (decayed) rates, not the base ones.
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    config: dict[str, Any] = {
+        **dataclasses.asdict(spec),
+        "hparams": hparams,
+        "hparam_overrides": spec.hparams,
+        "task_options": task.resolve_options(spec.task_options),
+        "data_dir": str(data_dir),
+        "family": task.family,
+        "loss": task.loss,
+        "test_metric": task.test_metric.replace("test", problem.eval_prefix),
+        "batch_size": spec.batch_size or task.batch_size,
+        "steps_per_epoch": problem.steps_per_epoch,
+        "lr_milestone_epochs": milestones,
+        "lr_gamma": task.lr_gamma,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "versions": versions(),
+        "rerun": rerun_command(spec, out, hparams),
+        "status": "running",
+    }
+    pos = _Position()
+    metrics_path, checkpoint_path = directory / METRICS, directory / CHECKPOINT
+    if resume and checkpoint_path.exists():
+        saved = _check_resumable(directory, config)
+        if saved.get("status") == "diverged":
+            return RunResult(spec, directory, "diverged", error="diverged before; not resumed")
+        pos = _restore(checkpoint_path, model, optimizer)
+        if not metrics_path.exists() or metrics_path.stat().st_size < pos.metrics_bytes:
+            raise ResumeError(f"cannot resume {directory}: {METRICS} is missing or shorter than "
+                              "its checkpoint says; drop --resume to start over")
+        with open(metrics_path, "r+b") as handle:
+            handle.truncate(pos.metrics_bytes)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+        checkpoint_path.unlink(missing_ok=True)
+    _write_json(directory / CONFIG, config)
+
+    bar = _Progress(spec, task, problem.steps_per_epoch, pos, progress)
+    try:
+        with open(metrics_path, "a") as metrics:
+            loop = _Loop(spec, task, problem, model, optimizer, base_lrs, pos, metrics,
+                         checkpoint_path)
+            status, last_eval = loop.train(bar, on_step)
+    except Exception as error:
+        config.update(status="failed", error=f"{type(error).__name__}: {error}")
+        raise
+    except BaseException:
+        config.update(status="interrupted")
+        raise
+    else:
+        config.update(status=status, steps=pos.step, seconds=pos.seconds)
+    finally:
+        bar.close()
+        _write_json(directory / CONFIG, config)
+    return RunResult(spec, directory, status, pos.step, pos.seconds, last_eval)
+
+
+class _Loop:
+    """The training loop of one run, writing to its open metrics file."""
+
+    def __init__(self, spec: RunSpec, task: Task, problem: Problem, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, base_lrs: list[float], pos: _Position,
+                 metrics: IO[str], checkpoint_path: Path) -> None:
+        self.spec, self.task, self.problem = spec, task, problem
+        self.model, self.optimizer, self.pos = model, optimizer, pos
+        self.metrics, self.checkpoint_path = metrics, checkpoint_path
+        self.milestones = _milestones(task, spec)
+        self.base_lrs = base_lrs
+
+    def write(self, line: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps({k: _finite(v) for k, v in line.items()}) + "\n")
+        self.metrics.flush()
+
+    def evaluate(self) -> dict[str, Any]:
+        """Write an evaluation line; its train_loss is the mean since the last evaluation."""
+        pos = self.pos
+        line: dict[str, Any] = {
+            "step": pos.step,
+            "epoch": pos.epoch + pos.index / self.problem.steps_per_epoch,
+            "seconds": pos.seconds,
+            "train_loss": pos.loss_sum / max(pos.loss_count, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **self.problem.evaluate(self.model),
+        }
+        self.write(line)
+        pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
+        return line
+
+    def previous_eval(self) -> dict[str, Any]:
+        """The last evaluation line already written (a resumed run), else {}."""
+        self.metrics.flush()
+        path = self.checkpoint_path.with_name(METRICS)
+        for text in reversed(path.read_text().splitlines()):
+            line: dict[str, Any] = json.loads(text)
+            if any(k.endswith("_loss") and k != "train_loss" for k in line):
+                return line
+        return {}
+
+    def checkpoint(self) -> None:
+        self.pos.metrics_bytes = self.metrics.tell()
+        _save(self.checkpoint_path, self.model, self.optimizer, self.pos)
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step at the current position; returns (loss, seconds it took)."""
+        pos = self.pos
+        factor = self.task.lr_gamma ** sum(pos.epoch >= m for m in self.milestones)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        start = time.perf_counter()
+        batch = self.problem.batch(pos.epoch, pos.index)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.problem.loss(self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        value = float(loss.detach())  # waits for the step's kernels on an accelerator
+        elapsed = time.perf_counter() - start
+        pos.seconds += elapsed
+        pos.step += 1
+        pos.index += 1
+        return value, elapsed
+
+    def train(self, bar: _Progress,
+              on_step: Callable[[int], None] | None) -> tuple[str, dict[str, Any]]:
+        """Step until the budget is spent or the loss turns non-finite."""
+        spec, pos = self.spec, self.pos
+        last_eval = self.previous_eval()
+        last_checkpoint = time.monotonic()
+        while not _stopped(spec, self.task, pos):
+            value, elapsed = self.step()
+            line = {"step": pos.step, "epoch": pos.epoch + pos.index / self.problem.steps_per_epoch,
+                    "seconds": pos.seconds, "train_loss": value}
+            if not math.isfinite(value):
+                self.write({**line, "train_loss": None, "status": "diverged"})
+                return "diverged", last_eval
+            self.write(line)
+            pos.loss_sum += value
+            pos.loss_count += 1
+            if pos.index == self.problem.steps_per_epoch:
+                pos.epoch, pos.index = pos.epoch + 1, 0
+            bar.update(elapsed, value)
+            stopping = _stopped(spec, self.task, pos)
+            if pos.index == 0 or stopping:
+                last_eval = self.evaluate()
+            due = (
+                pos.step % spec.checkpoint_every_steps == 0
+                if spec.checkpoint_every_steps
+                else time.monotonic() - last_checkpoint >= spec.checkpoint_every
+            )
+            if due or stopping:
+                self.checkpoint()
+                last_checkpoint = time.monotonic()
+            if on_step is not None:
+                on_step(pos.step)
+        if pos.last_eval_step != pos.step:  # resumed a run that had stopped before evaluating
+            last_eval = self.evaluate()
+            self.checkpoint()
+        return "finished", last_eval
+
+
+def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          pos: _Position) -> None:
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    payload = {
+        "format": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+        "position": dataclasses.asdict(pos),
+    }
+    _write_atomic(path, lambda p: torch.save(payload, p))
+
+
+def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Position:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        if "cuda" in payload["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        return _Position(**payload["position"])
+    except Exception as error:
+        raise ResumeError(
+            f"cannot resume from {path}: {type(error).__name__}: {error}; "
+            "delete the run directory (or drop --resume) to start over"
+        ) from None
+
+
+def run_many(
+    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, progress: bool = True
+) -> list[RunResult]:
+    """Run each spec in turn. A diverged or crashed run is recorded and the others go on;
+    missing data (:class:`DataError`) or a run that cannot be resumed (:class:`ResumeError`)
+    stops everything with its message, since they need the user's attention."""
+    results = []
+    for spec in specs:
+        try:
+            result = run(spec, out, resume=resume, progress=progress)
+        except (DataError, ResumeError):
+            raise
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            result = RunResult(spec, run_directory(out, spec), "failed",
+                               error=f"{type(error).__name__}: {error}")
+        if result.status != "finished":
+            print(f"{spec.task}/{spec.optimizer}/seed {spec.seed}: {result.status}"
+                  + (f" ({result.error})" if result.error else ""), file=sys.stderr)
+        results.append(result)
+    return results
