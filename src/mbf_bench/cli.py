@@ -18,6 +18,7 @@ __all__ = ["main", "overrides_for"]
 _DELEGATED = {
     "theory": ("mbf_bench.theory", "numerical check of the idealized method's linear convergence"),
     "curvature": ("mbf_bench.curvature_picture", "pictures of the curvature approximations"),
+    "speed": ("mbf_bench.speed", "cost of a training step with each optimizer, side by side"),
 }
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import tomllib
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import torch
 
 from mbf_bench import cli
