@@ -126,13 +126,36 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
     return result
 
 
+def collectives(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
+    """Median seconds of gloo's all_reduce, all_gather and reduce_scatter, same output size."""
+    n = args.collectives * 2**20 // 4 // world * world  # float32 entries of the output
+    full, part = torch.ones(n), torch.ones(n // world)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    ops = {
+        "all_reduce": lambda: dist.all_reduce(full),
+        "all_gather": lambda: gather(full, part),
+        "reduce_scatter": lambda: scatter(part, full),
+    }
+    result = {}
+    for name, op in ops.items():
+        samples = []
+        for _ in range(args.repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            op()
+            samples.append(time.perf_counter() - start)
+        result[name] = statistics.median(samples)
+    return result
+
+
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="MBF: per-example statistics serve")
     timeout = datetime.timedelta(seconds=300)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    result = measure(args, rank, world)
+    result = collectives(args, rank, world) if args.collectives else measure(args, rank, world)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -171,9 +194,22 @@ def main() -> None:
         action="store_true",
         help="use all_gather / reduce_scatter (MBF's choice on NCCL) instead of gloo's all-reduces",
     )
+    parser.add_argument(
+        "--collectives",
+        type=int,
+        metavar="MIB",
+        help="instead: time gloo's all_reduce / all_gather / reduce_scatter of MIB MiB outputs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="MBF: per-example statistics serve")
+    if args.collectives:
+        times = run_world(args)[0]
+        print(f"| gloo, {args.world} ranks, {args.collectives} MiB output | seconds (median) |")
+        print("|---|---|")
+        for name, seconds in times.items():
+            print(f"| {name} | {seconds:.3f} |")
+        return
     one = measure(args, 0, 1)
     ranks = run_world(args)
     many = ranks[0]
