@@ -135,10 +135,10 @@ def test_plan_splits_every_bucket_evenly_and_rotates_spares() -> None:
             counts = [hi - lo for lo, hi in ranges]
             assert max(counts) - min(counts) <= 1
         costs = plan_costs(plan, block_sizes)
-        for kind in ("factor", "solve"):
+        for kind in ("inversion", "solve"):
             per_rank = [c[kind] for c in costs]
             # Within one block of every bucket of the ideal share, for both kinds of cost.
-            slack = sum(s**3 if kind == "factor" else 2 * s**2 for s in block_sizes)
+            slack = sum(s**3 if kind == "inversion" else 2 * s**2 for s in block_sizes)
             assert max(per_rank) - min(per_rank) <= slack
             assert max(per_rank) <= 1.02 * sum(per_rank) / world
     # Single blocks of successive buckets go to successive ranks.

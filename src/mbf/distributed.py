@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ShardedMBF", "plan_costs", "resolve_group", "shard_plan"]
 
-#: ``FactorReport`` fields summed over ranks after a sharded factorization, in this order.
+#: ``FactorReport`` fields summed over ranks after a sharded inversion, in this order.
 _REPORT_FIELDS = ("blocks", "retried", "fallback", "nonfinite")
 
 
@@ -59,8 +59,9 @@ def resolve_group(process_group: Any, model: nn.Module | None) -> Any | None:
 
     ``process_group=None`` (the default) means: the group of a ``DistributedDataParallel`` model,
     else the default group, when ``torch.distributed`` is initialized with more than one rank.
-    ``False`` forces a single-process optimizer (e.g. independent runs launched together). An
-    explicit group is used as given.
+    ``True`` is the same but insists on an initialized ``torch.distributed``. ``False`` forces a
+    single-process optimizer (e.g. independent runs launched together). An explicit group is
+    used as given.
     """
     if process_group is False:
         return None
@@ -125,10 +126,10 @@ def plan_costs(
 ) -> list[dict[str, float]]:
     """Per rank: inversion (Cholesky + inverse, ``blocks * s^3``) and solve (``2 B s^2``) flops."""
     world = len(plan[0]) if plan else 1
-    costs = [{"factor": 0.0, "solve": 0.0, "blocks": 0.0} for _ in range(world)]
+    costs = [{"inversion": 0.0, "solve": 0.0, "blocks": 0.0} for _ in range(world)]
     for ranges, s in zip(plan, block_sizes, strict=True):
         for rank, (lo, hi) in enumerate(ranges):
-            costs[rank]["factor"] += (hi - lo) * s**3
+            costs[rank]["inversion"] += (hi - lo) * s**3
             costs[rank]["solve"] += 2 * (hi - lo) * s**2
             costs[rank]["blocks"] += hi - lo
     return costs

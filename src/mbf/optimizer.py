@@ -129,7 +129,8 @@ class MBF(torch.optim.Optimizer):
         process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work is then
-            sharded over the ranks and per-example statistics summed over them. ``False``: a
+            sharded over the ranks and per-example statistics summed over them. ``True``: the
+            same, but an error when ``torch.distributed`` is not initialized. ``False``: a
             single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
