@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The speed table on a CUDA GPU, sized to finish within five minutes. Usage (repository root):
+#   bash benchmarks/gpu.sh [OUT_JSON]
+# Installs the project into the current Python if mbf_bench is not importable (CUDA torch assumed
+# present), prints the card's name, then the table of `mbf-bench speed --device cuda`.
+set -euo pipefail
+out=${1:-speed-gpu.json}
+python -c "import mbf_bench" 2>/dev/null || python -m pip install -q --no-deps -e .
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
+timeout 290 python -m mbf_bench.cli speed --device cuda \
+  --tasks mnist-ae,cifar10-resnet32,cifar100-vgg16,planetoid-gcn \
+  --optimizers sgdm,adam,mbf,mbf-per_example,kfac,shampoo --repeats 5 --warmup 3 --json "$out"
