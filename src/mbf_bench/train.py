@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from mbf_bench.data import DataError
 from mbf_bench.optimizers import OPTIMIZERS, build_optimizer, defaults_for
-from mbf_bench.settings import format_value, parse_value
 from mbf_bench.problems import Problem
+from mbf_bench.settings import format_value, parse_value
 from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_problem
 
 __all__ = [

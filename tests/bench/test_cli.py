@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import tomllib
 import types
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,11 @@ from mbf_bench.settings import (
 )
 from mbf_bench.tasks import TASKS
 from mbf_bench.tune import log13_grid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser from PyPI
+    import tomli as tomllib
 
 
 def run_dir(out: Path, optimizer: str, seed: int = 0, task: str = "digits-ae") -> Path:
