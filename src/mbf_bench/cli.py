@@ -33,12 +33,12 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def _add_budget(parser: argparse.ArgumentParser) -> None:
+def _add_budget(parser: argparse.ArgumentParser, default_epochs: str) -> None:
     parser.add_argument("--budget-seconds", type=float, metavar="S",
                         help="stop after S seconds of training time (evaluation excluded)")
     parser.add_argument("--epochs", type=int, metavar="E",
-                        help="stop after E epochs (default: the task's; with --budget-seconds, "
-                             "whichever comes first)")
+                        help=f"stop after E epochs (default: {default_epochs}; with "
+                             "--budget-seconds, whichever comes first)")
     parser.add_argument("--max-steps", type=int, metavar="N",
                         help="stop after N optimizer steps (smoke tests)")
 
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizers", type=_csv, required=True, metavar="A,B",
                      help="comma-separated optimizer names")
     run.add_argument("--seeds", type=_seeds, default=[0], metavar="0,1", help="default 0")
-    _add_budget(run)
+    _add_budget(run, "the task's")
     run.add_argument("--out", type=Path, default=Path("runs"), help="results folder (runs)")
     run.add_argument("--resume", action="store_true",
                      help="continue runs from their last checkpoint")
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="values to try (default: the 1-3 log grid around the defaults of lr "
                            "and damping, one decade each way)")
     tune.add_argument("--seed", type=int, default=0)
-    _add_budget(tune)
+    _add_budget(tune, "a tenth of the task's epochs per grid point")
     tune.add_argument("--holdout", type=float, default=0.1, metavar="F",
                       help="fraction of the training set held out for validation (0.1)")
     tune.add_argument("--out", type=Path, metavar="FILE",

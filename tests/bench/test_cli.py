@@ -22,7 +22,7 @@ from mbf_bench.settings import (
     parse_value,
 )
 from mbf_bench.tasks import TASKS
-from mbf_bench.tune import log13_grid
+from mbf_bench.tune import default_grid, log13_grid
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +77,17 @@ def test_log13_grid() -> None:
     assert log13_grid(1e-3) == pytest.approx([1e-4, 3e-4, 1e-3, 3e-3, 1e-2])
     assert log13_grid(0.05) == pytest.approx([0.01, 0.03, 0.1, 0.3])
     assert log13_grid(0.3) == pytest.approx([0.03, 0.1, 0.3, 1.0, 3.0])
+
+
+def test_default_grid_spans_a_decade_around_the_defaults() -> None:
+    task = TASKS["digits-ae"]
+    grid = default_grid("mbf", task)
+    assert set(grid) == {"lr", "damping"}
+    for key, values in grid.items():
+        center = defaults_for("mbf", "autoencoder")[key]
+        assert all(center / 10 * 0.999 <= v <= center * 10 * 1.001 for v in values)
+        assert len(values) >= 4
+    assert set(default_grid("sgdm", task)) == {"lr"}
 
 
 def test_overrides_for_config_table_then_set_then_per_optimizer() -> None:
