@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
 from .linalg import damped_inverse, solve_blocks
@@ -57,6 +58,7 @@ class _Bucket:
     fisher: Tensor
     inverse: Tensor
     factored: bool = False
+    sharded: bool = False  # curvature only partly valid on this rank (see mbf.distributed)
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -124,6 +126,12 @@ class MBF(torch.optim.Optimizer):
             ``FloatingPointError`` with the state untouched.
         max_state_bytes: refuse to build when curvature state would exceed this many bytes.
         chunk_elements: per-example gradient entries materialized at once (memory bound).
+        process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
+            ``DistributedDataParallel`` model's group, else the default group, when
+            ``torch.distributed`` is initialized with several ranks; the curvature work is then
+            sharded over the ranks and per-example statistics summed over them. ``True``: the
+            same, but an error when ``torch.distributed`` is not initialized. ``False``: a
+            single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
     def __init__(
@@ -146,6 +154,7 @@ class MBF(torch.optim.Optimizer):
         nonfinite: str = "skip",
         max_state_bytes: int | None = 8 * 2**30,
         chunk_elements: int = 1 << 24,
+        process_group: Any = None,
     ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"MBF: estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -187,6 +196,7 @@ class MBF(torch.optim.Optimizer):
             "nonfinite_blocks": 0,
         }
         self._warned: set[str] = set()
+        self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
         defaults.update(
             stat_every=stat_every,
@@ -202,13 +212,20 @@ class MBF(torch.optim.Optimizer):
         self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
         self._rebuild()
         self._ready = True
+        # Data parallelism (mbf.distributed): None in a single process.
+        self._dist = _distributed.setup(self, process_group, model)
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        engine = getattr(self, "_dist", None)
+        if engine is not None:  # mbf.distributed: rebuild from the full curvature
+            engine.consolidate(self)
         super().add_param_group(param_group)
         if getattr(self, "_ready", False):
             _check_group(self.param_groups[-1])
             self._rebuild()
+            if self._dist is not None:  # mbf.distributed: every rank must add the same group
+                self._dist.check_config(self)
 
     def _rebuild(self) -> None:
         """(Re)build units and buckets; existing curvature of unchanged units is kept."""
@@ -288,6 +305,11 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ introspection
     @property
+    def distributed(self) -> _distributed.ShardedMBF | None:
+        """The data-parallel engine (process group, rank, traffic), or ``None`` in one process."""
+        return self._dist
+
+    @property
     def counters(self) -> dict[str, int]:
         """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
         return dict(self._counters)
@@ -357,20 +379,23 @@ class MBF(torch.optim.Optimizer):
             return unit.pending.div_(unit.pending_count)
         return unit.layout.to_blocks(grads)
 
-    def _update_stats(self, unit: Unit, grads: list[Tensor]) -> bool:
+    def _update_stats(self, unit: Unit, grads: list[Tensor], blocks: slice = slice(None)) -> bool:
+        """Blend this step's estimate into the unit's statistics (``blocks``: only those blocks,
+        as a data-parallel rank does; its per-example ``pending`` then holds just those)."""
         estimate = self._estimate(unit, grads)
         unit.clear_pending()
         if estimate is None:
             return False
+        fisher = unit.fisher[blocks]
         # The first estimate is taken as it is; later ones enter the running average.
         weight = (
             1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
         )
         if estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
-            vectors = estimate.unsqueeze(-1)
-            unit.fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
+            vectors = estimate[blocks].unsqueeze(-1)
+            fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
         else:
-            unit.fisher.lerp_(estimate, weight)
+            fisher.lerp_(estimate, weight)
         unit.stat_updates += 1
         return True
 
@@ -412,19 +437,38 @@ class MBF(torch.optim.Optimizer):
 
         live_ids = {id(u) for u, _ in live}
         refreshed: set[int] = set()
-        for unit, grads in live:
-            if self._is_stat_step(unit) and self._update_stats(unit, grads):
-                refreshed.add(id(unit))
+        if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
+            refreshed = self._dist.update_statistics(self, live)
+        else:
+            for unit, grads in live:
+                if self._is_stat_step(unit) and self._update_stats(unit, grads):
+                    refreshed.add(id(unit))
 
+        if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
+            directions = self._dist.precondition(self, live_ids, refreshed)
+        else:
+            directions = self._precondition(live_ids, refreshed)
+        self._apply(live, directions)
+        self._step_count += 1
+        self._counters["steps"] += 1
+        self._schedule_collection()
+        return loss
+
+    def _factor_due(self, bucket: _Bucket, members: list[Unit], refreshed: set[int]) -> bool:
+        """Whether the bucket is factored this step: on schedule, on first statistics, or never."""
+        due = self._step_count % self.param_groups[bucket.group]["inv_every"] == 0
+        first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
+        return due or first or not bucket.factored
+
+    def _precondition(self, live_ids: set[int], refreshed: set[int]) -> dict[int, list[Tensor]]:
+        """Factor what is due and solve every live unit's blocks; ``{id(unit): [d, ...]}``."""
         directions: dict[int, list[Tensor]] = {}
         for bucket in self._buckets:
             members = [u for u in bucket.units if id(u) in live_ids]
             if not members:
                 continue
             group = self.param_groups[bucket.group]
-            due = self._step_count % group["inv_every"] == 0
-            first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
-            if due or first or not bucket.factored:
+            if self._factor_due(bucket, members, refreshed):
                 self._factor(bucket)
             rhs = bucket.fisher.new_empty(bucket.fisher.shape[:2])
             for u in members:
@@ -439,12 +483,7 @@ class MBF(torch.optim.Optimizer):
                 ]
             for unit, part in zip(members, parts, strict=True):
                 directions[id(unit)] = unit.layout.from_blocks(part)
-
-        self._apply(live, directions)
-        self._step_count += 1
-        self._counters["steps"] += 1
-        self._schedule_collection()
-        return loss
+        return directions
 
     def _momentum_blocks(self, unit: Unit, group: dict[str, Any], out: Tensor) -> None:
         """Update the momentum of the unit's parameters and write it, as blocks, into ``out``."""
@@ -507,7 +546,12 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus curvature (statistics, inverses) and counters."""
+        """The usual optimizer state plus curvature (statistics, inverses) and counters.
+
+        With several ranks, call :meth:`consolidate_state_dict` on every rank first.
+        """
+        if self._dist is not None:  # mbf.distributed: refuse a state dict with others' shares
+            self._dist.check_consolidated(self)
         sd = super().state_dict()
         sd["mbf"] = {
             "version": 1,
@@ -527,6 +571,16 @@ class MBF(torch.optim.Optimizer):
             "factored": [b.factored for b in self._buckets],
         }
         return sd
+
+    def consolidate_state_dict(self) -> None:
+        """Gather every rank's share of the curvature, so that :meth:`state_dict` is complete.
+
+        Data-parallel runs only (a no-op in one process). Every rank must call it, e.g. just
+        before rank 0 saves; the state dict is then the one a single process would have, and
+        loads on any number of ranks (see :mod:`mbf.distributed`).
+        """
+        if self._dist is not None:
+            self._dist.consolidate(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (on any device)."""

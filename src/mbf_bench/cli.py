@@ -18,6 +18,7 @@ __all__ = ["main", "overrides_for"]
 _DELEGATED = {
     "theory": ("mbf_bench.theory", "numerical check of the idealized method's linear convergence"),
     "curvature": ("mbf_bench.curvature_picture", "pictures of the curvature approximations"),
+    "speed": ("mbf_bench.speed", "cost of a training step with each optimizer, side by side"),
 }
 
 
@@ -80,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="checkpoint interval in wall-clock seconds (default 120; 0: every step)")
     run.add_argument("--holdout", type=float, metavar="F",
                      help="evaluate on a held-out fraction F of the training set, not the test set")
+    run.add_argument("--nproc", type=int, default=1, metavar="K",
+                     help="train each run with K local processes (torch.distributed data "
+                          "parallelism through torchrun; see docs/distributed.md)")
 
     report = sub.add_parser("report", help="table and plots of a results folder")
     report.add_argument("dir", type=Path, help="the --out folder of `mbf-bench run`")
@@ -200,10 +204,21 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mbf_bench import parallel
+    from mbf_bench.tasks import get_task
     from mbf_bench.train import run_many
 
     specs = _specs(args, args.optimizers, args.seeds)
-    results = run_many(specs, args.out, resume=args.resume, progress=not args.no_progress)
+    if args.nproc != 1 and not parallel.launched():
+        for spec in specs:
+            parallel.check_supported(spec.optimizer, get_task(spec.task).batch_size is None)
+        return parallel.launch(args.nproc, args.argv)
+    try:
+        results = run_many(specs, args.out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        parallel.shutdown()
+    if not parallel.is_main_process():
+        return 1 if any(r.status == "failed" for r in results) else 0
     for result in results:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.last_eval.items()
                           if k.startswith(("test", "val", "train")) and isinstance(v, float))
@@ -255,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
+    args.argv = argv  # `run --nproc K` relaunches itself with the same arguments
     from mbf_bench.data import DataError
 
     handlers = {"list": _list, "run": _run, "report": _report, "tune": _tune}

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mbf_bench import parallel
 from mbf_bench.data import DataError
 from mbf_bench.optimizers import OPTIMIZERS, build_optimizer, defaults_for
 from mbf_bench.problems import Problem
@@ -310,6 +312,11 @@ def run(
     """
     task = validate(spec)
     device = _device(spec.device)
+    dp = parallel.from_env(device)  # several processes (mbf-bench run --nproc K), else None
+    if dp is not None:
+        parallel.check_supported(spec.optimizer, full_graph=task.batch_size is None)
+        device = dp.device
+    main = dp is None or dp.main  # the process that writes files and evaluates
     hparams = resolve_hparams(spec.optimizer, task, spec.hparams)
     directory = run_directory(out, spec)
     data_dir = Path(spec.data_dir) if spec.data_dir is not None else default_data_dir()
@@ -319,7 +326,8 @@ def run(
     milestones = _milestones(task, spec)
 
     torch.manual_seed(spec.seed)
-    model = task.model(data).to(device)
+    module = task.model(data).to(device)
+    model = module if dp is None else dp.wrap(module)
     optimizer = build_optimizer(spec.optimizer, model, hparams)
     # Before any restore: a checkpoint holds the scheduled (decayed) rates, not the base ones.
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -342,29 +350,36 @@ def run(
         "rerun": rerun_command(spec, out, hparams),
         "status": "running",
     }
+    if dp is not None:
+        config["processes"] = dp.world_size
+        config["rerun"] += f" --nproc {dp.world_size}"
     pos = _Position()
     metrics_path, checkpoint_path = directory / METRICS, directory / CHECKPOINT
     if resume and checkpoint_path.exists():
         saved = _check_resumable(directory, config)
         if saved.get("status") == "diverged":
             return RunResult(spec, directory, "diverged", error="diverged before; not resumed")
-        pos = _restore(checkpoint_path, model, optimizer)
+        pos = _restore(checkpoint_path, module, optimizer)
         if not metrics_path.exists() or metrics_path.stat().st_size < pos.metrics_bytes:
             raise ResumeError(f"cannot resume {directory}: {METRICS} is missing or shorter than "
                               "its checkpoint says; drop --resume to start over")
-        with open(metrics_path, "r+b") as handle:
-            handle.truncate(pos.metrics_bytes)
-    else:
+        if main:
+            with open(metrics_path, "r+b") as handle:
+                handle.truncate(pos.metrics_bytes)
+    elif main:
         directory.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
         checkpoint_path.unlink(missing_ok=True)
-    _write_json(directory / CONFIG, config)
+    if main:
+        _write_json(directory / CONFIG, config)
+    if dp is not None:
+        dp.barrier()
 
-    bar = _Progress(spec, task, problem.steps_per_epoch, pos, progress)
+    bar = _Progress(spec, task, problem.steps_per_epoch, pos, progress and main)
     try:
-        with open(metrics_path, "a") as metrics:
+        with open(metrics_path if main else os.devnull, "a") as metrics:
             loop = _Loop(spec, task, problem, model, optimizer, base_lrs, pos, metrics,
-                         checkpoint_path)
+                         checkpoint_path, dp)
             status, last_eval = loop.train(bar, on_step)
     except Exception as error:
         config.update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -376,7 +391,8 @@ def run(
         config.update(status=status, steps=pos.step, seconds=pos.seconds)
     finally:
         bar.close()
-        _write_json(directory / CONFIG, config)
+        if main:
+            _write_json(directory / CONFIG, config)
     return RunResult(spec, directory, status, pos.step, pos.seconds, last_eval)
 
 
@@ -385,9 +401,14 @@ class _Loop:
 
     def __init__(self, spec: RunSpec, task: Task, problem: Problem, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, base_lrs: list[float], pos: _Position,
-                 metrics: IO[str], checkpoint_path: Path) -> None:
+                 metrics: IO[str], checkpoint_path: Path,
+                 dp: parallel.DataParallel | None = None) -> None:
         self.spec, self.task, self.problem = spec, task, problem
         self.model, self.optimizer, self.pos = model, optimizer, pos
+        # With several processes: ``model`` is the DDP wrapper, ``module`` the model itself.
+        self.dp = dp
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        self.module: torch.nn.Module = inner
         self.metrics, self.checkpoint_path = metrics, checkpoint_path
         self.milestones = _milestones(task, spec)
         self.base_lrs = base_lrs
@@ -399,13 +420,16 @@ class _Loop:
     def evaluate(self) -> dict[str, Any]:
         """Write an evaluation line; its train_loss is the mean since the last evaluation."""
         pos = self.pos
+        if self.dp is not None and not self.dp.main:  # rank 0 evaluates and writes
+            pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
+            return {}
         line: dict[str, Any] = {
             "step": pos.step,
             "epoch": pos.epoch + pos.index / self.problem.steps_per_epoch,
             "seconds": pos.seconds,
             "train_loss": pos.loss_sum / max(pos.loss_count, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            **self.problem.evaluate(self.model),
+            **self.problem.evaluate(self.module),
         }
         self.write(line)
         pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
@@ -413,6 +437,8 @@ class _Loop:
 
     def previous_eval(self) -> dict[str, Any]:
         """The last evaluation line already written (a resumed run), else {}."""
+        if self.dp is not None and not self.dp.main:
+            return {}
         self.metrics.flush()
         path = self.checkpoint_path.with_name(METRICS)
         for text in reversed(path.read_text().splitlines()):
@@ -422,8 +448,14 @@ class _Loop:
         return {}
 
     def checkpoint(self) -> None:
+        if self.dp is not None:  # every rank: gather sharded optimizer state; rank 0 writes
+            consolidate = getattr(self.optimizer, "consolidate_state_dict", None)
+            if consolidate is not None:
+                consolidate()
+            if not self.dp.main:
+                return
         self.pos.metrics_bytes = self.metrics.tell()
-        _save(self.checkpoint_path, self.model, self.optimizer, self.pos)
+        _save(self.checkpoint_path, self.module, self.optimizer, self.pos)
 
     def step(self) -> tuple[float, float]:
         """One optimizer step at the current position; returns (loss, seconds it took)."""
@@ -433,12 +465,16 @@ class _Loop:
             group["lr"] = base * factor
         start = time.perf_counter()
         batch = self.problem.batch(pos.epoch, pos.index)
+        if self.dp is not None:
+            batch, _ = self.dp.shard(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.problem.loss(self.model, batch)
         loss.backward()
         self.optimizer.step()
         value = float(loss.detach())  # waits for the step's kernels on an accelerator
         elapsed = time.perf_counter() - start
+        if self.dp is not None:  # the global mean loss and the slowest rank's time
+            value, elapsed = self.dp.step_summary(value, batch[0].shape[0], elapsed)
         pos.seconds += elapsed
         pos.step += 1
         pos.index += 1
@@ -471,6 +507,8 @@ class _Loop:
                 if spec.checkpoint_every_steps
                 else time.monotonic() - last_checkpoint >= spec.checkpoint_every
             )
+            if self.dp is not None:  # clocks differ between processes: checkpoint together
+                due = self.dp.agree(due)
             if due or stopping:
                 self.checkpoint()
                 last_checkpoint = time.monotonic()

@@ -1,0 +1,319 @@
+"""``mbf-bench speed``: the cost of a training step with each optimizer, side by side.
+
+For every task shape (the paper's models and batch sizes, on random data of the right shape, so no
+dataset is needed) and every optimizer, one process measures, interleaving the optimizers after
+warm-up, the median time of a full training step (forward, backward, optimizer step) in three
+modes: statistics and factorization every step (``t_all``), statistics only (``t_stat``) and
+neither (``t_plain``). The amortized step for statistics every ``a`` and factorization every ``b``
+steps is then ``t_plain + (t_stat - t_plain) / a + (t_all - t_stat) / b``, reported for the
+optimizer's own defaults and for the paper's CNN setting (``a = 10, b = 100``). Measuring the
+phases and amortizing them, rather than timing 100 real steps, keeps a CPU run to minutes.
+First-order optimizers have one mode. Optimizer state is counted from ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import DIGITS_AE_SIZES, GCN, MNIST_AE_SIZES, autoencoder, resnet_cifar, vgg16_bn
+from .optimizers import OPTIMIZERS, build_optimizer, defaults_for
+
+__all__ = ["SHAPES", "SpeedRecord", "main", "measure"]
+
+PAPER_CNN = {"stat_every": 10, "inv_every": 100}
+HUGE = 10**9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A task's model and a batch of random data of the paper's size."""
+
+    family: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], tuple[Any, ...]]
+    loss: Callable[[nn.Module, tuple[Any, ...]], Tensor]
+
+
+def _ae_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
+    (x,) = batch
+    out = model(x)
+    return nn.functional.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
+
+
+def _clf_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _gcn_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
+    x, adjacency, y = batch
+    return nn.functional.cross_entropy(model(x, adjacency)[:140], y[:140])
+
+
+def _ae_batch(dim: int, n: int) -> Callable[[torch.Generator], tuple[Any, ...]]:
+    return lambda g: (torch.rand(n, dim, generator=g),)
+
+
+def _image_batch(classes: int, n: int) -> Callable[[torch.Generator], tuple[Any, ...]]:
+    return lambda g: (
+        torch.randn(n, 3, 32, 32, generator=g),
+        torch.randint(0, classes, (n,), generator=g),
+    )
+
+
+def _graph_batch(g: torch.Generator) -> tuple[Any, ...]:
+    """A Cora-sized random graph: 2708 nodes, 1433 sparse binary features, ~5 edges a node."""
+    nodes, feats = 2708, 1433
+    x = (torch.rand(nodes, feats, generator=g) < 0.013).float()
+    x = x / x.sum(1, keepdim=True).clamp_min(1.0)
+    src = torch.randint(0, nodes, (nodes * 5,), generator=g)
+    dst = torch.randint(0, nodes, (nodes * 5,), generator=g)
+    loops = torch.arange(nodes)
+    idx = torch.stack([torch.cat([src, dst, loops]), torch.cat([dst, src, loops])])
+    adj = torch.sparse_coo_tensor(idx, torch.ones(idx.shape[1]), (nodes, nodes)).coalesce()
+    deg = torch.sparse.sum(adj, 1).to_dense()
+    scale = deg.rsqrt()
+    values = adj.values() * scale[adj.indices()[0]] * scale[adj.indices()[1]]
+    adj = torch.sparse_coo_tensor(adj.indices(), values, adj.shape).coalesce()
+    return x, adj, torch.randint(0, 7, (nodes,), generator=g)
+
+
+SHAPES: dict[str, Shape] = {
+    "mnist-ae": Shape(
+        "autoencoder", lambda: autoencoder(MNIST_AE_SIZES), _ae_batch(784, 1000), _ae_loss
+    ),
+    "digits-ae": Shape(
+        "autoencoder", lambda: autoencoder(DIGITS_AE_SIZES), _ae_batch(64, 128), _ae_loss
+    ),
+    "cifar10-resnet32": Shape(
+        "cnn", lambda: resnet_cifar(32, 10), _image_batch(10, 128), _clf_loss
+    ),
+    "cifar10-resnet8": Shape("cnn", lambda: resnet_cifar(8, 10), _image_batch(10, 128), _clf_loss),
+    "cifar100-vgg16": Shape("cnn", lambda: vgg16_bn(100), _image_batch(100, 128), _clf_loss),
+    "planetoid-gcn": Shape("gcn", lambda: GCN(1433, 16, 7), _graph_batch, _gcn_loss),
+}
+
+
+@dataclass
+class SpeedRecord:
+    """One (task, optimizer) row of the speed table."""
+
+    task: str
+    optimizer: str
+    device: str
+    num_params: int
+    state_bytes: int
+    forward_backward_seconds: float
+    median_step_seconds: float  # amortized at the optimizer's own frequencies for the family
+    paper_cnn_step_seconds: float  # amortized at statistics every 10, factorization every 100
+    plain_step_seconds: float
+    statistics_seconds: float | None = None  # one statistics update (incl. hooks in backward)
+    factorization_seconds: float | None = None
+    precondition_seconds: float | None = None  # the optimizer step without stats/factorization
+    stat_every: int | None = None
+    inv_every: int | None = None
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's ``state_dict`` (shared storage counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def walk(value: object) -> None:
+        nonlocal total
+        if isinstance(value, Tensor):
+            key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    sd = optimizer.state_dict()
+    walk(sd.get("state", {}))
+    walk({k: v for k, v in sd.items() if k not in ("state", "param_groups")})
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Runner:
+    """One optimizer on its own copy of the model, able to time one step in a given mode."""
+
+    def __init__(self, name: str, shape: Shape, state: dict, device: torch.device) -> None:
+        self.name = name
+        self.model = shape.make_model().to(device)
+        self.model.load_state_dict(state)
+        self.shape = shape
+        self.device = device
+        params = defaults_for(name, shape.family) if name in OPTIMIZERS else {}
+        self.freq = {k: params[k] for k in ("stat_every", "inv_every") if k in params}
+        if "invert_early" in OPTIMIZERS[name].defaults:
+            params["invert_early"] = False
+        self.optimizer = build_optimizer(name, self.model, params)
+        self.second_order = bool(self.freq)
+
+    def set_mode(self, stats: bool, factor: bool) -> None:
+        for group in self.optimizer.param_groups:
+            if "stat_every" in group:
+                group["stat_every"] = 1 if stats else HUGE
+                group["inv_every"] = 1 if factor else HUGE
+        # MBF decides what its hooks capture for the next step when a step ends.
+        schedule = getattr(self.optimizer, "_schedule_collection", None)
+        if callable(schedule):
+            schedule()
+
+    def step(self, batch: tuple[Any, ...]) -> tuple[float, float]:
+        """Seconds of (forward + backward, optimizer step)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        self.optimizer.zero_grad()
+        self.shape.loss(self.model, batch).backward()
+        _sync(self.device)
+        middle = time.perf_counter()
+        self.optimizer.step()
+        _sync(self.device)
+        return middle - start, time.perf_counter() - middle
+
+
+def _to(batch: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(t.to(device) for t in batch)
+
+
+def measure(
+    task: str,
+    optimizers: Sequence[str],
+    device: torch.device,
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[SpeedRecord]:
+    """Time every optimizer on one task shape; see the module docstring for the method."""
+    shape = SHAPES[task]
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    state = shape.make_model().state_dict()
+    batch = _to(shape.make_batch(g), device)
+    runners = [_Runner(name, shape, state, device) for name in optimizers]
+    modes = {"all": (True, True), "stat": (True, False), "plain": (False, False)}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for mode, (stats, factor) in modes.items():
+        active = [r for r in runners if r.second_order or mode == "plain"]
+        for r in active:
+            r.set_mode(stats, factor)
+            for _ in range(warmup):
+                r.step(batch)
+        for _ in range(repeats):
+            for r in active:  # interleaved, so drift in machine speed hits every optimizer alike
+                r.set_mode(stats, factor)
+                times.setdefault((r.name, mode), []).append(r.step(batch))
+    records = []
+    for r in runners:
+        def med(mode: str, part: int | None = None, runner: _Runner = r) -> float:
+            values = times[(runner.name, mode)]
+            return statistics.median(v[0] + v[1] if part is None else v[part] for v in values)
+
+        plain = med("plain")
+        fwd_bwd = med("plain", 0)
+        record = SpeedRecord(
+            task=task,
+            optimizer=r.name,
+            device=str(device),
+            num_params=sum(p.numel() for p in r.model.parameters()),
+            state_bytes=state_bytes(r.optimizer),
+            forward_backward_seconds=fwd_bwd,
+            median_step_seconds=plain,
+            paper_cnn_step_seconds=plain,
+            plain_step_seconds=plain,
+        )
+        if r.second_order:
+            stat_cost = max(0.0, med("stat") - plain)
+            factor_cost = max(0.0, med("all") - med("stat"))
+            a, b = r.freq.get("stat_every", 1), r.freq.get("inv_every", 1)
+            record.median_step_seconds = plain + stat_cost / a + factor_cost / b
+            record.paper_cnn_step_seconds = (
+                plain + stat_cost / PAPER_CNN["stat_every"] + factor_cost / PAPER_CNN["inv_every"]
+            )
+            record.statistics_seconds = stat_cost
+            record.factorization_seconds = factor_cost
+            record.precondition_seconds = med("plain", 1)
+            record.stat_every, record.inv_every = a, b
+        records.append(record)
+    return records
+
+
+def format_table(records: Sequence[SpeedRecord]) -> str:
+    """A markdown table with ratios to Adam (and SGD) measured in the same run."""
+    lines = [
+        "| task | optimizer | step s (own freq) | x Adam | step s (stats/10, inv/100) | x Adam "
+        "| stats s | factor s | state / params (floats) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task in dict.fromkeys(r.task for r in records):
+        rows = [r for r in records if r.task == task]
+        adam = next((r for r in rows if r.optimizer == "adam"), None)
+        own_ref = adam.median_step_seconds if adam else None
+        cnn_ref = adam.paper_cnn_step_seconds if adam else None
+        for r in rows:
+            def ratio(value: float, ref: float | None) -> str:
+                return f"{value / ref:.2f}" if ref else "-"
+
+            lines.append(
+                f"| {task} | {r.optimizer} | {r.median_step_seconds:.4f} | "
+                f"{ratio(r.median_step_seconds, own_ref)} | "
+                f"{r.paper_cnn_step_seconds:.4f} | "
+                f"{ratio(r.paper_cnn_step_seconds, cnn_ref)} | "
+                f"{'-' if r.statistics_seconds is None else f'{r.statistics_seconds:.4f}'} | "
+                f"{'-' if r.factorization_seconds is None else f'{r.factorization_seconds:.4f}'} | "
+                f"{r.state_bytes / 4 / r.num_params:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mbf-bench speed", description=__doc__)
+    parser.add_argument("--tasks", default="mnist-ae,cifar10-resnet32,cifar100-vgg16,planetoid-gcn")
+    parser.add_argument("--optimizers", default="sgdm,adam,mbf,mbf-per_example,kfac,shampoo")
+    parser.add_argument("--json", type=Path, help="write the records here as a JSON list")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    names = [o for o in args.optimizers.split(",") if o]
+    for t in tasks:
+        if t not in SHAPES:
+            parser.error(f"unknown task {t!r}; choose from {', '.join(SHAPES)}")
+    for o in names:
+        if o not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but torch sees no CUDA device")
+    records: list[SpeedRecord] = []
+    for t in tasks:
+        print(f"timing {t} ...", file=sys.stderr, flush=True)
+        records += measure(t, names, device, args.repeats, args.warmup)
+    print(format_table(records))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in records], indent=1))
+        print(f"wrote {args.json}")
+    return 0

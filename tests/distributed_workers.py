@@ -1,0 +1,202 @@
+"""Rank programs for ``tests/test_distributed.py`` (spawned processes, gloo on loopback).
+
+Every scenario is a function ``(rank, world, outdir, **kw) -> dict`` run inside an initialized
+process group; its result is saved to ``outdir/rank{r}.pt`` (or the traceback, on failure).
+The model, data and hyperparameters live here so that one process (the test) and K ranks
+(the spawned workers) train exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from mbf import MBF
+
+GLOBAL_BATCH = 12  # divisible by 2 and 3
+STEPS = 6
+CHECKPOINT_AT = 3
+HYPER: dict[str, Any] = {
+    "lr": 0.1,
+    "momentum": 0.9,
+    "damping": 0.05,
+    "stat_decay": 0.9,
+    "inv_every": 2,
+    "max_block_size": 5,  # several buckets (block sizes 5, 3, 2), each split over the ranks
+    "weight_decay": 1e-3,
+    "kl_clip": 1e-2,
+}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+        nn.LayerNorm(3),
+    ).double()
+
+
+def make_optimizer(model: nn.Module, estimator: str, **kw: Any) -> MBF:
+    return MBF(model, estimator=estimator, **dict(HYPER, **kw))
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, 2, 4, 4, dtype=torch.float64, generator=gen)
+    return x, torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+
+
+def train(model: nn.Module, opt: MBF, steps: range, rank: int = 0, world: int = 1) -> None:
+    """Mean cross-entropy on this rank's contiguous shard of each global batch."""
+    per = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = global_batch(step)
+        shard = slice(rank * per, (rank + 1) * per)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[shard]), y[shard]).backward()
+        opt.step()
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+# ------------------------------------------------------------------------------ scenarios
+def scenario_train(
+    rank: int, world: int, outdir: Path, resume: str | None = None, native: bool = False
+) -> dict:
+    """Both estimators under DDP; with ``resume``, continue a single-process checkpoint.
+
+    ``native``: use all_gather and reduce_scatter as on NCCL, instead of the all-reduces MBF
+    prefers on gloo, so that the tests cover both.
+    """
+    out: dict[str, Any] = {}
+    for estimator in ("batch", "per_example"):
+        model = DDP(make_model())
+        opt = make_optimizer(model, estimator)
+        assert opt.distributed is not None
+        if native:
+            opt.distributed._sum_only = False
+        first = 0
+        if resume is not None:
+            saved = torch.load(Path(resume) / f"single_{estimator}.pt")
+            model.module.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            first = CHECKPOINT_AT
+            train(model, opt, range(first, STEPS), rank, world)
+        else:
+            train(model, opt, range(CHECKPOINT_AT), rank, world)
+            try:  # each rank holds only its share of the curvature until consolidation
+                opt.state_dict()
+                out[f"unconsolidated_{estimator}"] = None
+            except RuntimeError as exc:
+                out[f"unconsolidated_{estimator}"] = str(exc)
+            opt.consolidate_state_dict()  # every rank
+            if rank == 0:
+                full = {"model": model.module.state_dict(), "opt": opt.state_dict()}
+                torch.save(full, outdir / f"full_{estimator}.pt")
+            train(model, opt, range(CHECKPOINT_AT, STEPS), rank, world)
+        engine = opt.distributed
+        assert engine is not None
+        out[estimator] = {
+            "params": flat_params(model),
+            "counters": opt.counters,
+            "traffic": engine.traffic,
+        }
+    return out
+
+
+def scenario_failures(rank: int, world: int, outdir: Path) -> dict:
+    """Mismatched configurations, a stalled rank and a dead rank."""
+    out: dict[str, Any] = {}
+    last = world - 1
+    # 1. A different learning rate (or block size) on one rank is refused at construction.
+    for key, value in (("lr", 0.2), ("max_block_size", 4)):
+        model = make_model()
+        kw = {key: value} if rank == last else {}
+        try:
+            make_optimizer(model, "batch", **kw)
+            out[f"mismatch_{key}"] = None
+        except ValueError as exc:
+            out[f"mismatch_{key}"] = str(exc)
+
+    # 2. A rank that stalls: the others give up after the group's timeout (2 s here).
+    short = dist.new_group(timeout=datetime.timedelta(seconds=2))
+    model = make_model()
+    opt = make_optimizer(model, "batch", process_group=short)
+    train(model, opt, range(1), rank, world)
+    if rank == last:
+        time.sleep(3.0)
+        out["stall"] = None
+    else:
+        x, y = global_batch(1)
+        nn.functional.cross_entropy(model(x), y).backward()
+        start = time.monotonic()
+        try:
+            opt.step()
+            out["stall"] = None
+        except RuntimeError as exc:
+            out["stall"] = (str(exc), time.monotonic() - start)
+    dist.barrier()
+
+    # 3. A rank that dies between its backward pass and its optimizer step.
+    model = DDP(make_model())
+    opt = make_optimizer(model, "batch")
+    train(model, opt, range(2), rank, world)
+    x, y = global_batch(2)
+    shard = slice(rank * (GLOBAL_BATCH // world), (rank + 1) * (GLOBAL_BATCH // world))
+    nn.functional.cross_entropy(model(x[shard]), y[shard]).backward()
+    if rank == last:
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        opt.step()
+        out["dead"] = None
+    except RuntimeError as exc:
+        out["dead"] = (str(exc), time.monotonic() - start)
+    return out
+
+
+SCENARIOS: dict[str, Callable[..., dict]] = {
+    "train": scenario_train,
+    "failures": scenario_failures,
+}
+
+
+def main(scenarios: list[tuple[str, dict]], rank: int, world: int, port: int, outdir: str) -> None:
+    """One spawned rank: join the group, run the scenarios in turn, save each one's result.
+
+    Results go to ``outdir/rank{r}_{scenario}.pt`` as soon as a scenario ends (a scenario that
+    kills its rank must come last), the traceback instead when it raises.
+    """
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message="MBF: per-example statistics serve")
+    path = Path(outdir)
+    name = "setup"
+    try:
+        timeout = datetime.timedelta(seconds=30)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        for name, kw in scenarios:
+            result = SCENARIOS[name](rank, world, path, **kw)
+            torch.save(result, path / f"rank{rank}_{name}.pt")
+    except BaseException:
+        torch.save({"error": traceback.format_exc()}, path / f"rank{rank}_{name}.pt")
+    # Leave at once: after a failure scenario the group is broken and a clean shutdown may wait.
+    os._exit(0)
