@@ -58,6 +58,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", type=int, metavar="N",
                         help="use only the first N training and test examples (smoke tests)")
     parser.add_argument("--dataset", help="planetoid-gcn graph: cora (default), citeseer, pubmed")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch intra-op threads (default: torch's choice); recorded in "
+                             "config.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -274,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mbf_bench.data import DataError
 
     handlers = {"list": _list, "run": _run, "report": _report, "tune": _tune}
+    if getattr(args, "threads", None) is not None:
+        if args.threads <= 0:
+            print(f"mbf-bench: error: --threads must be positive, got {args.threads}",
+                  file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
     except (DataError, ValueError, KeyError) as error:

@@ -141,12 +141,20 @@ def test_run_with_config_and_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_rerun_command_reproduces_the_run(tmp_path: Path) -> None:
     out = tmp_path / "a"
-    assert cli.main(["run", "--task", "digits-ae", "--optimizers", "mbf", "--max-steps", "3",
-                     "--out", str(out), "--set", "damping=0.5", "--no-progress"]) == 0
+    try:
+        assert cli.main(["run", "--task", "digits-ae", "--optimizers", "mbf", "--max-steps", "3",
+                         "--out", str(out), "--set", "damping=0.5", "--threads", "2",
+                         "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(1)
     first = config_of(run_dir(out, "mbf"))
+    assert first["versions"]["torch_threads"] == "2" and "--threads 2" in first["rerun"]
     argv = shlex.split(first["rerun"])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "b")
-    assert cli.main([*argv, "--no-progress"]) == 0
+    try:
+        assert cli.main([*argv, "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(1)
     second = config_of(run_dir(tmp_path / "b", "mbf"))
     assert second["hparams"] == first["hparams"]
     a = torch.load(run_dir(out, "mbf") / "checkpoint.pt", weights_only=True)["model"]
