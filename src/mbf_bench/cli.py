@@ -34,12 +34,12 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def _add_budget(parser: argparse.ArgumentParser) -> None:
+def _add_budget(parser: argparse.ArgumentParser, default_epochs: str) -> None:
     parser.add_argument("--budget-seconds", type=float, metavar="S",
                         help="stop after S seconds of training time (evaluation excluded)")
     parser.add_argument("--epochs", type=int, metavar="E",
-                        help="stop after E epochs (default: the task's; with --budget-seconds, "
-                             "whichever comes first)")
+                        help=f"stop after E epochs (default: {default_epochs}; with "
+                             "--budget-seconds, whichever comes first)")
     parser.add_argument("--max-steps", type=int, metavar="N",
                         help="stop after N optimizer steps (smoke tests)")
 
@@ -58,6 +58,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset", type=int, metavar="N",
                         help="use only the first N training and test examples (smoke tests)")
     parser.add_argument("--dataset", help="planetoid-gcn graph: cora (default), citeseer, pubmed")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch intra-op threads (default: torch's choice); recorded in "
+                             "config.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--optimizers", type=_csv, required=True, metavar="A,B",
                      help="comma-separated optimizer names")
     run.add_argument("--seeds", type=_seeds, default=[0], metavar="0,1", help="default 0")
-    _add_budget(run)
+    _add_budget(run, "the task's")
     run.add_argument("--out", type=Path, default=Path("runs"), help="results folder (runs)")
     run.add_argument("--resume", action="store_true",
                      help="continue runs from their last checkpoint")
@@ -97,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="values to try (default: the 1-3 log grid around the defaults of lr "
                            "and damping, one decade each way)")
     tune.add_argument("--seed", type=int, default=0)
-    _add_budget(tune)
+    _add_budget(tune, "a tenth of the task's epochs per grid point")
     tune.add_argument("--holdout", type=float, default=0.1, metavar="F",
                       help="fraction of the training set held out for validation (0.1)")
     tune.add_argument("--out", type=Path, metavar="FILE",
@@ -274,6 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mbf_bench.data import DataError
 
     handlers = {"list": _list, "run": _run, "report": _report, "tune": _tune}
+    if getattr(args, "threads", None) is not None:
+        if args.threads <= 0:
+            print(f"mbf-bench: error: --threads must be positive, got {args.threads}",
+                  file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
     except (DataError, ValueError, KeyError) as error:

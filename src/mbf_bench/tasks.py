@@ -88,6 +88,8 @@ class Task:
         lr_milestones: fractions of the planned epochs at which the learning rate is
             multiplied by ``lr_gamma`` (step decay).
         options: task options and their allowed values; the first value is the default.
+        tune_epochs: length of one ``mbf-bench tune`` grid point when no budget is given
+            (default a tenth of ``epochs``, at least 1).
         penalty: a term added to the training loss (GCN: weight decay of the first layer).
         hparam_defaults: optimizer settings this task fixes on top of the optimizer's family
             defaults (before ``--config`` and ``--set``): the GCN keeps its weight decay in
@@ -106,6 +108,7 @@ class Task:
     augment: bool = False
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
+    tune_epochs: int | None = None
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     penalty: Callable[[nn.Module], Tensor] | None = None
     hparam_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -265,6 +268,7 @@ TASKS: dict[str, Task] = {
             batch_size=None, epochs=200, loss="cross_entropy",
             options={"dataset": ("cora", "citeseer", "pubmed")},
             penalty=_gcn_penalty, hparam_defaults={"weight_decay": 0.0},
+            tune_epochs=200,  # full batch: a whole run is 200 cheap steps
         ),
     ]
 }

@@ -216,7 +216,8 @@ def versions() -> dict[str, str]:
 def rerun_command(spec: RunSpec, out: Path, hparams: dict[str, Any]) -> str:
     """A command line that reproduces the run (all merged hyperparameters spelled out)."""
     parts = ["mbf-bench", "run", "--task", spec.task, "--optimizers", spec.optimizer,
-             "--seeds", str(spec.seed), "--out", str(out), "--device", spec.device]
+             "--seeds", str(spec.seed), "--out", str(out), "--device", spec.device,
+             "--threads", str(torch.get_num_threads())]
     for flag, value in (("--epochs", spec.epochs), ("--budget-seconds", spec.budget_seconds),
                         ("--max-steps", spec.max_steps), ("--batch-size", spec.batch_size),
                         ("--subset", spec.subset), ("--holdout", spec.holdout),

@@ -74,7 +74,8 @@ def tune(
     """Run every point of ``grid`` (default :func:`default_grid`) and write the best as TOML.
 
     ``base`` gives the task, optimizer, seed, budget and fixed overrides; its ``holdout``
-    (default 0.1 when None) is the validation fraction.
+    (default 0.1 when None) is the validation fraction. Without a budget each point trains
+    for the task's ``tune_epochs`` (by default a tenth of its epochs).
 
     Returns:
         ``{"best": point, "score": value, "metric": name, "results": [...]}``.
@@ -85,6 +86,8 @@ def tune(
     task = get_task(base.task)
     grid = grid or default_grid(base.optimizer, task)
     holdout = base.holdout if base.holdout is not None else 0.1
+    if base.epochs is None and base.budget_seconds is None and base.max_steps is None:
+        base = dataclasses.replace(base, epochs=task.tune_epochs or max(1, task.epochs // 10))
     metric = task.test_metric.replace("test", "val")
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     print(f"tuning {base.optimizer} on {base.task}: {len(points)} points, validation on "
@@ -114,7 +117,7 @@ def tune(
         top={"task": base.task},
         comments=[
             f"mbf-bench tune: {base.optimizer} on {base.task}, seed {base.seed}, "
-            f"{budget or 'task default epochs'} per point, {len(points)} points",
+            f"{budget} per point, {len(points)} points",
             f"chosen by {metric} = {best[metric]:.6g} on {holdout:.0%} of the training set "
             "held out (the test set is never used)",
             f"grid: {', '.join(f'{k}={v}' for k, v in grid.items())}",

@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,22 @@ from mbf_bench.settings import (
     parse_value,
 )
 from mbf_bench.tasks import TASKS
-from mbf_bench.tune import log13_grid
+from mbf_bench.tune import default_grid, log13_grid
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser from PyPI
+    import tomli as tomllib
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: these tiny models gain nothing from more, and on a loaded machine
+    spinning thread pools make them up to a hundred times slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def run_dir(out: Path, optimizer: str, seed: int = 0, task: str = "digits-ae") -> Path:
@@ -75,6 +91,17 @@ def test_log13_grid() -> None:
     assert log13_grid(0.3) == pytest.approx([0.03, 0.1, 0.3, 1.0, 3.0])
 
 
+def test_default_grid_spans_a_decade_around_the_defaults() -> None:
+    task = TASKS["digits-ae"]
+    grid = default_grid("mbf", task)
+    assert set(grid) == {"lr", "damping"}
+    for key, values in grid.items():
+        center = defaults_for("mbf", "autoencoder")[key]
+        assert all(center / 10 * 0.999 <= v <= center * 10 * 1.001 for v in values)
+        assert len(values) >= 4
+    assert set(default_grid("sgdm", task)) == {"lr"}
+
+
 def test_overrides_for_config_table_then_set_then_per_optimizer() -> None:
     config = {"task": "digits-ae", "mbf": {"lr": 0.5, "damping": 0.1}, "adam": {"lr": 0.2}}
     sets = ["lr=0.01", "mbf.damping=0.3", "adam.beta1=0.8"]
@@ -114,12 +141,20 @@ def test_run_with_config_and_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_rerun_command_reproduces_the_run(tmp_path: Path) -> None:
     out = tmp_path / "a"
-    assert cli.main(["run", "--task", "digits-ae", "--optimizers", "mbf", "--max-steps", "3",
-                     "--out", str(out), "--set", "damping=0.5", "--no-progress"]) == 0
+    try:
+        assert cli.main(["run", "--task", "digits-ae", "--optimizers", "mbf", "--max-steps", "3",
+                         "--out", str(out), "--set", "damping=0.5", "--threads", "2",
+                         "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(1)
     first = config_of(run_dir(out, "mbf"))
+    assert first["versions"]["torch_threads"] == "2" and "--threads 2" in first["rerun"]
     argv = shlex.split(first["rerun"])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "b")
-    assert cli.main([*argv, "--no-progress"]) == 0
+    try:
+        assert cli.main([*argv, "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(1)
     second = config_of(run_dir(tmp_path / "b", "mbf"))
     assert second["hparams"] == first["hparams"]
     a = torch.load(run_dir(out, "mbf") / "checkpoint.pt", weights_only=True)["model"]
