@@ -6,7 +6,6 @@ import json
 import shlex
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser from PyPI
     import tomli as tomllib
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny models gain nothing from more, and on a loaded machine
-    spinning thread pools make them up to a hundred times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_dir(out: Path, optimizer: str, seed: int = 0, task: str = "digits-ae") -> Path:

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from mbf_bench import cli
 from mbf_bench.report import load_runs, summarize, write_report
 from mbf_bench.train import RunSpec, run_many
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny models gain nothing from more, and on a loaded machine
-    spinning thread pools make them up to a hundred times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fake_run(root: Path, optimizer: str, seed: int, evals: list[tuple[float, float, float]],

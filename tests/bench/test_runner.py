@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ from mbf_bench.train import RunSpec, resolve_hparams, run, run_many
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these tiny models gain nothing from more, and on a loaded machine
-    spinning thread pools make them up to a hundred times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # Small settings per task so that two steps of every optimizer stay cheap on two CPU cores.
 SMOKE: dict[str, dict[str, Any]] = {
