@@ -38,6 +38,7 @@ from mbf import DEFAULTS
 from mbf.units import Unit, build_units
 
 from .figures import save_compact_png
+from .settings import add_threads_argument, torch_threads
 from .small_data import DataError, digits_images, mnist_test_images
 from .tasks import default_data_dir
 
@@ -684,13 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds (data order, initialization, minibatches); the first is pictured, several "
         "add a summary over all (default 0)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads while the command runs (default 1: its many small batched "
-        "operations gain nothing from more, and lose much on a busy machine)",
-    )
+    add_threads_argument(parser)
     return parser
 
 
@@ -704,21 +699,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--train-steps must be >= 0")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        report = run(
-            args.data,
-            examples=args.examples,
-            train_steps=args.train_steps,
-            dampings=tuple(args.dampings),
-            data_dir=args.data_dir,
-            seeds=tuple(args.seeds),
-        )
+        with torch_threads(args.threads):
+            report = run(
+                args.data,
+                examples=args.examples,
+                train_steps=args.train_steps,
+                dampings=tuple(args.dampings),
+                data_dir=args.data_dir,
+                seeds=tuple(args.seeds),
+            )
     except (DataError, ValueError) as err:
         parser.exit(2, f"mbf-bench curvature: error: {err}\n")
-    finally:
-        torch.set_num_threads(previous)
     text = table(report)
     print(text)
     if args.plot:

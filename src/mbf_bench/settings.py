@@ -18,12 +18,16 @@ is all a hyperparameter file needs, so no TOML-writer dependency).
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -128,3 +132,27 @@ def dump_config(
         lines += ["", f"[{_key(name)}]"]
         lines += [f"{_key(k)} = {format_value(v)}" for k, v in table.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N`` (default 1) for commands made of many small batched operations."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads while the command runs (default 1: its many small batched "
+        "operations gain nothing from more, and lose much on a busy machine)",
+    )
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` torch intra-op threads, restoring the previous number."""
+    if count < 1:
+        raise ValueError(f"--threads must be at least 1, got {count}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -47,6 +47,7 @@ from mbf.blocks import BlockLayout
 from mbf.units import build_units
 
 from .figures import save_compact_png
+from .settings import add_threads_argument, torch_threads
 from .small_data import DataError, digits_images, mnist_test_images
 from .tasks import default_data_dir
 
@@ -622,13 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", nargs="+", default=None, help=f"subset of: {' '.join(LABELS)} (default all)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads while the command runs (default 1: its many small batched "
-        "operations gain nothing from more, and lose much on a busy machine)",
-    )
+    add_threads_argument(parser)
     return parser
 
 
@@ -646,25 +641,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--alpha must be in (0, 1.5); 1 is the best step of the linear model")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        report = run(
-            args.data,
-            args.widths,
-            iters=args.iters,
-            alpha=args.alpha,
-            n=args.n,
-            dim=args.dim,
-            eps=args.eps,
-            data_dir=args.data_dir,
-            seed=args.seed,
-            methods=args.methods,
-        )
+        with torch_threads(args.threads):
+            report = run(
+                args.data,
+                args.widths,
+                iters=args.iters,
+                alpha=args.alpha,
+                n=args.n,
+                dim=args.dim,
+                eps=args.eps,
+                data_dir=args.data_dir,
+                seed=args.seed,
+                methods=args.methods,
+            )
     except (DataError, ValueError) as err:
         parser.exit(2, f"mbf-bench theory: error: {err}\n")
-    finally:
-        torch.set_num_threads(previous)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))
