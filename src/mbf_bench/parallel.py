@@ -163,6 +163,12 @@ def from_env(device: torch.device) -> DataParallel | None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one.
+
+    All ranks meet at a barrier first: rank 0 evaluates and writes files after the last step, and
+    a rank that tore its gloo context down while another still used the group was seen to abort
+    (SIGABRT, "terminate called without an active exception") in CI.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
