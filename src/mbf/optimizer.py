@@ -519,7 +519,7 @@ class MBF(torch.optim.Optimizer):
             if clip is None:
                 continue
             lr = float(group["lr"])
-            vg = 0.0
+            terms = []
             for unit, _ in live:
                 if unit.group != g:
                     continue
@@ -527,7 +527,9 @@ class MBF(torch.optim.Optimizer):
                     m = self.state[p].get("momentum_buffer")
                     ref = m if m is not None else p.grad
                     if ref is not None:
-                        vg += float((d * ref.to(d.dtype)).sum())
+                        terms.append(torch.vdot(d.reshape(-1), ref.to(d.dtype).reshape(-1)))
+            # One host sync per group (a model may span devices: gather the terms on one).
+            vg = float(torch.stack([t.to(terms[0].device) for t in terms]).sum()) if terms else 0.0
             scale_of_group[g] = (
                 min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
             )
