@@ -116,3 +116,21 @@ def test_batched_rows_keep_leading_dims() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="max_block_size"):
         chunk_plan(5, 0)
+
+
+@pytest.mark.parametrize("mbs", [1, 3, 8, 32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_strided_packing_matches_the_gather_route(mbs: int, bias: bool) -> None:
+    # to_blocks copies rectangular pieces; rows_to_blocks gathers by index: they must agree for
+    # every row length (padded or not, bias straddling a chunk edge or not), also into a dirty
+    # buffer whose padding must come back as zeros.
+    gen = torch.Generator().manual_seed(mbs)
+    for in_features in range(1, 70):
+        weight = torch.randn(3, in_features, generator=gen)
+        tensors = [weight, torch.randn(3, generator=gen)] if bias else [weight]
+        layout = linear_layout(weight, tensors[1] if bias else None, mbs)
+        dirty = torch.full((layout.num_blocks, layout.block_size), float("nan"))
+        packed = layout.to_blocks(tensors, out=dirty)
+        assert torch.equal(packed, layout.rows_to_blocks(layout.to_rows(tensors)))
+        for back, original in zip(layout.from_blocks(packed), tensors, strict=True):
+            assert torch.equal(back, original)

@@ -147,6 +147,7 @@ def test_running_average_and_frequencies() -> None:
         if t % 2 == 0:
             expected = est if expected is None else 0.7 * expected + 0.3 * est
         opt.step()
+        unit = opt.blocks()[0]  # folds queued statistics (stat_buffer) into the running average
         torch.testing.assert_close(unit.fisher, expected)
         factors.append(unit.inverse.clone())
         if t % 3 == 0:
@@ -239,6 +240,54 @@ def test_save_and_resume_is_bitwise_identical() -> None:
             opt_c.step()
         assert torch.equal(_flat_params(a), _flat_params(c)), estimator
         assert opt_a.counters == opt_c.counters
+
+
+@pytest.mark.parametrize("stat_every", [1, 2])
+def test_queued_statistics_equal_folding_every_update(stat_every: int) -> None:
+    # stat_buffer only changes when the running average is formed, not what it is: parameters
+    # and statistics agree with stat_buffer=1 to float64 rounding, also when stat_decay changes
+    # mid-run and when the queue is cut short by a factorization (inv_every=7 is not a multiple).
+    torch.manual_seed(5)
+    data = [_batch() for _ in range(12)]
+    runs = []
+    for stat_buffer in (1, 2, 3, 5):
+        torch.manual_seed(6)
+        model = _net()
+        opt = MBF(model, lr=0.05, inv_every=7, stat_every=stat_every, stat_buffer=stat_buffer)
+        for t, (x, y) in enumerate(data):
+            if t == 6:
+                opt.param_groups[0]["stat_decay"] = 0.5
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        runs.append((_flat_params(model), [u.fisher.clone() for u in opt.blocks()]))
+    for params, fishers in runs[1:]:
+        torch.testing.assert_close(params, runs[0][0], rtol=1e-12, atol=1e-12)
+        for got, want in zip(fishers, runs[0][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_queue_saved_longer_than_the_loader_keeps_is_folded_on_load() -> None:
+    torch.manual_seed(7)
+    data = [_batch() for _ in range(6)]
+    torch.manual_seed(8)
+    a, b = _net(), _net()
+    b.load_state_dict(a.state_dict())
+    opt_a = MBF(a, lr=0.05, inv_every=50, stat_buffer=8)
+    opt_b = MBF(b, lr=0.05, inv_every=50, stat_buffer=8)
+    for t, (x, y) in enumerate(data):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        if t == 2:  # two updates queued (the first was folded to factor at once): load them
+            saved = opt_b.state_dict()  # into an optimizer that keeps one
+            assert len(saved["mbf"]["units"][0]["queued_weights"]) == 2
+            opt_b = MBF(b, lr=0.05, inv_every=50, stat_buffer=1)
+            opt_b.load_state_dict(saved)
+    torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
+    for u, v in zip(opt_b.blocks(), opt_a.blocks(), strict=True):
+        torch.testing.assert_close(u.fisher, v.fisher, rtol=1e-12, atol=1e-14)
 
 
 def test_load_rejects_a_different_layout() -> None:
@@ -342,8 +391,9 @@ def test_memory_report_and_budget() -> None:
     model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
     opt = MBF(model, lr=0.1, max_block_size=20)
     report = opt.memory_report()
-    # Linear(100, 50): rows of 101 -> 6 chunks of 17 -> 300 blocks of 17^2, x2, + momentum.
-    assert report["0 (Linear)"] == 4 * (2 * 300 * 17 * 17 + 5050)
+    # Linear(100, 50): rows of 101 -> 6 chunks of 17 -> 300 blocks of 17^2, x2, + a queue of
+    # 4 (stat_buffer) block vectors + momentum.
+    assert report["0 (Linear)"] == 4 * (2 * 300 * 17 * 17 + 300 * 4 * 17 + 5050)
     with pytest.raises(ValueError, match=r"0 \(Linear\).*max_block_size"):
         MBF(model, lr=0.1, max_block_size=64, max_state_bytes=1_000_000)
 
@@ -363,6 +413,7 @@ def test_memory_report_and_budget() -> None:
         ({"loss_reduction": "none"}, "loss_reduction"),
         ({"nonfinite": "ignore"}, "nonfinite"),
         ({"kl_clip": 0.0}, "kl_clip"),
+        ({"stat_buffer": 0}, "stat_buffer"),
     ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs: dict, match: str) -> None:

@@ -40,6 +40,19 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+@dataclass
+class _Piece:
+    """Columns ``[src_start, src_end)`` of a tensor's row fill chunks ``[first_chunk,
+    end_chunk)`` at offsets ``[first_offset, end_offset)`` (equal widths in every chunk)."""
+
+    src_start: int
+    src_end: int
+    first_chunk: int
+    end_chunk: int
+    first_offset: int
+    end_offset: int
+
+
 def chunk_plan(length: int, max_block_size: int) -> tuple[int, int]:
     """Return ``(chunks, block_size)`` to cut a row of ``length`` into near-equal pieces."""
     if length <= 0:
@@ -74,6 +87,7 @@ class BlockLayout:
     _scatter: Tensor | None = field(default=None, repr=False)
     _slots: list[Tensor] = field(default_factory=list, repr=False)
     _pads: Tensor | None = field(default=None, repr=False)
+    _pieces: list[list[_Piece]] = field(default_factory=list, repr=False)
     _on_device: dict[torch.device, tuple[list[Tensor], Tensor | None]] = field(
         default_factory=dict, repr=False
     )
@@ -101,7 +115,32 @@ class BlockLayout:
         for width in self._widths():
             cols = columns[start : start + width]
             self._slots.append(cols if self._scatter is None else self._scatter[cols])
+            self._pieces.append(self._plan_pieces(start, start + width))
             start += width
+
+    def _plan_pieces(self, begin: int, end: int) -> list[_Piece]:
+        """Rectangular pieces that carry row columns ``[begin, end)`` into the padded chunks."""
+        base, extra = divmod(self.row_length, self.chunks)
+        pieces: list[_Piece] = []
+        chunk_start = 0
+        for c in range(self.chunks):
+            size = base + (1 if c < extra else 0)
+            lo, hi = max(begin, chunk_start), min(end, chunk_start + size)
+            if lo < hi:
+                piece = _Piece(lo - begin, hi - begin, c, c + 1, lo - chunk_start, hi - chunk_start)
+                last = pieces[-1] if pieces else None
+                if (
+                    last is not None
+                    and last.first_offset == piece.first_offset
+                    and last.end_offset == piece.end_offset
+                    and last.src_end == piece.src_start
+                    and last.end_chunk == c
+                ):
+                    last.end_chunk, last.src_end = c + 1, piece.src_end
+                else:
+                    pieces.append(piece)
+            chunk_start += size
+        return pieces
 
     def _widths(self) -> list[int]:
         if self.kind == "linear" and len(self.shapes) == 2:
@@ -180,19 +219,19 @@ class BlockLayout:
         """
         if out is None and len(tensors) == 1 and self._pads is None:
             return tensors[0].reshape(self.num_blocks, self.block_size)
-        width = self.chunks * self.block_size
         if out is None:
             out = tensors[0].new_empty(self.num_blocks, self.block_size)
-        flat = out.view(self.rows, width)
-        slots_on, pads = self._indices(out.device)
-        for tensor, cols, slots in zip(tensors, self._slots, slots_on, strict=True):
+        # Strided copies of a few rectangular pieces: several times faster than index_copy_.
+        grid = out.view(self.rows, self.chunks, self.block_size)
+        for tensor, pieces in zip(tensors, self._pieces, strict=True):
             values = tensor.reshape(self.rows, -1)
-            if pads is None:
-                flat[:, int(cols[0]) : int(cols[-1]) + 1] = values
-            else:
-                flat.index_copy_(1, slots, values.to(out.dtype))
-        if pads is not None:
-            flat.index_fill_(1, pads, 0)
+            for pc in pieces:
+                grid[:, pc.first_chunk : pc.end_chunk, pc.first_offset : pc.end_offset] = values[
+                    :, pc.src_start : pc.src_end
+                ].view(self.rows, pc.end_chunk - pc.first_chunk, pc.end_offset - pc.first_offset)
+        if self.padded:
+            base, extra = divmod(self.row_length, self.chunks)
+            grid[:, extra:, base:] = 0
         return out
 
     def from_blocks(self, blocks: Tensor) -> list[Tensor]:

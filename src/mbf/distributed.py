@@ -484,8 +484,7 @@ class ShardedMBF:
         if hi > lo:
             damping = opt.param_groups[bucket.group]["damping"]
             fisher = bucket.fisher[lo:hi]
-            inverse, part = damped_inverse(fisher, damping)
-            bucket.inverse[lo:hi].copy_(inverse)
+            _, part = damped_inverse(fisher, damping, out=bucket.inverse[lo:hi])
             if part.nonfinite:  # a poisoned statistic would poison every later step: restart it
                 fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
             for name in _REPORT_FIELDS:

@@ -126,6 +126,12 @@ class MBF(torch.optim.Optimizer):
             ``FloatingPointError`` with the state untouched.
         max_state_bytes: refuse to build when curvature state would exceed this many bytes.
         chunk_elements: per-example gradient entries materialized at once (memory bound).
+        stat_buffer: with the ``batch`` estimator, how many steps' gradient blocks are queued
+            and folded into the running average together, as one batched rank-``k`` product
+            (at the latest before each factorization). The result is the same running average
+            (up to rounding); the statistics, the largest tensor, are then read and written once
+            per ``stat_buffer`` updates instead of every update. Costs ``stat_buffer`` floats per
+            parameter; ``1`` folds every update at once.
         process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work is then
@@ -154,6 +160,7 @@ class MBF(torch.optim.Optimizer):
         nonfinite: str = "skip",
         max_state_bytes: int | None = 8 * 2**30,
         chunk_elements: int = 1 << 24,
+        stat_buffer: int = 4,
         process_group: Any = None,
     ) -> None:
         if estimator not in ESTIMATORS:
@@ -168,6 +175,9 @@ class MBF(torch.optim.Optimizer):
             )
         if chunk_elements <= 0:
             raise ValueError(f"MBF: chunk_elements must be positive, got {chunk_elements}")
+        if isinstance(stat_buffer, bool) or not isinstance(stat_buffer, int) or stat_buffer <= 0:
+            raise ValueError(f"MBF: stat_buffer must be a positive integer, got {stat_buffer!r}")
+        self.stat_buffer = stat_buffer
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("MBF: pass the model either as params or as model=, not both")
@@ -233,8 +243,13 @@ class MBF(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.is_sparse:
                     raise ValueError("MBF: sparse parameters are not supported")
+        for unit in self._units:
+            self._fold_queue(unit)
         old = {tuple(id(p) for p in u.params): u for u in self._units}
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
+        for unit in units:
+            queued = not unit.per_example and self.stat_buffer > 1
+            unit.queue_capacity = self.stat_buffer if queued else 0
         self._check_budget(units)
         self._warn_fallbacks(units)
         for unit in units:
@@ -321,8 +336,11 @@ class MBF(torch.optim.Optimizer):
     def blocks(self) -> list[UnitState]:
         """Every unit's name, layout, parameters, running-average blocks and damped inverses.
 
-        The tensors are live views of the optimizer's state (read them, do not keep them).
+        The tensors are live views of the optimizer's state (read them, do not keep them);
+        queued statistics (see ``stat_buffer``) are folded in first.
         """
+        for unit in self._units:
+            self._fold_queue(unit)
         return [
             UnitState(u.name, u.layout, list(u.params), u.fisher, u.inverse) for u in self._units
         ]
@@ -391,18 +409,56 @@ class MBF(torch.optim.Optimizer):
         weight = (
             1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
         )
-        if estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
-            vectors = estimate[blocks].unsqueeze(-1)
-            fisher.baddbmm_(vectors, vectors.transpose(1, 2), beta=1.0 - weight, alpha=weight)
+        if estimate.dim() == 2 and unit.queue_capacity and self._dist is None:
+            self._enqueue(unit, estimate, weight)
+        elif estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
+            # (unsqueeze(1) rather than a transposed view: CPU bmm is ~2.4x faster on it)
+            vectors = estimate[blocks]
+            fisher.baddbmm_(
+                vectors.unsqueeze(-1), vectors.unsqueeze(1), beta=1.0 - weight, alpha=weight
+            )
         else:
             fisher.lerp_(estimate, weight)
         unit.stat_updates += 1
         return True
 
+    def _enqueue(self, unit: Unit, estimate: Tensor, weight: float) -> None:
+        """Queue one batch estimate; fold the queue into the statistics when it is full."""
+        if unit.queue is None:
+            unit.queue = estimate.new_empty(
+                unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
+            )
+        unit.queue[:, len(unit.queue_weights)].copy_(estimate)
+        unit.queue_weights.append(weight)
+        if len(unit.queue_weights) == unit.queue_capacity:
+            self._fold_queue(unit)
+
+    @staticmethod
+    def _fold_queue(unit: Unit) -> None:
+        """``F <- (1 - a_k) ... (F (1 - a_1) + a_1 g_1 g_1^T) ... + a_k g_k g_k^T`` in one product.
+
+        Expanded: ``F * prod_i (1 - a_i) + sum_i c_i g_i g_i^T`` with
+        ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``G^T diag(c) G`` for the queued rows ``G``.
+        """
+        weights = unit.queue_weights
+        if not weights or unit.queue is None:
+            return
+        coeffs, keep = [], 1.0
+        for a in reversed(weights):
+            coeffs.append(a * keep)
+            keep *= 1.0 - a
+        coeffs.reverse()
+        rows = unit.queue[:, : len(weights)]
+        scale = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device)
+        # beta = 0 (a first estimate in the queue) ignores the old statistics, NaN included.
+        unit.fisher.baddbmm_(rows.mT, rows * scale[:, None], beta=keep, alpha=1.0)
+        weights.clear()
+
     def _factor(self, bucket: _Bucket) -> None:
+        for unit in bucket.units:
+            self._fold_queue(unit)
         damping = self.param_groups[bucket.group]["damping"]
-        inverse, report = damped_inverse(bucket.fisher, damping)
-        bucket.inverse.copy_(inverse)
+        _, report = damped_inverse(bucket.fisher, damping, out=bucket.inverse)
         if report.nonfinite:
             # A poisoned statistic would poison every later step: start that block afresh.
             bad = ~torch.isfinite(bucket.fisher).all(dim=(-2, -1))
@@ -556,7 +612,7 @@ class MBF(torch.optim.Optimizer):
             self._dist.check_consolidated(self)
         sd = super().state_dict()
         sd["mbf"] = {
-            "version": 1,
+            "version": 2,
             "step": self._step_count,
             "counters": dict(self._counters),
             "units": [
@@ -567,6 +623,10 @@ class MBF(torch.optim.Optimizer):
                     "fisher": u.fisher,
                     "inverse": u.inverse,
                     "stat_updates": u.stat_updates,
+                    "queued": None
+                    if u.queue is None or not u.queue_weights
+                    else u.queue[:, : len(u.queue_weights)],
+                    "queued_weights": list(u.queue_weights),
                 }
                 for u in self._units
             ],
@@ -643,6 +703,22 @@ class MBF(torch.optim.Optimizer):
             unit.fisher.copy_(saved["fisher"])
             unit.inverse.copy_(saved["inverse"])
             unit.stat_updates = int(saved["stat_updates"])
+            unit.queue_weights = []
+            queued = saved.get("queued")
+            if queued is not None:
+                unit.queue_weights = [float(w) for w in saved["queued_weights"]]
+                if unit.queue_capacity >= len(unit.queue_weights) and unit.queue_capacity:
+                    unit.queue = unit.fisher.new_empty(
+                        unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
+                    )
+                    unit.queue[:, : len(unit.queue_weights)].copy_(queued)
+                else:  # saved with a longer queue than this optimizer keeps: fold it now
+                    unit.queue = queued.to(unit.fisher)
+                    self._fold_queue(unit)
+                    unit.queue = None
+        if self._dist is not None:  # mbf.distributed updates statistics at once: fold queues
+            for unit in self._units:
+                self._fold_queue(unit)
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
         self._step_count = int(extra["step"])

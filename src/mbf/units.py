@@ -49,6 +49,11 @@ class Unit:
     collect: bool = False
     pending: Tensor | None = None
     pending_count: int = 0
+    # Batch estimator: this step's and earlier gradients' blocks not yet folded into ``fisher``,
+    # ``(num_blocks, queue_capacity, block_size)``, with the running-average weight of each.
+    queue_capacity: int = 0
+    queue: Tensor | None = None
+    queue_weights: list[float] = field(default_factory=list)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -59,10 +64,12 @@ class Unit:
         return self.params[0].device
 
     def state_bytes(self) -> int:
-        """Bytes of curvature (statistics + inverse) and momentum this unit needs."""
+        """Bytes of curvature (statistics, queued statistics, inverse) and momentum."""
         item = torch.empty((), dtype=self.dtype).element_size()
-        blocks = self.layout.num_blocks * self.layout.block_size**2
-        return item * (2 * blocks + self.layout.numel)
+        size = self.layout.block_size
+        blocks = self.layout.num_blocks * size * size
+        queue = self.layout.num_blocks * self.queue_capacity * size
+        return item * (2 * blocks + queue + self.layout.numel)
 
     def clear_pending(self) -> None:
         self.pending = None
