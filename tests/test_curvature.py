@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mbf import MBF
+from mbf import MBF, curvature
 from reference import dense_blocks, per_example_grads, unit_vectors
 
 N = 7
@@ -50,12 +50,21 @@ LAYERS = {
 }
 
 
+# Convolutions have two routes to per-example gradients (mbf.curvature); test both.
+ROUTES = [(name, "im2col") for name in sorted(LAYERS)] + [
+    (name, "grouped") for name in sorted(LAYERS) if name.startswith("conv")
+]
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("max_block_size", [32, 4])
-@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize(("name", "conv_route"), ROUTES)
 def test_per_example_blocks_match_dense_empirical_fisher(
-    name: str, max_block_size: int, reduction: str
+    name: str, conv_route: str, max_block_size: int, reduction: str, monkeypatch
 ) -> None:
+    # Both routes to per-example conv gradients, whatever the layer's number of positions.
+    threshold = 0 if conv_route == "grouped" else 10**9
+    monkeypatch.setattr(curvature, "GROUPED_MIN_POSITIONS", threshold)
     make, x_shape = LAYERS[name]
     layer, head, x = _setup(make(), x_shape)
     opt = MBF(

@@ -36,9 +36,18 @@ def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
         yield slice(start, min(batch, start + size))
 
 
-def _outer_sum(blocks: Tensor) -> Tensor:
-    """``sum_n b_n b_n^T`` for ``(n, B, s)`` blocks, giving ``(B, s, s)``."""
-    return torch.einsum("nbs,nbt->bst", blocks, blocks)
+#: Per-example conv gradients come from one grouped weight-gradient convolution (the batch as
+#: groups) when the output has at least this many positions, else from im2col and a batched
+#: product. Measured on CPU (docs/decisions.md): the grouped route is 1.3-6.6x faster at 256-1024
+#: positions and 1.2-3.5x slower at 4-64. Other devices use im2col (not measured there).
+GROUPED_MIN_POSITIONS = 128
+
+
+def _add_outer_sum(out: Tensor, blocks: Tensor) -> None:
+    """``out += sum_n b_n b_n^T`` for ``(n, B, s)`` blocks and a ``(B, s, s)`` ``out``."""
+    # Block-major rows first: the batched product then runs ~2x faster than an einsum.
+    rows = blocks.transpose(0, 1).contiguous()
+    out.baddbmm_(rows.mT, rows)
 
 
 def linear_block_stats(
@@ -75,7 +84,7 @@ def linear_block_stats(
         return out
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
-        out += _outer_sum(layout.rows_to_blocks(grads))
+        _add_outer_sum(out, layout.rows_to_blocks(grads))
     return out
 
 
@@ -140,18 +149,52 @@ def conv_block_stats(
         bs = bias_layout.block_size
         b_out = inputs.new_zeros(bias_layout.num_blocks, bs, bs)
     spatial = math.prod(grad_outputs.shape[2:])
+    grouped = inputs.device.type == "cpu" and spatial >= GROUPED_MIN_POSITIONS
     per = inputs[0].numel() * k + c_out * spatial + layout.numel
     for sl in _chunks(n, per, chunk_elems):
         d = grad_outputs[sl].reshape(-1, groups, c_out // groups, spatial)
-        u = unfold_input(module, inputs[sl])
-        u = u.reshape(u.shape[0], groups, -1, u.shape[-1])
-        grads = torch.einsum("ngop,ngqp->ngoq", d, u)  # (n, G, O_g, C_g * k)
+        if grouped:
+            grads = _grouped_weight_grads(module, inputs[sl], grad_outputs[sl])
+        else:
+            u = unfold_input(module, inputs[sl])
+            u = u.reshape(u.shape[0], groups, -1, u.shape[-1])
+            grads = torch.einsum("ngop,ngqp->ngoq", d, u)  # (n, G, O_g, C_g * k)
         rows = grads.reshape(grads.shape[0], layout.rows, layout.row_length)
-        w_out += _outer_sum(layout.rows_to_blocks(rows))
+        _add_outer_sum(w_out, layout.rows_to_blocks(rows))
         if bias_layout is not None and b_out is not None:
             bias_grads = d.sum(-1).reshape(-1, 1, c_out)
-            b_out += _outer_sum(bias_layout.rows_to_blocks(bias_grads))
+            _add_outer_sum(b_out, bias_layout.rows_to_blocks(bias_grads))
     return w_out, b_out
+
+
+_WEIGHT_GRAD = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def _grouped_weight_grads(module: nn.Module, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+    """Each example's weight gradient, ``(n, C_out, C_in / groups * prod(k))``.
+
+    The ``n`` examples become ``n * groups`` groups of a single convolution, whose weight
+    gradient is then exactly the stack of the per-example ones: one library call instead of
+    im2col (``prod(k)`` times the input) and ``n`` small products.
+    """
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    x, nd = _conv_padding(module, inputs)  # padding applied here, so the call pads nothing
+    n, c_out = x.shape[0], grad_outputs.shape[1]
+    weight_size = (n * c_out, *module.weight.shape[1:])
+    grads = _WEIGHT_GRAD[nd](
+        x.reshape(1, -1, *x.shape[2:]),
+        weight_size,
+        grad_outputs.reshape(1, -1, *grad_outputs.shape[2:]),
+        stride=module.stride,
+        padding=0,
+        dilation=module.dilation,
+        groups=n * module.groups,
+    )
+    return grads.reshape(n, c_out, -1)
 
 
 StatsSink = Callable[[nn.Module, Tensor, Tensor], None]
