@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as nn_grad
 
 from .blocks import BlockLayout
 
@@ -168,9 +169,9 @@ def conv_block_stats(
 
 
 _WEIGHT_GRAD = {
-    1: torch.nn.grad.conv1d_weight,
-    2: torch.nn.grad.conv2d_weight,
-    3: torch.nn.grad.conv3d_weight,
+    1: nn_grad.conv1d_weight,
+    2: nn_grad.conv2d_weight,
+    3: nn_grad.conv3d_weight,
 }
 
 
