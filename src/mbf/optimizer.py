@@ -15,11 +15,13 @@ from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
 from .linalg import damped_inverse, solve_blocks
+from .packed import SymmetricPacking, packed_size
 from .units import Unit, build_units, state_dtype
 
 __all__ = ["DEFAULTS", "MBF", "UnitState"]
 
 ESTIMATORS = ("batch", "per_example")
+STORAGES = ("full", "packed")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -132,6 +134,12 @@ class MBF(torch.optim.Optimizer):
             (up to rounding); the statistics, the largest tensor, are then read and written once
             per ``stat_buffer`` updates instead of every update. Costs ``stat_buffer`` floats per
             parameter; ``1`` folds every update at once.
+        storage: ``"full"`` keeps every block's statistics and inverse as ``s x s`` matrices
+            (``2 s + stat_buffer + 1`` floats per parameter, fastest); ``"packed"`` keeps their
+            upper triangles (``s + 2`` floats per parameter: about half the memory) and unpacks
+            a few thousand blocks at a time to factor and solve, which makes the step slower
+            (``docs/results.md``). ``"packed"`` folds statistics at once (no queue) and runs in
+            a single process.
         process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work is then
@@ -161,6 +169,7 @@ class MBF(torch.optim.Optimizer):
         max_state_bytes: int | None = 8 * 2**30,
         chunk_elements: int = 1 << 24,
         stat_buffer: int = 4,
+        storage: str = "full",
         process_group: Any = None,
     ) -> None:
         if estimator not in ESTIMATORS:
@@ -178,6 +187,9 @@ class MBF(torch.optim.Optimizer):
         if isinstance(stat_buffer, bool) or not isinstance(stat_buffer, int) or stat_buffer <= 0:
             raise ValueError(f"MBF: stat_buffer must be a positive integer, got {stat_buffer!r}")
         self.stat_buffer = stat_buffer
+        if storage not in STORAGES:
+            raise ValueError(f"MBF: storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("MBF: pass the model either as params or as model=, not both")
@@ -224,6 +236,10 @@ class MBF(torch.optim.Optimizer):
         self._ready = True
         # Data parallelism (mbf.distributed): None in a single process.
         self._dist = _distributed.setup(self, process_group, model)
+        if self._dist is not None and storage == "packed":
+            raise ValueError(
+                "MBF: storage='packed' runs in a single process; use storage='full' with ranks"
+            )
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -248,7 +264,8 @@ class MBF(torch.optim.Optimizer):
         old = {tuple(id(p) for p in u.params): u for u in self._units}
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
         for unit in units:
-            queued = not unit.per_example and self.stat_buffer > 1
+            unit.packed = self.storage == "packed"
+            queued = not unit.per_example and self.stat_buffer > 1 and not unit.packed
             unit.queue_capacity = self.stat_buffer if queued else 0
         self._check_budget(units)
         self._warn_fallbacks(units)
@@ -301,12 +318,13 @@ class MBF(torch.optim.Optimizer):
         buckets = []
         for (group, size, device, dtype), members in keyed.items():
             total = sum(u.layout.num_blocks for u in members)
-            fisher = torch.zeros(total, size, size, dtype=dtype, device=device)
+            per_block = (packed_size(size),) if self.storage == "packed" else (size, size)
+            fisher = torch.zeros(total, *per_block, dtype=dtype, device=device)
             inverse = torch.zeros_like(fisher)
             offset = 0
             for unit in members:
                 nb = unit.layout.num_blocks
-                if unit.fisher.shape == (nb, size, size):
+                if unit.fisher.shape == (nb, *per_block):
                     fisher[offset : offset + nb].copy_(unit.fisher)
                     inverse[offset : offset + nb].copy_(unit.inverse)
                 unit.fisher = fisher[offset : offset + nb]
@@ -341,9 +359,19 @@ class MBF(torch.optim.Optimizer):
         """
         for unit in self._units:
             self._fold_queue(unit)
+        if self.storage == "packed":  # whole blocks, as copies
+            return [
+                UnitState(u.name, u.layout, list(u.params), *self._unpacked(u))
+                for u in self._units
+            ]
         return [
             UnitState(u.name, u.layout, list(u.params), u.fisher, u.inverse) for u in self._units
         ]
+
+    @staticmethod
+    def _unpacked(unit: Unit) -> tuple[Tensor, Tensor]:
+        packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
+        return packing.unpack(unit.fisher), packing.unpack(unit.inverse)
 
     def remove_hooks(self) -> None:
         """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
@@ -409,7 +437,13 @@ class MBF(torch.optim.Optimizer):
         weight = (
             1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
         )
-        if estimate.dim() == 2 and unit.queue_capacity and self._dist is None:
+        if unit.packed:
+            packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
+            if estimate.dim() == 2:
+                packing.lerp_outer_(fisher, estimate[blocks], weight)
+            else:
+                fisher.lerp_(packing.pack(estimate), weight)
+        elif estimate.dim() == 2 and unit.queue_capacity and self._dist is None:
             self._enqueue(unit, estimate, weight)
         elif estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
             # (unsqueeze(1) rather than a transposed view: CPU bmm is ~2.4x faster on it)
@@ -458,10 +492,15 @@ class MBF(torch.optim.Optimizer):
         for unit in bucket.units:
             self._fold_queue(unit)
         damping = self.param_groups[bucket.group]["damping"]
-        _, report = damped_inverse(bucket.fisher, damping, out=bucket.inverse)
+        if self.storage == "packed":
+            packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
+            report = packing.damped_inverse(bucket.fisher, damping, out=bucket.inverse)
+        else:
+            _, report = damped_inverse(bucket.fisher, damping, out=bucket.inverse)
         if report.nonfinite:
             # A poisoned statistic would poison every later step: start that block afresh.
-            bad = ~torch.isfinite(bucket.fisher).all(dim=(-2, -1))
+            per_block = tuple(range(1, bucket.fisher.dim()))
+            bad = ~torch.isfinite(bucket.fisher).all(dim=per_block)
             bucket.fisher[bad] = 0.0
         bucket.factored = True
         c = self._counters
@@ -526,15 +565,20 @@ class MBF(torch.optim.Optimizer):
             group = self.param_groups[bucket.group]
             if self._factor_due(bucket, members, refreshed):
                 self._factor(bucket)
-            rhs = bucket.fisher.new_empty(bucket.fisher.shape[:2])
+            rhs = bucket.fisher.new_empty(bucket.fisher.shape[0], bucket.block_size)
             for u in members:
                 self._momentum_blocks(u, group, rhs[u.offset : u.offset + u.layout.num_blocks])
+            solve = (
+                SymmetricPacking.of(bucket.block_size, rhs.device).solve
+                if self.storage == "packed"
+                else solve_blocks
+            )
             if len(members) == len(bucket.units):
-                solved = solve_blocks(bucket.inverse, rhs)
+                solved = solve(bucket.inverse, rhs)
                 parts = [solved[u.offset : u.offset + u.layout.num_blocks] for u in members]
             else:
                 parts = [
-                    solve_blocks(u.inverse, rhs[u.offset : u.offset + u.layout.num_blocks])
+                    solve(u.inverse, rhs[u.offset : u.offset + u.layout.num_blocks])
                     for u in members
                 ]
             for unit, part in zip(members, parts, strict=True):
@@ -613,6 +657,7 @@ class MBF(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["mbf"] = {
             "version": 2,
+            "storage": self.storage,
             "step": self._step_count,
             "counters": dict(self._counters),
             "units": [
@@ -673,6 +718,19 @@ class MBF(torch.optim.Optimizer):
             self._schedule_collection()
             raise
 
+    @staticmethod
+    def _in_storage(unit: Unit, fisher: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor]:
+        """Saved curvature converted to this optimizer's storage (full <-> packed)."""
+        size = unit.layout.block_size
+        full_shape = fisher.dim() == 3 and fisher.shape[1:] == (size, size)
+        packed_shape = fisher.dim() == 2 and fisher.shape[1] == packed_size(size)
+        packing = SymmetricPacking.of(size, fisher.device)
+        if unit.packed and full_shape:
+            return packing.pack(fisher), packing.pack(inverse)
+        if not unit.packed and packed_shape:
+            return packing.unpack(fisher), packing.unpack(inverse)
+        return fisher, inverse
+
     def _load(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
         saved_state = sd.get("state", {})
         super().load_state_dict(sd)
@@ -695,13 +753,14 @@ class MBF(torch.optim.Optimizer):
                 "was it saved for another model or param grouping?"
             )
         for unit, saved in zip(self._units, units, strict=True):
-            if saved["fisher"].shape != unit.fisher.shape:
+            fisher, inverse = self._in_storage(unit, saved["fisher"], saved["inverse"])
+            if fisher.shape != unit.fisher.shape:
                 raise ValueError(
                     f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} "
                     f"but has {tuple(unit.fisher.shape)} here (saved for another model?)"
                 )
-            unit.fisher.copy_(saved["fisher"])
-            unit.inverse.copy_(saved["inverse"])
+            unit.fisher.copy_(fisher)
+            unit.inverse.copy_(inverse)
             unit.stat_updates = int(saved["stat_updates"])
             unit.queue_weights = []
             queued = saved.get("queued")

@@ -52,6 +52,7 @@ class Unit:
     # Batch estimator: this step's and earlier gradients' blocks not yet folded into ``fisher``,
     # ``(num_blocks, queue_capacity, block_size)``, with the running-average weight of each.
     queue_capacity: int = 0
+    packed: bool = False  # statistics and inverses kept as upper triangles (storage="packed")
     queue: Tensor | None = None
     queue_weights: list[float] = field(default_factory=list)
 
@@ -67,7 +68,8 @@ class Unit:
         """Bytes of curvature (statistics, queued statistics, inverse) and momentum."""
         item = torch.empty((), dtype=self.dtype).element_size()
         size = self.layout.block_size
-        blocks = self.layout.num_blocks * size * size
+        per_block = size * (size + 1) // 2 if self.packed else size * size
+        blocks = self.layout.num_blocks * per_block
         queue = self.layout.num_blocks * self.queue_capacity * size
         return item * (2 * blocks + queue + self.layout.numel)
 
