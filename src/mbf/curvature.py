@@ -78,10 +78,11 @@ def linear_block_stats(
         # G_i = delta_i a_i^T is rank one: block (j, c) is sum_i delta_ij^2 a_ic a_ic^T, a GEMM.
         a2, d2 = a[:, 0], d[:, 0].square()
         per = layout.chunks * layout.block_size**2
+        flat = out.view(layout.rows, -1)  # (out, chunks * s * s): one GEMM, accumulated in place
         for sl in _chunks(n, per, chunk_elems):
             ab = layout.rows_to_blocks(a2[sl].unsqueeze(1))  # (n, chunks, s)
             outer = (ab.unsqueeze(-1) * ab.unsqueeze(-2)).reshape(ab.shape[0], -1)
-            out += (d2[sl].T @ outer).reshape(out.shape)
+            flat.addmm_(d2[sl].T, outer)
         return out
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
