@@ -472,7 +472,8 @@ class MBF(torch.optim.Optimizer):
         """``F <- (1 - a_k) ... (F (1 - a_1) + a_1 g_1 g_1^T) ... + a_k g_k g_k^T`` in one product.
 
         Expanded: ``F * prod_i (1 - a_i) + sum_i c_i g_i g_i^T`` with
-        ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``G^T diag(c) G`` for the queued rows ``G``.
+        ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``(sqrt(c) G)^T (sqrt(c) G)`` for the queued
+        rows ``G``.
         """
         weights = unit.queue_weights
         if not weights or unit.queue is None:
@@ -483,9 +484,12 @@ class MBF(torch.optim.Optimizer):
             keep *= 1.0 - a
         coeffs.reverse()
         rows = unit.queue[:, : len(weights)]
-        scale = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device)
+        # The queue is spent: scale it in place by sqrt(c) (c >= 0), so that both factors carry
+        # half the weight and no temporary of the queue's size is allocated.
+        roots = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device).sqrt_()
+        rows.mul_(roots[:, None])
         # beta = 0 (a first estimate in the queue) ignores the old statistics, NaN included.
-        unit.fisher.baddbmm_(rows.mT, rows * scale[:, None], beta=keep, alpha=1.0)
+        unit.fisher.baddbmm_(rows.mT, rows, beta=keep, alpha=1.0)
         weights.clear()
 
     def _factor(self, bucket: _Bucket) -> None:
