@@ -354,8 +354,9 @@ class MBF(torch.optim.Optimizer):
     def blocks(self) -> list[UnitState]:
         """Every unit's name, layout, parameters, running-average blocks and damped inverses.
 
-        The tensors are live views of the optimizer's state (read them, do not keep them);
-        queued statistics (see ``stat_buffer``) are folded in first.
+        The tensors are live views of the optimizer's state (read them, do not keep them), or
+        unpacked copies with ``storage="packed"``; queued statistics (see ``stat_buffer``) are
+        folded in first.
         """
         for unit in self._units:
             self._fold_queue(unit)
