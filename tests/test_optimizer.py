@@ -186,19 +186,22 @@ def test_momentum_and_both_weight_decays() -> None:
             torch.testing.assert_close(layer.weight.detach(), theta)
 
 
-def test_kl_clip_scales_the_step_as_kfac_does() -> None:
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_kl_clip_scales_the_step_as_kfac_does(weight_decay: float) -> None:
     torch.manual_seed(8)
     a, b = nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
     b.load_state_dict(a.state_dict())
     x = torch.randn(5, 4, dtype=torch.float64)
     lr, clip = 0.5, 1e-6
-    opt_a = MBF(a, lr=lr, momentum=0.0, damping=1e-2)
-    opt_b = MBF(b, lr=lr, momentum=0.0, damping=1e-2, kl_clip=clip)
+    kw = dict(lr=lr, momentum=0.0, damping=1e-2, weight_decay=weight_decay)
+    opt_a = MBF(a, **kw)
+    opt_b = MBF(b, kl_clip=clip, **kw)
     w0 = torch.cat([a.weight.detach(), a.bias.detach()[:, None]], 1)
     for opt, m in ((opt_a, a), (opt_b, b)):
         m(x).square().sum().backward()
         opt.step()
-    g = torch.cat([a.weight.grad, a.bias.grad[:, None]], 1)
+    # The preconditioned vector m is the gradient plus the L2 term (no momentum).
+    g = torch.cat([a.weight.grad, a.bias.grad[:, None]], 1) + weight_decay * w0
     d = (w0 - torch.cat([a.weight.detach(), a.bias.detach()[:, None]], 1)) / lr  # unclipped
     nu = min(1.0, (clip / (lr * lr * float((d * g).sum()))) ** 0.5)
     assert nu < 1.0

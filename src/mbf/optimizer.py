@@ -624,13 +624,20 @@ class MBF(torch.optim.Optimizer):
             if clip is None:
                 continue
             lr = float(group["lr"])
+            wd = group["weight_decay"]
+            l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
             terms = []
             for unit, _ in live:
                 if unit.group != g:
                     continue
                 for p, d in zip(unit.params, directions[id(unit)], strict=True):
-                    m = self.state[p].get("momentum_buffer")
-                    ref = m if m is not None else p.grad
+                    # The vector that was preconditioned: the momentum buffer, or without
+                    # momentum the gradient with its L2 term (as _momentum_blocks formed it).
+                    ref = self.state[p].get("momentum_buffer")
+                    if ref is None and p.grad is not None:
+                        ref = p.grad.to(d.dtype)
+                        if l2:
+                            ref = ref.add(p.to(d.dtype), alpha=l2)
                     if ref is not None:
                         terms.append(torch.vdot(d.reshape(-1), ref.to(d.dtype).reshape(-1)))
             # One host sync per group (a model may span devices: gather the terms on one).
