@@ -110,7 +110,10 @@ def _tnt(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     return TNT(_trainable(model), **hp)
 
 
-_MBF_DEFAULT_ESTIMATOR: str = inspect.signature(mbf.MBF).parameters["estimator"].default
+_MBF_SIGNATURE = inspect.signature(mbf.MBF).parameters
+_MBF_DEFAULT_ESTIMATOR: str = _MBF_SIGNATURE["estimator"].default
+# Constructor options of MBF that a run may override (`--set stat_buffer=8`), at MBF's defaults.
+_MBF_OPTIONS = {k: _MBF_SIGNATURE[k].default for k in ("stat_buffer", "storage")}
 
 # The schedule shared by the second-order methods (framework defaults; per task in TASK_DEFAULTS).
 _CURVATURE = {"momentum": 0.9, "stat_decay": 0.9, "stat_every": 1, "inv_every": 20}
@@ -150,28 +153,34 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "mbf",
             f"mini-block Fisher (mbf.MBF), default estimator {_MBF_DEFAULT_ESTIMATOR!r}",
-            {"lr": 1e-4, **mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR},
+            {"lr": 1e-4, **mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS},
             _mbf(None),
             needs_model=True,
         ),
         OptimizerSpec(
             "mbf-batch",
             "mini-block Fisher, F_b from the minibatch gradient g_b g_b^T",
-            {"lr": 1e-4, **mbf.DEFAULTS},
+            {"lr": 1e-4, **mbf.DEFAULTS, **_MBF_OPTIONS},
             _mbf("batch"),
             needs_model=True,
         ),
         OptimizerSpec(
             "mbf-per_example",
             "mini-block Fisher, per-example empirical Fisher blocks from hooks",
-            {"lr": 1e-4, **mbf.DEFAULTS, "loss_reduction": "mean"},
+            {"lr": 1e-4, **mbf.DEFAULTS, "loss_reduction": "mean", **_MBF_OPTIONS},
             _mbf("per_example"),
             needs_model=True,
         ),
         OptimizerSpec(
             "mbf-packed",
             "mini-block Fisher with storage='packed' (upper triangles: about half the memory)",
-            {"lr": 1e-4, **mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, "storage": "packed"},
+            {
+                "lr": 1e-4,
+                **mbf.DEFAULTS,
+                "estimator": _MBF_DEFAULT_ESTIMATOR,
+                **_MBF_OPTIONS,
+                "storage": "packed",
+            },
             _mbf(None),
             needs_model=True,
         ),
