@@ -44,10 +44,36 @@ def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
 GROUPED_MIN_POSITIONS = 128
 
 
-def _add_outer_sum(out: Tensor, blocks: Tensor) -> None:
+class Workspace:
+    """Reused scratch tensors for the chunked per-example computations.
+
+    Chunks are bounded by ``chunk_elems``, so the workspace is too; reusing it avoids a fresh
+    allocation per chunk, whose first touch (page faults) cost more than the arithmetic on the
+    project's machine (``docs/decisions.md``, section 3).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialized ``shape`` tensor of ``like``'s dtype and device, reusing memory."""
+        key = (name, like.dtype, like.device)
+        numel = math.prod(shape)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = like.new_empty(numel)
+        return buffer[:numel].view(shape)
+
+
+def _add_outer_sum(out: Tensor, blocks: Tensor, workspace: Workspace | None = None) -> None:
     """``out += sum_n b_n b_n^T`` for ``(n, B, s)`` blocks and a ``(B, s, s)`` ``out``."""
     # Block-major rows first: the batched product then runs ~2x faster than an einsum.
-    rows = blocks.transpose(0, 1).contiguous()
+    n, b, s = blocks.shape
+    if workspace is None:
+        rows = blocks.transpose(0, 1).contiguous()
+    else:
+        rows = workspace.get("rows", (b, n, s), blocks)
+        rows.copy_(blocks.transpose(0, 1))
     out.baddbmm_(rows.mT, rows)
 
 
@@ -56,6 +82,7 @@ def linear_block_stats(
     inputs: Tensor,
     grad_outputs: Tensor,
     chunk_elems: int = 1 << 24,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """``sum_i`` of the block outer products of each example's Linear gradient.
 
@@ -64,6 +91,7 @@ def linear_block_stats(
         inputs: ``(N, *, in)`` layer inputs.
         grad_outputs: ``(N, *, out)`` gradients of the loss with respect to the layer output.
         chunk_elems: bound on the per-example entries materialized at once.
+        workspace: reused scratch memory for the chunks (optional).
     """
     has_bias = len(layout.shapes) == 2
     n = inputs.shape[0]
@@ -86,7 +114,7 @@ def linear_block_stats(
         return out
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
-        _add_outer_sum(out, layout.rows_to_blocks(grads))
+        _add_outer_sum(out, layout.rows_to_blocks(grads), workspace)
     return out
 
 
@@ -137,6 +165,7 @@ def conv_block_stats(
     inputs: Tensor,
     grad_outputs: Tensor,
     chunk_elems: int = 1 << 24,
+    workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``sum_i`` of block outer products of each example's conv weight (and bias) gradient."""
     assert isinstance(module, nn.modules.conv._ConvNd)
@@ -160,12 +189,15 @@ def conv_block_stats(
         else:
             u = unfold_input(module, inputs[sl])
             u = u.reshape(u.shape[0], groups, -1, u.shape[-1])
-            grads = torch.einsum("ngop,ngqp->ngoq", d, u)  # (n, G, O_g, C_g * k)
+            # (n, G, O_g, C_g * k), written into reused memory when there is a workspace
+            shape = (*d.shape[:3], u.shape[2])
+            out_grads = None if workspace is None else workspace.get("grads", shape, d)
+            grads = torch.matmul(d, u.transpose(-1, -2), out=out_grads)
         rows = grads.reshape(grads.shape[0], layout.rows, layout.row_length)
-        _add_outer_sum(w_out, layout.rows_to_blocks(rows))
+        _add_outer_sum(w_out, layout.rows_to_blocks(rows), workspace)
         if bias_layout is not None and b_out is not None:
             bias_grads = d.sum(-1).reshape(-1, 1, c_out)
-            _add_outer_sum(b_out, bias_layout.rows_to_blocks(bias_grads))
+            _add_outer_sum(b_out, bias_layout.rows_to_blocks(bias_grads), workspace)
     return w_out, b_out
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .curvature import CONV_TYPES, conv_block_stats, linear_block_stats
+from .curvature import CONV_TYPES, Workspace, conv_block_stats, linear_block_stats
 from .units import Unit
 
 __all__ = ["PerExampleHooks"]
@@ -42,6 +42,7 @@ class PerExampleHooks:
         self._handles: list[RemovableHandle] = []
         self._calls: dict[nn.Module, int] = {}
         self._warned_reuse = False
+        self._workspace = Workspace()
         self.add(units)
 
     def add(self, units: list[Unit]) -> None:
@@ -93,7 +94,9 @@ class PerExampleHooks:
         scale = float(n * n) if self.loss_reduction == "mean" else 1.0
         if isinstance(module, nn.Linear):
             stats = {
-                units[0].role: linear_block_stats(units[0].layout, x, grad, self.chunk_elements)
+                units[0].role: linear_block_stats(
+                    units[0].layout, x, grad, self.chunk_elements, self._workspace
+                )
             }
         elif isinstance(module, CONV_TYPES):
             weight_unit = next(u for u in units if u.role == "conv_weight")
@@ -105,6 +108,7 @@ class PerExampleHooks:
                 x,
                 grad,
                 self.chunk_elements,
+                self._workspace,
             )
             stats = {"conv_weight": w} if b is None else {"conv_weight": w, "conv_bias": b}
         else:  # pragma: no cover - only served types are hooked
