@@ -38,7 +38,7 @@ from mbf import DEFAULTS
 from mbf.units import Unit, build_units
 
 from .figures import save_compact_png
-from .settings import add_threads_argument, torch_threads
+from .settings import add_threads_argument, positive_list, torch_threads
 from .small_data import DataError, digits_images, mnist_test_images
 from .tasks import default_data_dir
 
@@ -637,16 +637,6 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def _positive_floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1e-3,1e-2, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
 def _seed_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
@@ -674,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-steps", type=int, default=300, help="Adam steps before")
     parser.add_argument(
         "--dampings",
-        type=_positive_floats,
+        type=positive_list(float, "1e-3,1e-2"),
         default=[1e-3, 1e-2, 1e-1],
         help="gamma values; lambda = gamma * tr(F) / p",
     )

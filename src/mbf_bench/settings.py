@@ -22,7 +22,7 @@ import argparse
 import math
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,24 @@ def dump_config(
         lines += ["", f"[{_key(name)}]"]
         lines += [f"{_key(k)} = {format_value(v)}" for k, v in table.items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def positive_list(kind: type[int] | type[float], example: str) -> Callable[[str], list]:
+    """An argparse ``type``: a comma- or space-separated list of positive ``kind`` values."""
+    noun = "integers" if kind is int else "numbers"
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {noun} like {example}, got {text!r}"
+            ) from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive {noun}, got {text!r}")
+        return values
+
+    return parse
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

@@ -47,7 +47,7 @@ from mbf.blocks import BlockLayout
 from mbf.units import build_units
 
 from .figures import save_compact_png
-from .settings import add_threads_argument, torch_threads
+from .settings import add_threads_argument, positive_list, torch_threads
 from .small_data import DataError, digits_images, mnist_test_images
 from .tasks import default_data_dir
 
@@ -576,16 +576,6 @@ def plot_check(report: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 64,256, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mbf-bench theory",
@@ -608,7 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", help="folder with the MNIST files (default: $MBF_BENCH_DATA, else ./data)"
     )
     parser.add_argument(
-        "--widths", type=_positive_ints, default=[64, 256, 1024], help="hidden widths m"
+        "--widths",
+        type=positive_list(int, "64,256"),
+        default=[64, 256, 1024],
+        help="hidden widths m",
     )
     parser.add_argument("--iters", type=int, default=40, help="iterations per run")
     parser.add_argument(
