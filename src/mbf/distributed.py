@@ -487,8 +487,7 @@ class ShardedMBF:
             _, part = damped_inverse(fisher, damping, out=bucket.inverse[lo:hi])
             if part.nonfinite:  # a poisoned statistic would poison every later step: restart it
                 fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
-            for name in _REPORT_FIELDS:
-                setattr(report, name, getattr(report, name) + getattr(part, name))
+            report.add(part)
         bucket.factored = True
         bucket.sharded = True
 

@@ -30,6 +30,13 @@ class FactorReport:
     fallback: int = 0
     nonfinite: int = 0
 
+    def add(self, other: FactorReport) -> None:
+        """Count ``other``'s blocks in this report (factorizations done in parts)."""
+        self.blocks += other.blocks
+        self.retried += other.retried
+        self.fallback += other.fallback
+        self.nonfinite += other.nonfinite
+
 
 def _identity_like(matrix: Tensor) -> Tensor:
     return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)

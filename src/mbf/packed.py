@@ -91,8 +91,7 @@ class SymmetricPacking:
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             _, part = damped_inverse(blocks, damping, out=inverse[: hi - lo])
             out[lo:hi] = self.pack(inverse[: hi - lo])
-            for name in ("blocks", "retried", "fallback", "nonfinite"):
-                setattr(report, name, getattr(report, name) + getattr(part, name))
+            report.add(part)
 
         self._chunked(fisher, work, invert_chunk)
         return report
