@@ -89,6 +89,27 @@ def _check_group(group: dict[str, Any]) -> None:
         raise bad(f"kl_clip must be None or > 0, got {clip}")
 
 
+def _fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
+    """``F <- (1 - a_k) ... (F (1 - a_1) + a_1 g_1 g_1^T) ... + a_k g_k g_k^T`` in one product.
+
+    ``fisher``: ``(B, s, s)`` statistics, updated in place; ``rows``: the ``(B, k, s)`` queued
+    estimates ``g_i`` (spent: scaled in place); ``weights``: their running-average weights
+    ``a_i``. Expanded: ``F * prod_i (1 - a_i) + sum_i c_i g_i g_i^T`` with
+    ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``(sqrt(c) G)^T (sqrt(c) G)``.
+    """
+    coeffs, keep = [], 1.0
+    for a in reversed(weights):
+        coeffs.append(a * keep)
+        keep *= 1.0 - a
+    coeffs.reverse()
+    # Scale the spent rows in place by sqrt(c) (c >= 0), so that both factors carry half the
+    # weight and no temporary of the queue's size is allocated.
+    roots = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device).sqrt_()
+    rows.mul_(roots[:, None])
+    # beta = 0 (a first estimate in the queue) ignores the old statistics, NaN included.
+    fisher.baddbmm_(rows.mT, rows, beta=keep, alpha=1.0)
+
+
 class MBF(torch.optim.Optimizer):
     """Mini-block Fisher optimizer (Bahamou, Goldfarb & Ren, AISTATS 2023).
 
@@ -470,28 +491,10 @@ class MBF(torch.optim.Optimizer):
 
     @staticmethod
     def _fold_queue(unit: Unit) -> None:
-        """``F <- (1 - a_k) ... (F (1 - a_1) + a_1 g_1 g_1^T) ... + a_k g_k g_k^T`` in one product.
-
-        Expanded: ``F * prod_i (1 - a_i) + sum_i c_i g_i g_i^T`` with
-        ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``(sqrt(c) G)^T (sqrt(c) G)`` for the queued
-        rows ``G``.
-        """
-        weights = unit.queue_weights
-        if not weights or unit.queue is None:
-            return
-        coeffs, keep = [], 1.0
-        for a in reversed(weights):
-            coeffs.append(a * keep)
-            keep *= 1.0 - a
-        coeffs.reverse()
-        rows = unit.queue[:, : len(weights)]
-        # The queue is spent: scale it in place by sqrt(c) (c >= 0), so that both factors carry
-        # half the weight and no temporary of the queue's size is allocated.
-        roots = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device).sqrt_()
-        rows.mul_(roots[:, None])
-        # beta = 0 (a first estimate in the queue) ignores the old statistics, NaN included.
-        unit.fisher.baddbmm_(rows.mT, rows, beta=keep, alpha=1.0)
-        weights.clear()
+        """Fold the unit's queued estimates into its statistics (see :func:`_fold_rows`)."""
+        if unit.queue_weights and unit.queue is not None:
+            _fold_rows(unit.fisher, unit.queue[:, : len(unit.queue_weights)], unit.queue_weights)
+            unit.queue_weights.clear()
 
     def _factor(self, bucket: _Bucket) -> None:
         for unit in bucket.units:
@@ -765,7 +768,17 @@ class MBF(torch.optim.Optimizer):
                 "was it saved for another model or param grouping?"
             )
         for unit, saved in zip(self._units, units, strict=True):
-            fisher, inverse = self._in_storage(unit, saved["fisher"], saved["inverse"])
+            fisher, inverse = saved["fisher"], saved["inverse"]
+            queued = saved.get("queued")
+            weights = [float(w) for w in saved.get("queued_weights", [])]
+            # A queue this optimizer cannot keep (shorter queue, packed storage, several ranks
+            # that update statistics at once) is folded into the saved statistics first.
+            keeps = self._dist is None and len(weights) <= unit.queue_capacity
+            if queued is not None and not keeps:
+                fisher = fisher.clone()
+                _fold_rows(fisher, queued.clone(), weights)
+                queued, weights = None, []
+            fisher, inverse = self._in_storage(unit, fisher, inverse)
             if fisher.shape != unit.fisher.shape:
                 raise ValueError(
                     f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} "
@@ -775,21 +788,12 @@ class MBF(torch.optim.Optimizer):
             unit.inverse.copy_(inverse)
             unit.stat_updates = int(saved["stat_updates"])
             unit.queue_weights = []
-            queued = saved.get("queued")
             if queued is not None:
-                unit.queue_weights = [float(w) for w in saved["queued_weights"]]
-                if unit.queue_capacity >= len(unit.queue_weights) and unit.queue_capacity:
-                    unit.queue = unit.fisher.new_empty(
-                        unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
-                    )
-                    unit.queue[:, : len(unit.queue_weights)].copy_(queued)
-                else:  # saved with a longer queue than this optimizer keeps: fold it now
-                    unit.queue = queued.to(unit.fisher)
-                    self._fold_queue(unit)
-                    unit.queue = None
-        if self._dist is not None:  # mbf.distributed updates statistics at once: fold queues
-            for unit in self._units:
-                self._fold_queue(unit)
+                unit.queue = unit.fisher.new_empty(
+                    unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
+                )
+                unit.queue[:, : len(weights)].copy_(queued)
+                unit.queue_weights = weights
         for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
         self._step_count = int(extra["step"])
