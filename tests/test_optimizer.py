@@ -270,7 +270,10 @@ def test_queued_statistics_equal_folding_every_update(stat_every: int) -> None:
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_a_queue_saved_longer_than_the_loader_keeps_is_folded_on_load() -> None:
+@pytest.mark.parametrize("loader", [{"stat_buffer": 1}, {"storage": "packed"}])
+def test_a_queue_the_loader_cannot_keep_is_folded_on_load(loader: dict) -> None:
+    # A shorter queue, or packed storage (no queue at all): the saved queue is folded into the
+    # statistics on load, and the run goes on as if uninterrupted.
     torch.manual_seed(7)
     data = [_batch() for _ in range(6)]
     torch.manual_seed(8)
@@ -284,9 +287,9 @@ def test_a_queue_saved_longer_than_the_loader_keeps_is_folded_on_load() -> None:
             _loss(model, x, y).backward()
             opt.step()
         if t == 2:  # two updates queued (the first was folded to factor at once): load them
-            saved = opt_b.state_dict()  # into an optimizer that keeps one
+            saved = opt_b.state_dict()  # into an optimizer that keeps fewer
             assert len(saved["mbf"]["units"][0]["queued_weights"]) == 2
-            opt_b = MBF(b, lr=0.05, inv_every=50, stat_buffer=1)
+            opt_b = MBF(b, lr=0.05, inv_every=50, **loader)
             opt_b.load_state_dict(saved)
     torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
     for u, v in zip(opt_b.blocks(), opt_a.blocks(), strict=True):

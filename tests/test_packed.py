@@ -117,31 +117,6 @@ def test_packed_save_resume_is_bitwise_and_loads_across_storages() -> None:
             torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
 
 
-def test_a_full_state_with_queued_statistics_loads_into_packed_storage() -> None:
-    # Packed storage keeps no queue: the saved queue is folded into the statistics on load.
-    torch.manual_seed(5)
-    data = [_batch() for _ in range(6)]
-    torch.manual_seed(6)
-    a, b = _net(), _net()
-    b.load_state_dict(a.state_dict())
-    kw = dict(lr=0.05, inv_every=50, max_block_size=5)
-    opt_a = MBF(a, stat_buffer=8, **kw)
-    opt_b = MBF(b, stat_buffer=8, **kw)
-    for t, (x, y) in enumerate(data):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
-        if t == 2:
-            saved = opt_b.state_dict()
-            assert len(saved["mbf"]["units"][0]["queued_weights"]) == 2
-            opt_b = MBF(b, storage="packed", **kw)
-            opt_b.load_state_dict(saved)
-    torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
-    for u, v in zip(opt_b.blocks(), opt_a.blocks(), strict=True):
-        torch.testing.assert_close(u.fisher, v.fisher, rtol=1e-12, atol=1e-14)
-
-
 def test_unknown_storage_is_refused() -> None:
     with pytest.raises(ValueError, match="storage"):
         MBF(nn.Linear(2, 2), lr=0.1, storage="triangles")
