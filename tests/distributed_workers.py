@@ -32,10 +32,14 @@ HYPER: dict[str, Any] = {
     "momentum": 0.9,
     "damping": 0.05,
     "stat_decay": 0.9,
-    "inv_every": 2,
+    "inv_every": 3,  # with early_refresh: factored at steps 0, 1 (2nd update), 3
     "max_block_size": 5,  # several buckets (block sizes 5, 3, 2), each split over the ranks
     "weight_decay": 1e-3,
     "kl_clip": 1e-2,
+    # Bias-corrected inverses: every rank must scale every unit alike.
+    "graft": None,
+    "bias_correction": True,
+    "early_refresh": True,
 }
 
 

@@ -1,7 +1,7 @@
 """mbf: the mini-block Fisher optimizer for PyTorch (Bahamou, Goldfarb & Ren, AISTATS 2023)."""
 
 from .blocks import BlockLayout
-from .optimizer import DEFAULTS, MBF
+from .optimizer import DEFAULTS, MBF, PAPER
 
-__all__ = ["DEFAULTS", "MBF", "BlockLayout"]
+__all__ = ["DEFAULTS", "MBF", "PAPER", "BlockLayout"]
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .linalg import FactorReport, damped_inverse, solve_blocks
+from .linalg import FactorReport, solve_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .optimizer import MBF, _Bucket
@@ -478,16 +478,10 @@ class ShardedMBF:
                 sends.append(solve_blocks(bucket.inverse[lo:hi], full[lo:hi]))
         if factored:
             self._sync_report(opt, pieces[0].bucket, report, factored)
-        return self._exchange(pieces, sends, rhs_of)
+        return self._exchange(opt, pieces, sends, rhs_of)
 
     def _invert(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
-        if hi > lo:
-            damping = opt.param_groups[bucket.group]["damping"]
-            fisher = bucket.fisher[lo:hi]
-            _, part = damped_inverse(fisher, damping, out=bucket.inverse[lo:hi])
-            if part.nonfinite:  # a poisoned statistic would poison every later step: restart it
-                fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
-            report.add(part)
+        report.add(opt._factor_range(bucket, lo, hi))
         bucket.factored = True
         bucket.sharded = True
 
@@ -507,7 +501,7 @@ class ShardedMBF:
         c["nonfinite_blocks"] += nonfinite
 
     def _exchange(
-        self, pieces: list[_Piece], sends: list[Tensor], rhs_of: list[Tensor]
+        self, opt: MBF, pieces: list[_Piece], sends: list[Tensor], rhs_of: list[Tensor]
     ) -> dict[int, list[Tensor]]:
         if not pieces:
             return {}
@@ -538,7 +532,7 @@ class ShardedMBF:
                 offsets[r] += n
             for unit in piece.members:
                 part = solved[unit.offset : unit.offset + unit.layout.num_blocks]
-                directions[id(unit)] = unit.layout.from_blocks(part)
+                directions[id(unit)] = opt._finish_direction(unit, part)
         return directions
 
     # -------------------------------------------------------------- checkpoints

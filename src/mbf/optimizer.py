@@ -14,16 +14,18 @@ from torch import Tensor, nn
 from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
-from .linalg import damped_inverse, solve_blocks
+from .linalg import FactorReport, damped_inverse, solve_blocks
 from .packed import SymmetricPacking, packed_size
 from .units import Unit, build_units, state_dtype
 
-__all__ = ["DEFAULTS", "MBF", "UnitState"]
+__all__ = ["DEFAULTS", "GRAFTS", "MBF", "PAPER", "UnitState"]
 
 ESTIMATORS = ("batch", "per_example")
 STORAGES = ("full", "packed")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
+#: Step lengths a block's direction can be grafted onto (``graft``): Adam's or SGD-m's.
+GRAFTS = (None, "adam", "sgd")
 
 #: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
 DEFAULTS: dict[str, Any] = {
@@ -37,6 +39,27 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "decoupled_weight_decay": False,
     "kl_clip": None,
+    "graft": None,
+    "graft_beta2": 0.999,
+    "graft_eps": 1e-8,
+    "bias_correction": False,
+    "early_refresh": False,
+}
+
+#: The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
+#: ``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
+#: whose first estimate is taken as it is and inverses refreshed every ``inv_every`` steps only.
+#: ``MBF(model, **PAPER)`` gives exactly that form whatever the library defaults are.
+PAPER: dict[str, Any] = {
+    "lr": 0.01,
+    "momentum": 0.9,
+    "damping": 0.3,
+    "stat_decay": 0.9,
+    "stat_every": 1,
+    "inv_every": 20,
+    "graft": None,
+    "bias_correction": False,
+    "early_refresh": False,
 }
 
 
@@ -87,6 +110,15 @@ def _check_group(group: dict[str, Any]) -> None:
     clip = group["kl_clip"]
     if clip is not None and not (clip > 0.0):
         raise bad(f"kl_clip must be None or > 0, got {clip}")
+    if group["graft"] not in GRAFTS:
+        raise bad(f"graft must be one of {GRAFTS}, got {group['graft']!r}")
+    if not (0.0 <= group["graft_beta2"] < 1.0):
+        raise bad(f"graft_beta2 must be in [0, 1), got {group['graft_beta2']}")
+    if not (group["graft_eps"] > 0.0 and math.isfinite(group["graft_eps"])):
+        raise bad(f"graft_eps must be a finite number > 0, got {group['graft_eps']}")
+    for key in ("bias_correction", "early_refresh"):
+        if not isinstance(group[key], bool):
+            raise bad(f"{key} must be True or False, got {group[key]!r}")
 
 
 def _fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
@@ -119,7 +151,11 @@ class MBF(torch.optim.Optimizer):
 
         m <- momentum * m + (g + weight_decay * theta)       (L2 decay, the default)
         d_b = (F_b + damping * I)^-1 m_b                     for every mini-block b
+        d_b <- |a_b| d_b / |d_b|                             (graft: a = Adam's or SGD-m's step)
         theta <- theta - lr * d   [- lr * weight_decay * theta when decoupled]
+
+    ``MBF(model, **PAPER)`` is the paper's form (no grafting, first estimate as it is, factoring
+    every ``inv_every`` steps); :data:`DEFAULTS` are the library's defaults.
 
     ``F_b`` is a running average (``stat_decay``) of a per-step estimate refreshed every
     ``stat_every`` steps and factored every ``inv_every`` steps.
@@ -138,6 +174,19 @@ class MBF(torch.optim.Optimizer):
         weight_decay: L2 coefficient (added to the gradient) or, with
             ``decoupled_weight_decay=True``, decoupled decay (AdamW style).
         kl_clip: if set, scale the update so ``lr**2 * d . m <= kl_clip`` (KFAC's KL clip).
+        graft: ``None`` (the paper's step), ``"adam"`` or ``"sgd"``: keep the direction
+            ``d_b`` of every mini-block but give it the length of Adam's update
+            ``m_hat / (sqrt(v_hat) + graft_eps)`` (or of SGD-m's, the momentum ``m_b``) for the
+            same block, so that ``lr`` means what it means for that optimizer and one damping
+            serves blocks of any scale (as Distributed Shampoo grafts onto Adam).
+        graft_beta2, graft_eps: Adam's ``beta2`` and ``eps`` for ``graft="adam"`` (its
+            ``beta1`` is ``momentum``; costs one float per parameter).
+        bias_correction: start the statistics from zero with weight ``1 - stat_decay`` and
+            divide by ``1 - stat_decay^n`` when factoring (Adam's bias correction), instead of
+            taking the first estimate as it is.
+        early_refresh: also factor after the 1st, 2nd, 4th, 8th, ... statistics update (below
+            ``inv_every``), so the first inverses are not rank-one estimates kept for
+            ``inv_every`` steps.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
@@ -183,6 +232,11 @@ class MBF(torch.optim.Optimizer):
         weight_decay: float = DEFAULTS["weight_decay"],
         decoupled_weight_decay: bool = DEFAULTS["decoupled_weight_decay"],
         kl_clip: float | None = DEFAULTS["kl_clip"],
+        graft: str | None = DEFAULTS["graft"],
+        graft_beta2: float = DEFAULTS["graft_beta2"],
+        graft_eps: float = DEFAULTS["graft_eps"],
+        bias_correction: bool = DEFAULTS["bias_correction"],
+        early_refresh: bool = DEFAULTS["early_refresh"],
         estimator: str = "batch",
         loss_reduction: str = "mean",
         model: nn.Module | None = None,
@@ -248,6 +302,11 @@ class MBF(torch.optim.Optimizer):
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
             kl_clip=kl_clip,
+            graft=graft,
+            graft_beta2=graft_beta2,
+            graft_eps=graft_eps,
+            bias_correction=bias_correction,
+            early_refresh=early_refresh,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -293,11 +352,9 @@ class MBF(torch.optim.Optimizer):
         for unit in units:
             prev = old.get(tuple(id(p) for p in unit.params))
             if prev is not None and prev.layout.num_blocks == unit.layout.num_blocks:
-                unit.fisher, unit.inverse, unit.stat_updates = (
-                    prev.fisher,
-                    prev.inverse,
-                    prev.stat_updates,
-                )
+                unit.fisher, unit.inverse = prev.fisher, prev.inverse
+                unit.stat_updates, unit.stat_mass = prev.stat_updates, prev.stat_mass
+                unit.inverse_scale = prev.inverse_scale
         self._units = units
         self._buckets = self._make_buckets(units)
         self._hooks.remove()
@@ -455,10 +512,12 @@ class MBF(torch.optim.Optimizer):
         if estimate is None:
             return False
         fisher = unit.fisher[blocks]
-        # The first estimate is taken as it is; later ones enter the running average.
-        weight = (
-            1.0 if unit.stat_updates == 0 else 1.0 - self.param_groups[unit.group]["stat_decay"]
-        )
+        # The first estimate is taken as it is (or, with bias correction, enters a running
+        # average that starts from zero); later ones enter the running average.
+        group = self.param_groups[unit.group]
+        first = unit.stat_updates == 0 and not group["bias_correction"]
+        weight = 1.0 if first else 1.0 - group["stat_decay"]
+        unit.stat_mass = (1.0 - weight) * unit.stat_mass + weight
         if unit.packed:
             packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
             if estimate.dim() == 2:
@@ -496,20 +555,44 @@ class MBF(torch.optim.Optimizer):
             _fold_rows(unit.fisher, unit.queue[:, : len(unit.queue_weights)], unit.queue_weights)
             unit.queue_weights.clear()
 
-    def _factor(self, bucket: _Bucket) -> None:
-        for unit in bucket.units:
-            self._fold_queue(unit)
+    def _factor_range(self, bucket: _Bucket, lo: int, hi: int) -> FactorReport:
+        """Factor the bucket's blocks ``lo:hi`` into its inverses (all of it, or a rank's share).
+
+        The inverse of the corrected statistics ``(F / c + damping I)^-1`` is
+        ``c (F + c damping I)^-1``, with ``c`` the unit's ``stat_mass``: blocks are factored
+        with damping ``c * damping`` in runs of units of equal ``c`` (one run as a rule), and
+        ``c`` is kept as the unit's ``inverse_scale`` for the solve.
+        """
+        report = FactorReport()
         damping = self.param_groups[bucket.group]["damping"]
-        if self.storage == "packed":
-            packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
-            report = packing.damped_inverse(bucket.fisher, damping, out=bucket.inverse)
-        else:
-            _, report = damped_inverse(bucket.fisher, damping, out=bucket.inverse)
-        if report.nonfinite:
-            # A poisoned statistic would poison every later step: start that block afresh.
-            per_block = tuple(range(1, bucket.fisher.dim()))
-            bad = ~torch.isfinite(bucket.fisher).all(dim=per_block)
-            bucket.fisher[bad] = 0.0
+        runs: list[tuple[int, int, float]] = []
+        for unit in bucket.units:
+            # Every rank sets every unit's scale: all of them apply all directions.
+            scale = unit.inverse_scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
+            a, b = max(lo, unit.offset), min(hi, unit.offset + unit.layout.num_blocks)
+            if a >= b:
+                continue
+            self._fold_queue(unit)
+            if runs and runs[-1][1] == a and runs[-1][2] == scale:
+                runs[-1] = (runs[-1][0], b, scale)
+            else:
+                runs.append((a, b, scale))
+        for a, b, scale in runs:
+            fisher, out = bucket.fisher[a:b], bucket.inverse[a:b]
+            if self.storage == "packed":
+                packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
+                part = packing.damped_inverse(fisher, damping * scale, out=out)
+            else:
+                _, part = damped_inverse(fisher, damping * scale, out=out)
+            if part.nonfinite:
+                # A poisoned statistic would poison every later step: start that block afresh.
+                per_block = tuple(range(1, fisher.dim()))
+                fisher[~torch.isfinite(fisher).all(dim=per_block)] = 0.0
+            report.add(part)
+        return report
+
+    def _factor(self, bucket: _Bucket) -> None:
+        report = self._factor_range(bucket, 0, bucket.fisher.shape[0])
         bucket.factored = True
         c = self._counters
         c["factorizations"] += 1
@@ -559,9 +642,18 @@ class MBF(torch.optim.Optimizer):
 
     def _factor_due(self, bucket: _Bucket, members: list[Unit], refreshed: set[int]) -> bool:
         """Whether the bucket is factored this step: on schedule, on first statistics, or never."""
-        due = self._step_count % self.param_groups[bucket.group]["inv_every"] == 0
-        first = any(id(u) in refreshed and u.stat_updates == 1 for u in members)
+        group = self.param_groups[bucket.group]
+        due = self._step_count % group["inv_every"] == 0
+        first = any(id(u) in refreshed and self._early(u.stat_updates, group) for u in members)
         return due or first or not bucket.factored
+
+    @staticmethod
+    def _early(updates: int, group: dict[str, Any]) -> bool:
+        """Whether a unit's ``updates``-th statistics update calls for a factorization now."""
+        if updates == 1:
+            return True
+        power_of_two = updates & (updates - 1) == 0
+        return bool(group["early_refresh"]) and power_of_two and updates < group["inv_every"]
 
     def _precondition(self, live_ids: set[int], refreshed: set[int]) -> dict[int, list[Tensor]]:
         """Factor what is due and solve every live unit's blocks; ``{id(unit): [d, ...]}``."""
@@ -590,14 +682,34 @@ class MBF(torch.optim.Optimizer):
                     for u in members
                 ]
             for unit, part in zip(members, parts, strict=True):
-                directions[id(unit)] = unit.layout.from_blocks(part)
+                directions[id(unit)] = self._finish_direction(unit, part)
         return directions
 
+    def _finish_direction(self, unit: Unit, solved: Tensor) -> list[Tensor]:
+        """The unit's solved blocks as parameter-shaped directions, corrected and grafted.
+
+        ``solved`` (the unit's ``(num_blocks, s)`` ``inverse`` times momentum) is scaled in place
+        by the inverse's bias correction, or, with ``graft``, to the grafted step's block lengths.
+        """
+        if unit.graft_norms is not None:
+            lengths = torch.linalg.vector_norm(solved, dim=1, keepdim=True)
+            tiny = torch.finfo(solved.dtype).tiny
+            solved.mul_(unit.graft_norms.unsqueeze(1) / lengths.clamp_min_(tiny))
+            unit.graft_norms = None
+        elif unit.inverse_scale != 1.0:
+            solved.mul_(unit.inverse_scale)
+        return unit.layout.from_blocks(solved)
+
     def _momentum_blocks(self, unit: Unit, group: dict[str, Any], out: Tensor) -> None:
-        """Update the momentum of the unit's parameters and write it, as blocks, into ``out``."""
+        """Update the momentum of the unit's parameters and write it, as blocks, into ``out``.
+
+        With ``graft``, also leave the per-block lengths of the grafted step (Adam's
+        ``m_hat / (sqrt(v_hat) + eps)``, or the momentum itself) in ``unit.graft_norms``.
+        """
         mu, wd = group["momentum"], group["weight_decay"]
         l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
-        bufs = []
+        graft = group["graft"]
+        bufs, adam_steps = [], []
         for p in unit.params:
             g = p.grad
             d = (
@@ -607,16 +719,39 @@ class MBF(torch.optim.Optimizer):
             )
             if l2:
                 d = d.add(p.to(unit.dtype), alpha=l2)
+            state = self.state[p]
+            if graft == "adam":
+                sq = state.get("graft_sq")
+                if sq is None:
+                    sq = state["graft_sq"] = torch.zeros_like(d)
+                    state["graft_steps"] = 0
+                beta2 = group["graft_beta2"]
+                sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
+                state["graft_steps"] += 1
+                denom = (sq / (1.0 - beta2 ** state["graft_steps"])).sqrt_()
+                denom.add_(group["graft_eps"])
             if mu:
-                state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = d.clone()
+                    state["momentum_steps"] = 1
                 else:
                     buf.mul_(mu).add_(d)
+                    state["momentum_steps"] = state.get("momentum_steps", 0) + 1
                 d = buf
+            if graft == "adam":
+                # Adam's bias-corrected first moment is (1 - mu) m / (1 - mu^t) of our heavy ball.
+                first = (1.0 - mu) / (1.0 - mu ** state["momentum_steps"]) if mu else 1.0
+                adam_steps.append(d.mul(first).div_(denom))
             bufs.append(d)
         unit.layout.to_blocks(bufs, out=out)
+        if graft == "adam":
+            steps = unit.layout.to_blocks(adam_steps)
+            unit.graft_norms = torch.linalg.vector_norm(steps, dim=1)
+        elif graft == "sgd":
+            unit.graft_norms = torch.linalg.vector_norm(out, dim=1)
+        else:
+            unit.graft_norms = None
 
     def _apply(
         self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]
@@ -683,6 +818,8 @@ class MBF(torch.optim.Optimizer):
                     "fisher": u.fisher,
                     "inverse": u.inverse,
                     "stat_updates": u.stat_updates,
+                    "stat_mass": u.stat_mass,
+                    "inverse_scale": u.inverse_scale,
                     "queued": None
                     if u.queue is None or not u.queue_weights
                     else u.queue[:, : len(u.queue_weights)],
@@ -787,6 +924,9 @@ class MBF(torch.optim.Optimizer):
             unit.fisher.copy_(fisher)
             unit.inverse.copy_(inverse)
             unit.stat_updates = int(saved["stat_updates"])
+            # Saved before bias correction existed: the first estimate was taken as it is.
+            unit.stat_mass = float(saved.get("stat_mass", 1.0 if unit.stat_updates else 0.0))
+            unit.inverse_scale = float(saved.get("inverse_scale", 1.0))
             unit.queue_weights = []
             if queued is not None:
                 unit.queue = unit.fisher.new_empty(

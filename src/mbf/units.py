@@ -46,6 +46,14 @@ class Unit:
     inverse: Tensor = field(default_factory=lambda: torch.empty(0))
     offset: int = 0
     stat_updates: int = 0
+    # Total running-average weight in ``fisher``: 1 once the first estimate is taken as it is,
+    # ``1 - stat_decay^n`` with bias correction; statistics are ``fisher / stat_mass``.
+    stat_mass: float = 0.0
+    # ``stat_mass`` when ``inverse`` was factored: the inverse of the corrected statistics is
+    # ``inverse_scale * inverse`` (``inverse`` holds ``(fisher + stat_mass damping I)^-1``).
+    inverse_scale: float = 1.0
+    # This step's per-block lengths of the step the direction is grafted onto (``graft``).
+    graft_norms: Tensor | None = None
     collect: bool = False
     pending: Tensor | None = None
     pending_count: int = 0

@@ -1,0 +1,283 @@
+"""The step options beyond the paper's form: grafting, bias-corrected statistics, early refreshes.
+
+Each is checked against an independent float64 reference of its definition (dense blocks from
+``BlockLayout.dense_indices``), and through equivalences that must hold exactly: with blocks of
+size one, grafting onto Adam is Adam and grafting onto SGD-m is SGD-m.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mbf import MBF, PAPER
+
+# Everything the references below depend on, spelled out (never the library defaults).
+BASE = dict(
+    lr=0.05,
+    momentum=0.8,
+    damping=1e-3,
+    stat_decay=0.7,
+    stat_every=1,
+    inv_every=1,
+    max_block_size=3,
+    weight_decay=0.0,
+    graft=None,
+    bias_correction=False,
+    early_refresh=False,
+)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4), nn.Tanh(),
+        nn.Linear(4, 3),
+    ).double()
+
+
+def _loss(model: nn.Module, step: int) -> Tensor:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(8, 2, 4, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+class Reference:
+    """A float64 re-implementation of MBF's step with the batch estimator, one unit at a time.
+
+    Each unit: the dense running average ``F`` of ``g g^T`` (bias-corrected or first-as-is),
+    its blocks ``F_b`` factored on the schedule, the heavy-ball momentum ``m``, Adam's second
+    moment ``v`` for grafting.
+    """
+
+    def __init__(self, opt: MBF, hp: dict) -> None:
+        self.hp = hp
+        self.units = [(u.layout, list(u.params)) for u in opt.blocks()]
+        self.fisher = [torch.zeros(lay.numel, lay.numel, dtype=torch.float64)
+                       for lay, _ in self.units]
+        self.mass = [0.0] * len(self.units)
+        self.updates = [0] * len(self.units)
+        self.inverse: list[list[Tensor]] = [[] for _ in self.units]
+        self.m = [torch.zeros(lay.numel, dtype=torch.float64) for lay, _ in self.units]
+        self.v = [torch.zeros(lay.numel, dtype=torch.float64) for lay, _ in self.units]
+        self.t = 0
+
+    def _factor(self, i: int) -> None:
+        layout, hp = self.units[i][0], self.hp
+        fisher = self.fisher[i] / self.mass[i]
+        eye = torch.eye(layout.numel, dtype=torch.float64)
+        self.inverse[i] = [
+            torch.linalg.inv(fisher[idx][:, idx] + hp["damping"] * eye[idx][:, idx])
+            for idx in layout.dense_indices()
+        ]
+
+    def step(self) -> None:
+        hp = self.hp
+        self.t += 1
+        mu, beta, beta2, eps = hp["momentum"], hp["stat_decay"], 0.999, 1e-8
+        for i, (layout, params) in enumerate(self.units):
+            g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+            first = self.updates[i] == 0 and not hp["bias_correction"]
+            weight = 1.0 if first else 1.0 - beta
+            self.fisher[i] = (1 - weight) * self.fisher[i] + weight * torch.outer(g, g)
+            self.mass[i] = (1 - weight) * self.mass[i] + weight
+            self.updates[i] += 1
+            n = self.updates[i]
+            early = hp["early_refresh"] and n & (n - 1) == 0 and n < hp["inv_every"]
+            if (self.t - 1) % hp["inv_every"] == 0 or n == 1 or early:
+                self._factor(i)
+            self.m[i] = mu * self.m[i] + g
+            self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
+            adam = (self.m[i] * (1 - mu) / (1 - mu**self.t)) / (
+                (self.v[i] / (1 - beta2**self.t)).sqrt() + eps
+            )
+            direction = torch.zeros_like(g)
+            for inv, idx in zip(self.inverse[i], layout.dense_indices(), strict=True):
+                d = inv @ self.m[i][idx]
+                if hp["graft"] == "adam":
+                    d = d * adam[idx].norm() / d.norm()
+                elif hp["graft"] == "sgd":
+                    d = d * self.m[i][idx].norm() / d.norm()
+                direction[idx] = d
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    k = p.numel()
+                    p.sub_(hp["lr"] * direction[offset : offset + k].view_as(p))
+                    offset += k
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"bias_correction": True},
+        {"bias_correction": True, "inv_every": 3},
+        {"early_refresh": True, "inv_every": 6},
+        {"bias_correction": True, "early_refresh": True, "inv_every": 5},
+        {"graft": "adam"},
+        {"graft": "sgd"},
+        {"graft": "adam", "bias_correction": True, "early_refresh": True, "inv_every": 4},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper",
+)
+def test_steps_equal_the_float64_reference(options: dict) -> None:
+    hp = {**BASE, **options}
+    model, twin = _net(), _net()
+    opt = MBF(model, **hp, stat_buffer=1)
+    reference_opt = MBF(twin, **hp, stat_buffer=1)  # only for its unit layouts
+    ref = Reference(reference_opt, hp)
+    for step in range(9):
+        for m in (model, twin):
+            m.zero_grad()
+            _loss(m, step).backward()
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+        # Blocks damped by 1e-3 are ill-conditioned and the loss is chaotic in the parameters:
+        # rounding would grow tenfold a step, so both go on from the same parameters.
+        twin.load_state_dict(model.state_dict())
+
+
+def test_early_refresh_factors_at_powers_of_two_then_on_schedule() -> None:
+    model = _net()
+    opt = MBF(model, **{**BASE, "inv_every": 20, "early_refresh": True})
+    factored_at = []
+    for step in range(45):
+        before = opt.counters["factorizations"]
+        model.zero_grad()
+        _loss(model, step).backward()
+        opt.step()
+        if opt.counters["factorizations"] > before:
+            factored_at.append(step)
+    # Statistics update n is taken at step n - 1; the schedule factors at steps 0, 20, 40.
+    assert factored_at == [0, 1, 3, 7, 15, 20, 40]
+
+
+def test_bias_corrected_statistics_are_the_normalized_running_average() -> None:
+    layer = nn.Linear(3, 2).double()
+    opt = MBF(
+        layer, **{**BASE, "bias_correction": True, "inv_every": 100, "max_block_size": 4},
+        stat_buffer=1,
+    )
+    total, mass = torch.zeros(2, 4, 4, dtype=torch.float64), 0.0
+    for step in range(5):
+        layer.zero_grad()
+        gen = torch.Generator().manual_seed(step)
+        layer(torch.randn(4, 3, dtype=torch.float64, generator=gen)).sin().sum().backward()
+        g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        total = 0.7 * total + 0.3 * g[:, :, None] * g[:, None, :]
+        mass = 0.7 * mass + 0.3
+        opt.step()
+    unit = opt.blocks()[0]
+    torch.testing.assert_close(unit.fisher, total)  # the raw running average, from zero
+    torch.testing.assert_close(mass, 1 - 0.7**5)
+    # Factored once, at the first update: the inverse of g_0 g_0^T + damping I (mass 0.3).
+    first = torch.load(io.BytesIO(_saved(opt)), weights_only=False)["mbf"]["units"][0]
+    assert first["stat_mass"] == pytest.approx(1 - 0.7**5)
+    assert first["inverse_scale"] == pytest.approx(0.3)
+
+
+def _saved(opt: MBF) -> bytes:
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    return buf.getvalue()
+
+
+def test_graft_adam_with_blocks_of_one_is_adam() -> None:
+    model, twin = _net(), _net()
+    opt = MBF(model, **{**BASE, "max_block_size": 1, "graft": "adam", "lr": 0.01})
+    adam = torch.optim.Adam(twin.parameters(), lr=0.01, betas=(0.8, 0.999), eps=1e-8)
+    for step in range(6):
+        for m, o in ((model, opt), (twin, adam)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+
+
+def test_graft_sgd_with_blocks_of_one_is_sgd_with_momentum() -> None:
+    model, twin = _net(), _net()
+    opt = MBF(model, **{**BASE, "max_block_size": 1, "graft": "sgd", "lr": 0.1})
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.8)
+    for step in range(6):
+        for m, o in ((model, opt), (twin, sgd)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+
+
+def test_graft_makes_the_step_invariant_to_the_loss_scale() -> None:
+    """Adam's step does not change when the loss is multiplied by c; nor does grafted MBF's
+    (with damping scaled by c^2, the preconditioned direction is unchanged too)."""
+    model, twin = _net(), _net()
+    c = 1e3
+    opt = MBF(model, **{**BASE, "graft": "adam", "graft_eps": 1e-30})
+    opt2 = MBF(twin, **{**BASE, "graft": "adam", "graft_eps": 1e-30, "damping": 1e-3 * c * c})
+    for step in range(4):
+        for m, o, scale in ((model, opt, 1.0), (twin, opt2, c)):
+            o.zero_grad()
+            (scale * _loss(m, step)).backward()
+            o.step()
+    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-7, atol=1e-10)
+
+
+def test_new_options_resume_bitwise() -> None:
+    hp = {**BASE, "graft": "adam", "bias_correction": True, "early_refresh": True,
+          "inv_every": 6}
+    model, twin = _net(), _net()
+    opt = MBF(model, **hp)
+    for step in range(5):
+        model.zero_grad()
+        _loss(model, step).backward()
+        opt.step()
+    twin.load_state_dict(model.state_dict())
+    opt2 = MBF(twin, **hp)
+    opt2.load_state_dict(torch.load(io.BytesIO(_saved(opt)), weights_only=False))
+    for step in range(5, 12):
+        for m, o in ((model, opt), (twin, opt2)):
+            m.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+    assert torch.equal(_flat(model), _flat(twin))
+
+
+def test_paper_configuration_is_the_paper_form() -> None:
+    """``PAPER`` switches every new option off: the update is ``(F_b + damping I)^-1 m_b``."""
+    assert PAPER["graft"] is None and not PAPER["bias_correction"]
+    assert not PAPER["early_refresh"]
+    layer = nn.Linear(3, 2).double()
+    opt = MBF(layer, **{**PAPER, "inv_every": 1, "momentum": 0.0})
+    w0 = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1).clone()
+    layer(torch.randn(5, 3, dtype=torch.float64)).square().sum().backward()
+    g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+    opt.step()
+    eye = torch.eye(4, dtype=torch.float64)
+    expected = torch.stack([torch.linalg.solve(torch.outer(r, r) + PAPER["damping"] * eye, r)
+                            for r in g])
+    moved = w0 - torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
+    torch.testing.assert_close(moved, PAPER["lr"] * expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"graft": "lamb"}, "graft"),
+        ({"graft_beta2": 1.0}, "graft_beta2"),
+        ({"graft_eps": 0.0}, "graft_eps"),
+        ({"bias_correction": 1}, "bias_correction"),
+        ({"early_refresh": "yes"}, "early_refresh"),
+    ],
+)
+def test_invalid_options_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MBF(nn.Linear(2, 2), **kwargs)
