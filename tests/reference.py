@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from mbf import MBF
 from mbf.blocks import BlockLayout
 
 
@@ -43,3 +45,18 @@ def block_diagonal(layout: BlockLayout, blocks: Tensor, damping: float) -> Tenso
             k, dtype=blocks.dtype
         )
     return out
+
+
+#: MBF options that give the paper's update (no grafting, first estimate as it is, fixed
+#: refreshes, absolute damping): the form the float64 references in these tests spell out.
+PAPER_FORM = {
+    "graft": None,
+    "bias_correction": False,
+    "early_refresh": False,
+    "relative_damping": False,
+}
+
+
+def paper_mbf(*args: Any, **kwargs: Any) -> MBF:
+    """``MBF`` in the paper's form; ``kwargs`` override (the tests' own hyperparameters)."""
+    return MBF(*args, **{**PAPER_FORM, **kwargs})

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mbf import MBF, curvature
-from reference import dense_blocks, per_example_grads, unit_vectors
+from mbf import curvature
+from reference import dense_blocks, paper_mbf, per_example_grads, unit_vectors
 
 N = 7
 
@@ -67,7 +67,7 @@ def test_per_example_blocks_match_dense_empirical_fisher(
     monkeypatch.setattr(curvature, "GROUPED_MIN_POSITIONS", threshold)
     make, x_shape = LAYERS[name]
     layer, head, x = _setup(make(), x_shape)
-    opt = MBF(
+    opt = paper_mbf(
         layer,
         lr=0.0,
         estimator="per_example",
@@ -98,7 +98,7 @@ def test_batch_blocks_are_minibatch_gradient_outer_products(name: str) -> None:
     layer, head, x = _setup(make(), x_shape)
     extra = nn.LayerNorm(3).double()  # a module the per-example hooks do not serve
     params = list(layer.parameters()) + list(extra.parameters())
-    opt = MBF(params, lr=0.0, max_block_size=4, model=nn.ModuleList([layer, extra]))
+    opt = paper_mbf(params, lr=0.0, max_block_size=4, model=nn.ModuleList([layer, extra]))
     z = torch.randn(N, 3, dtype=torch.float64)
     loss = head(layer(x)).mean() + extra(z).sin().sum()
     loss.backward()
@@ -115,7 +115,7 @@ def test_batch_blocks_are_minibatch_gradient_outer_products(name: str) -> None:
 def test_per_example_falls_back_to_batch_for_other_modules_with_one_warning() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).double()
     with pytest.warns(UserWarning, match=r"1 \(BatchNorm1d\)"):
-        opt = MBF(model, lr=0.0, estimator="per_example")
+        opt = paper_mbf(model, lr=0.0, estimator="per_example")
     x = torch.randn(N, 4, dtype=torch.float64)
     model(x).square().mean().backward()
     opt.step()
@@ -127,7 +127,7 @@ def test_per_example_falls_back_to_batch_for_other_modules_with_one_warning() ->
 
 def test_in_place_activation_after_a_hooked_layer() -> None:
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 2)).double()
-    opt = MBF(model, lr=0.0, estimator="per_example")
+    opt = paper_mbf(model, lr=0.0, estimator="per_example")
     x = torch.randn(N, 4, dtype=torch.float64)
     model(x).square().sum(1).mean().backward()
     opt.step()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mbf import MBF
-from reference import block_diagonal, dense_blocks, unit_vectors
+from reference import block_diagonal, dense_blocks, paper_mbf, unit_vectors
 
 
 def _net() -> nn.Module:
@@ -61,7 +61,7 @@ def test_step_equals_dense_block_diagonal_solve(estimator: str) -> None:
     model, (x, y) = _net(), _batch()
     damping = 0.03
     pe = _per_example_fisher(model, x, y) if estimator == "per_example" else None
-    opt = MBF(
+    opt = paper_mbf(
         model,
         lr=1.0,
         momentum=0.0,
@@ -106,7 +106,9 @@ def test_one_block_per_layer_is_the_layerwise_natural_gradient() -> None:
         (0.5 * (layer(x[i : i + 1]) - t[i : i + 1]).square().sum()).backward()
         grads.append(torch.cat([layer.weight.grad.reshape(-1), layer.bias.grad]))
     layer.zero_grad()
-    opt = MBF(layer, lr=1.0, momentum=0.0, damping=0.1, estimator="per_example", max_block_size=64)
+    opt = paper_mbf(
+        layer, lr=1.0, momentum=0.0, damping=0.1, estimator="per_example", max_block_size=64
+    )
     G = torch.stack(grads)
     fisher = G.T @ G / 9
     g = G.mean(0)
@@ -120,7 +122,7 @@ def test_one_block_per_layer_is_the_layerwise_natural_gradient() -> None:
 
 def test_size_one_blocks_give_the_diagonal_formula() -> None:
     model, (x, y) = _net(), _batch()
-    opt = MBF(model, lr=1.0, momentum=0.0, damping=0.2, max_block_size=1)
+    opt = paper_mbf(model, lr=1.0, momentum=0.0, damping=0.2, max_block_size=1)
     before = _flat_params(model)
     _loss(model, x, y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -135,7 +137,9 @@ def test_size_one_blocks_give_the_diagonal_formula() -> None:
 def test_running_average_and_frequencies() -> None:
     torch.manual_seed(1)
     layer = nn.Linear(3, 2).double()
-    opt = MBF(layer, lr=0.01, momentum=0.0, damping=0.1, stat_decay=0.7, stat_every=2, inv_every=3)
+    opt = paper_mbf(
+        layer, lr=0.01, momentum=0.0, damping=0.1, stat_decay=0.7, stat_every=2, inv_every=3
+    )
     unit = opt.blocks()[0]
     expected = None
     factors = []
@@ -162,7 +166,7 @@ def test_momentum_and_both_weight_decays() -> None:
     torch.manual_seed(2)
     for decoupled in (False, True):
         layer = nn.Linear(3, 2).double()
-        opt = MBF(
+        opt = paper_mbf(
             layer,
             lr=0.5,
             momentum=0.8,
@@ -194,8 +198,8 @@ def test_kl_clip_scales_the_step_as_kfac_does(weight_decay: float) -> None:
     x = torch.randn(5, 4, dtype=torch.float64)
     lr, clip = 0.5, 1e-6
     kw = dict(lr=lr, momentum=0.0, damping=1e-2, weight_decay=weight_decay)
-    opt_a = MBF(a, **kw)
-    opt_b = MBF(b, kl_clip=clip, **kw)
+    opt_a = paper_mbf(a, **kw)
+    opt_b = paper_mbf(b, kl_clip=clip, **kw)
     w0 = torch.cat([a.weight.detach(), a.bias.detach()[:, None]], 1)
     for opt, m in ((opt_a, a), (opt_b, b)):
         m(x).square().sum().backward()
@@ -224,10 +228,10 @@ def test_save_and_resume_is_bitwise_identical() -> None:
         b = _net()
         b.load_state_dict(a.state_dict())
         kw = dict(lr=0.05, inv_every=3, stat_every=2, estimator=estimator, max_block_size=5)
-        opt_a = MBF(a, **kw)
+        opt_a = paper_mbf(a, **kw)
         run(8, a, opt_a, data)
 
-        opt_b = MBF(b, **kw)
+        opt_b = paper_mbf(b, **kw)
         run(5, b, opt_b, data)
         buffer = io.BytesIO()
         torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buffer)
@@ -235,7 +239,7 @@ def test_save_and_resume_is_bitwise_identical() -> None:
         saved = torch.load(buffer)
         c = _net()
         c.load_state_dict(saved["model"])
-        opt_c = MBF(c, **kw)
+        opt_c = paper_mbf(c, **kw)
         opt_c.load_state_dict(saved["opt"])
         for x, y in data[5:]:
             opt_c.zero_grad()
@@ -256,7 +260,7 @@ def test_queued_statistics_equal_folding_every_update(stat_every: int) -> None:
     for stat_buffer in (1, 2, 3, 5):
         torch.manual_seed(6)
         model = _net()
-        opt = MBF(model, lr=0.05, inv_every=7, stat_every=stat_every, stat_buffer=stat_buffer)
+        opt = paper_mbf(model, lr=0.05, inv_every=7, stat_every=stat_every, stat_buffer=stat_buffer)
         for t, (x, y) in enumerate(data):
             if t == 6:
                 opt.param_groups[0]["stat_decay"] = 0.5
@@ -279,8 +283,8 @@ def test_a_queue_the_loader_cannot_keep_is_folded_on_load(loader: dict) -> None:
     torch.manual_seed(8)
     a, b = _net(), _net()
     b.load_state_dict(a.state_dict())
-    opt_a = MBF(a, lr=0.05, inv_every=50, stat_buffer=8)
-    opt_b = MBF(b, lr=0.05, inv_every=50, stat_buffer=8)
+    opt_a = paper_mbf(a, lr=0.05, inv_every=50, stat_buffer=8)
+    opt_b = paper_mbf(b, lr=0.05, inv_every=50, stat_buffer=8)
     for t, (x, y) in enumerate(data):
         for model, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
@@ -289,7 +293,7 @@ def test_a_queue_the_loader_cannot_keep_is_folded_on_load(loader: dict) -> None:
         if t == 2:  # two updates queued (the first was folded to factor at once): load them
             saved = opt_b.state_dict()  # into an optimizer that keeps fewer
             assert len(saved["mbf"]["units"][0]["queued_weights"]) == 2
-            opt_b = MBF(b, lr=0.05, inv_every=50, **loader)
+            opt_b = paper_mbf(b, lr=0.05, inv_every=50, **loader)
             opt_b.load_state_dict(saved)
     torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
     for u, v in zip(opt_b.blocks(), opt_a.blocks(), strict=True):
@@ -298,20 +302,21 @@ def test_a_queue_the_loader_cannot_keep_is_folded_on_load(loader: dict) -> None:
 
 def test_load_rejects_a_different_layout() -> None:
     model = _net()
-    sd = MBF(model, lr=0.1, max_block_size=5).state_dict()
-    other = MBF(model, lr=0.1, max_block_size=32)
+    sd = paper_mbf(model, lr=0.1, max_block_size=5).state_dict()
+    other = paper_mbf(model, lr=0.1, max_block_size=32)
     other.load_state_dict(sd)  # hyperparameters, max_block_size included, come from the save
     assert other.blocks()[0].layout.block_size == 5
     wide, narrow = nn.Linear(6, 3), nn.Linear(3, 6)
-    target = MBF(narrow, lr=0.1, damping=0.5)
+    target = paper_mbf(narrow, lr=0.1, damping=0.5)
     before = target.state_dict()
     with pytest.raises(ValueError, match="another model"):
-        target.load_state_dict(MBF(wide, lr=0.1).state_dict())
+        target.load_state_dict(paper_mbf(wide, lr=0.1).state_dict())
     after = target.state_dict()  # nothing was lost
     assert after["param_groups"] == before["param_groups"]
     assert [u.fisher.shape for u in target.blocks()] == [(6, 4, 4)]
     with pytest.raises(ValueError, match="no MBF curvature"):
-        MBF(model, lr=0.1).load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        paper_mbf(model, lr=0.1).load_state_dict(sgd.state_dict())
 
 
 def test_lr_scheduler_and_param_groups() -> None:
@@ -319,8 +324,8 @@ def test_lr_scheduler_and_param_groups() -> None:
     a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 3, dtype=torch.float64)
-    opt_a = MBF(a, lr=1.0, momentum=0.0)
-    opt_b = MBF(
+    opt_a = paper_mbf(a, lr=1.0, momentum=0.0)
+    opt_b = paper_mbf(
         [{"params": [b.weight], "lr": 0.5}, {"params": [b.bias], "lr": 0.25}],
         lr=1.0,
         momentum=0.0,
@@ -350,8 +355,8 @@ def test_group_lr_scales_the_update_exactly() -> None:
     a, b = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 3, dtype=torch.float64)
-    opt_a = MBF([{"params": a.parameters()}], lr=1.0, model=a)
-    opt_b = MBF([{"params": b.parameters(), "lr": 0.25}], lr=1.0, model=b)
+    opt_a = paper_mbf([{"params": a.parameters()}], lr=1.0, model=a)
+    opt_b = paper_mbf([{"params": b.parameters(), "lr": 0.25}], lr=1.0, model=b)
     w0 = a.weight.detach().clone()
     for opt, m in ((opt_a, a), (opt_b, b)):
         m(x).sin().sum().backward()
@@ -361,7 +366,7 @@ def test_group_lr_scales_the_update_exactly() -> None:
 
 def test_parameters_without_gradients_are_skipped() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)).double()
-    opt = MBF(model, lr=0.1)
+    opt = paper_mbf(model, lr=0.1)
     frozen = model[0].weight.detach().clone()
     model[1](torch.randn(4, 3, dtype=torch.float64)).sum().backward()
     opt.step()
@@ -377,7 +382,7 @@ def test_low_precision_parameters_keep_float32_state(dtype: torch.dtype) -> None
     low.load_state_dict({k: v.to(dtype) for k, v in ref.state_dict().items()})
     ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
     x = torch.randn(16, 8)
-    opt_ref, opt_low = MBF(ref, lr=0.1, damping=0.1), MBF(low, lr=0.1, damping=0.1)
+    opt_ref, opt_low = paper_mbf(ref, lr=0.1, damping=0.1), paper_mbf(low, lr=0.1, damping=0.1)
     for _ in range(3):
         for opt, m in ((opt_ref, ref), (opt_low, low)):
             opt.zero_grad()
@@ -395,13 +400,13 @@ def test_low_precision_parameters_keep_float32_state(dtype: torch.dtype) -> None
 
 def test_memory_report_and_budget() -> None:
     model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
-    opt = MBF(model, lr=0.1, max_block_size=20)
+    opt = paper_mbf(model, lr=0.1, max_block_size=20)
     report = opt.memory_report()
     # Linear(100, 50): rows of 101 -> 6 chunks of 17 -> 300 blocks of 17^2, x2, + a queue of
     # 4 (stat_buffer) block vectors + momentum.
     assert report["0 (Linear)"] == 4 * (2 * 300 * 17 * 17 + 300 * 4 * 17 + 5050)
     with pytest.raises(ValueError, match=r"0 \(Linear\).*max_block_size"):
-        MBF(model, lr=0.1, max_block_size=64, max_state_bytes=1_000_000)
+        paper_mbf(model, lr=0.1, max_block_size=64, max_state_bytes=1_000_000)
 
 
 @pytest.mark.parametrize(
@@ -425,9 +430,9 @@ def test_memory_report_and_budget() -> None:
 def test_invalid_hyperparameters_are_refused(kwargs: dict, match: str) -> None:
     params = dict({"lr": 0.1}, **kwargs)
     with pytest.raises(ValueError, match=match):
-        MBF(nn.Linear(2, 2), **params)
+        paper_mbf(nn.Linear(2, 2), **params)
 
 
 def test_per_example_needs_the_model() -> None:
     with pytest.raises(ValueError, match="needs the model"):
-        MBF(nn.Linear(2, 2).parameters(), lr=0.1, estimator="per_example")
+        paper_mbf(nn.Linear(2, 2).parameters(), lr=0.1, estimator="per_example")

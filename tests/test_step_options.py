@@ -28,6 +28,7 @@ BASE = dict(
     graft=None,
     bias_correction=False,
     early_refresh=False,
+    relative_damping=False,
 )
 
 
@@ -70,9 +71,15 @@ class Reference:
         layout, hp = self.units[i][0], self.hp
         fisher = self.fisher[i] / self.mass[i]
         eye = torch.eye(layout.numel, dtype=torch.float64)
+        blocks = [fisher[idx][:, idx] for idx in layout.dense_indices()]
+        if hp["relative_damping"]:  # in units of each block's mean eigenvalue (padded size)
+            scales = [blk.trace() / layout.block_size for blk in blocks]
+            dampings = [hp["damping"] * float(x) for x in scales]
+        else:
+            dampings = [hp["damping"]] * len(blocks)
         self.inverse[i] = [
-            torch.linalg.inv(fisher[idx][:, idx] + hp["damping"] * eye[idx][:, idx])
-            for idx in layout.dense_indices()
+            torch.linalg.inv(blk + lam * eye[idx][:, idx])
+            for blk, lam, idx in zip(blocks, dampings, layout.dense_indices(), strict=True)
         ]
 
     def step(self) -> None:
@@ -126,6 +133,10 @@ def _flat(model: nn.Module) -> Tensor:
         {"graft": "adam"},
         {"graft": "sgd"},
         {"graft": "adam", "bias_correction": True, "early_refresh": True, "inv_every": 4},
+        {"relative_damping": True, "damping": 0.1},
+        {"relative_damping": True, "damping": 0.1, "bias_correction": True, "inv_every": 2},
+        {"relative_damping": True, "damping": 1e-3, "graft": "adam", "bias_correction": True,
+         "early_refresh": True, "inv_every": 5},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper",
 )
@@ -231,6 +242,37 @@ def test_graft_makes_the_step_invariant_to_the_loss_scale() -> None:
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-7, atol=1e-10)
 
 
+def test_relative_damping_scales_with_the_loss() -> None:
+    """With damping relative to each block's scale, multiplying the loss by c divides the
+    preconditioned step by c (as a natural-gradient step should): lr * c gives the same run."""
+    model, twin = _net(), _net()
+    c = 30.0
+    hp = {**BASE, "relative_damping": True, "damping": 0.1, "bias_correction": True}
+    opt = MBF(model, **hp)
+    opt2 = MBF(twin, **{**hp, "lr": BASE["lr"] * c})
+    for step in range(4):
+        for m, o, scale in ((model, opt, 1.0), (twin, opt2, c)):
+            o.zero_grad()
+            (scale * _loss(m, step)).backward()
+            o.step()
+        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-8, atol=1e-11)
+        twin.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("relative_damping", [False, True])
+def test_packed_storage_takes_the_same_steps(relative_damping: bool) -> None:
+    hp = {**BASE, "graft": "adam", "bias_correction": True, "early_refresh": True,
+          "inv_every": 4, "relative_damping": relative_damping, "damping": 0.01}
+    model, twin = _net(), _net()
+    opt, opt2 = MBF(model, **hp), MBF(twin, **hp, storage="packed")
+    for step in range(7):
+        for m, o in ((model, opt), (twin, opt2)):
+            o.zero_grad()
+            _loss(m, step).backward()
+            o.step()
+        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+
+
 def test_new_options_resume_bitwise() -> None:
     hp = {**BASE, "graft": "adam", "bias_correction": True, "early_refresh": True,
           "inv_every": 6}
@@ -276,8 +318,28 @@ def test_paper_configuration_is_the_paper_form() -> None:
         ({"graft_eps": 0.0}, "graft_eps"),
         ({"bias_correction": 1}, "bias_correction"),
         ({"early_refresh": "yes"}, "early_refresh"),
+        ({"relative_damping": None}, "relative_damping"),
     ],
 )
 def test_invalid_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MBF(nn.Linear(2, 2), **kwargs)
+
+
+def test_per_block_damping_in_the_batched_inverse_and_its_retries() -> None:
+    """A ``(B,)`` damping tensor: each block gets its own; a zero damping on a singular block
+    takes the retry path with that block's own base, the others are untouched."""
+    from mbf.linalg import damped_inverse
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 5, 5, dtype=torch.float64, generator=gen)
+    fisher = a @ a.mT
+    fisher[2] = torch.outer(a[2, 0], a[2, 0])  # rank one: singular without damping
+    damping = torch.tensor([0.1, 2.0, 0.0, 1e-3], dtype=torch.float64)
+    inverse, report = damped_inverse(fisher, damping)
+    eye = torch.eye(5, dtype=torch.float64)
+    for b in (0, 1, 3):
+        torch.testing.assert_close(inverse[b], torch.linalg.inv(fisher[b] + damping[b] * eye))
+    assert report.retried == 1 and report.fallback == 0
+    product = inverse[2] @ fisher[2]
+    assert torch.isfinite(product).all()

@@ -42,18 +42,20 @@ def _identity_like(matrix: Tensor) -> Tensor:
     return torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
 
 
-def _retry_damping(fisher: Tensor, damping: float) -> float:
-    """A positive base for retries, also when the user's damping is zero."""
-    if damping > 0:
-        return damping
-    scale = fisher.diagonal(dim1=-2, dim2=-1).abs().mean().item() if fisher.numel() else 0.0
-    return max(scale, 1.0) * 1e-6
+def _retry_damping(fisher: Tensor, damping: float | Tensor) -> Tensor:
+    """Per block, a positive base for retries, also where the damping is zero."""
+    scale = fisher.diagonal(dim1=-2, dim2=-1).abs().mean() if fisher.numel() else 0.0
+    floor = max(float(scale), 1.0) * 1e-6
+    given = torch.as_tensor(damping, dtype=fisher.dtype, device=fisher.device)
+    return torch.where(given > 0, given, floor).expand(fisher.shape[0])
 
 
 def damped_inverse(
-    fisher: Tensor, damping: float, out: Tensor | None = None
+    fisher: Tensor, damping: float | Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, FactorReport]:
     """``(fisher + damping * I)^-1`` for a ``(B, s, s)`` stack of symmetric blocks.
+
+    ``damping``: one number, or a ``(B,)`` tensor with each block's own.
 
     ``fisher`` is not modified. The inverses (symmetric, of ``fisher``'s dtype) are written into
     ``out`` when given (a ``(B, s, s)`` buffer, e.g. last time's inverses), else a new tensor.
@@ -67,18 +69,22 @@ def damped_inverse(
 
 
 def damped_cholesky(
-    fisher: Tensor, damping: float, out: Tensor | None = None
+    fisher: Tensor, damping: float | Tensor, out: Tensor | None = None
 ) -> tuple[Tensor, FactorReport]:
     """Lower Cholesky factors of ``fisher + damping * I``, with retries and fallbacks.
 
-    ``fisher`` must be symmetric; it is not modified. The factors go into ``out`` when given.
+    ``fisher`` must be symmetric; it is not modified. ``damping``: one number, or a ``(B,)``
+    tensor with each block's own. The factors go into ``out`` when given.
     """
     report = FactorReport(blocks=fisher.shape[0])
     factor = torch.empty_like(fisher) if out is None else out
     if fisher.shape[0] == 0:
         return factor, report
     factor.copy_(fisher)
-    factor.diagonal(dim1=-2, dim2=-1).add_(damping)
+    if isinstance(damping, Tensor):
+        factor.diagonal(dim1=-2, dim2=-1).add_(damping.to(factor.dtype).unsqueeze(-1))
+    else:
+        factor.diagonal(dim1=-2, dim2=-1).add_(damping)
     # For a symmetric matrix the transposed view holds the same numbers in column-major order,
     # which is LAPACK's: the upper factor of that view is our lower factor, computed in place.
     info = torch.empty(fisher.shape[0], dtype=torch.int32, device=fisher.device)
@@ -95,7 +101,8 @@ def damped_cholesky(
     sub = torch.where(
         finite[:, None, None], sub, torch.zeros((), dtype=sub.dtype, device=sub.device)
     )
-    base = _retry_damping(sub, damping)
+    given = damping.index_select(0, idx) if isinstance(damping, Tensor) else damping
+    base = _retry_damping(sub, given)[:, None, None]
     eye64 = _identity_like(sub)
     fixed = torch.zeros_like(sub)
     done = torch.zeros(sub.shape[0], dtype=torch.bool, device=sub.device)
@@ -108,8 +115,10 @@ def damped_cholesky(
             break
     report.retried = int(done.sum())
     report.fallback = int((~done).sum())
-    fallback_damping = damping if damping > 0 else base * RETRY_FACTORS[-1]
-    fixed = torch.where(done[:, None, None], fixed, (fallback_damping**0.5) * eye64)
+    given64 = torch.as_tensor(given, dtype=sub.dtype, device=sub.device)
+    fallback = torch.where(given64 > 0, given64, base[:, 0, 0] * RETRY_FACTORS[-1])
+    fallback = fallback.expand(sub.shape[0])[:, None, None]
+    fixed = torch.where(done[:, None, None], fixed, fallback.sqrt() * eye64)
     factor.index_copy_(0, idx, fixed.to(factor.dtype))
     return factor, report
 

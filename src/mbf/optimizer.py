@@ -29,9 +29,9 @@ GRAFTS = (None, "adam", "sgd")
 
 #: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
 DEFAULTS: dict[str, Any] = {
-    "lr": 0.01,
+    "lr": 1e-3,
     "momentum": 0.9,
-    "damping": 0.3,
+    "damping": 1e-2,
     "stat_decay": 0.9,
     "stat_every": 1,
     "inv_every": 20,
@@ -39,11 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "decoupled_weight_decay": False,
     "kl_clip": None,
-    "graft": None,
+    "graft": "adam",
     "graft_beta2": 0.999,
     "graft_eps": 1e-8,
-    "bias_correction": False,
-    "early_refresh": False,
+    "bias_correction": True,
+    "early_refresh": True,
+    "relative_damping": True,
 }
 
 #: The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
@@ -60,6 +61,7 @@ PAPER: dict[str, Any] = {
     "graft": None,
     "bias_correction": False,
     "early_refresh": False,
+    "relative_damping": False,
 }
 
 
@@ -116,7 +118,7 @@ def _check_group(group: dict[str, Any]) -> None:
         raise bad(f"graft_beta2 must be in [0, 1), got {group['graft_beta2']}")
     if not (group["graft_eps"] > 0.0 and math.isfinite(group["graft_eps"])):
         raise bad(f"graft_eps must be a finite number > 0, got {group['graft_eps']}")
-    for key in ("bias_correction", "early_refresh"):
+    for key in ("bias_correction", "early_refresh", "relative_damping"):
         if not isinstance(group[key], bool):
             raise bad(f"{key} must be True or False, got {group[key]!r}")
 
@@ -187,6 +189,9 @@ class MBF(torch.optim.Optimizer):
         early_refresh: also factor after the 1st, 2nd, 4th, 8th, ... statistics update (below
             ``inv_every``), so the first inverses are not rank-one estimates kept for
             ``inv_every`` steps.
+        relative_damping: add ``damping * tr(F_b) / s`` to each block (damping measured in
+            units of the block's mean eigenvalue, so one value serves blocks of any scale)
+            instead of ``damping`` itself.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
@@ -237,6 +242,7 @@ class MBF(torch.optim.Optimizer):
         graft_eps: float = DEFAULTS["graft_eps"],
         bias_correction: bool = DEFAULTS["bias_correction"],
         early_refresh: bool = DEFAULTS["early_refresh"],
+        relative_damping: bool = DEFAULTS["relative_damping"],
         estimator: str = "batch",
         loss_reduction: str = "mean",
         model: nn.Module | None = None,
@@ -307,6 +313,7 @@ class MBF(torch.optim.Optimizer):
             graft_eps=graft_eps,
             bias_correction=bias_correction,
             early_refresh=early_refresh,
+            relative_damping=relative_damping,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -577,19 +584,40 @@ class MBF(torch.optim.Optimizer):
                 runs[-1] = (runs[-1][0], b, scale)
             else:
                 runs.append((a, b, scale))
+        packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
+        packed = self.storage == "packed"
         for a, b, scale in runs:
             fisher, out = bucket.fisher[a:b], bucket.inverse[a:b]
-            if self.storage == "packed":
-                packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
-                part = packing.damped_inverse(fisher, damping * scale, out=out)
+            block_damping: float | Tensor = damping * scale
+            if self.param_groups[bucket.group]["relative_damping"]:
+                block_damping = self._relative_damping(fisher, damping, packing if packed else None)
+            if packed:
+                part = packing.damped_inverse(fisher, block_damping, out=out)
             else:
-                _, part = damped_inverse(fisher, damping * scale, out=out)
+                _, part = damped_inverse(fisher, block_damping, out=out)
             if part.nonfinite:
                 # A poisoned statistic would poison every later step: start that block afresh.
                 per_block = tuple(range(1, fisher.dim()))
                 fisher[~torch.isfinite(fisher).all(dim=per_block)] = 0.0
             report.add(part)
         return report
+
+    @staticmethod
+    def _relative_damping(
+        fisher: Tensor, damping: float, packing: SymmetricPacking | None
+    ) -> Tensor:
+        """Per block ``damping * tr(F_b) / s``: damping in units of the block's mean eigenvalue.
+
+        Scale-free: the same for statistics ``F`` and ``c F`` (bias correction's ``c``
+        included). Blocks with no statistics yet take the run's mean scale (or ``damping``).
+        """
+        size = fisher.shape[-1] if packing is None else packing.size
+        trace = fisher.diagonal(dim1=-2, dim2=-1).sum(-1) if packing is None else (
+            packing.trace(fisher))
+        per_block = trace.abs() / size
+        positive = per_block > 0
+        fill = per_block[positive].mean() if bool(positive.any()) else per_block.new_ones(())
+        return damping * torch.where(positive, per_block, fill)
 
     def _factor(self, bucket: _Bucket) -> None:
         report = self._factor_range(bucket, 0, bucket.fisher.shape[0])

@@ -59,6 +59,10 @@ class SymmetricPacking:
         torch.index_select(packed, 1, self.full, out=out.view(n, self.size * self.size))
         return out
 
+    def trace(self, packed: Tensor) -> Tensor:
+        """Traces ``(B,)`` of packed symmetric blocks."""
+        return packed.index_select(1, (self.rows == self.cols).nonzero().squeeze(1)).sum(1)
+
     def outer(self, vectors: Tensor) -> Tensor:
         """Packed ``v v^T`` for ``(B, s)`` vectors."""
         return vectors.index_select(1, self.rows) * vectors.index_select(1, self.cols)
@@ -82,14 +86,19 @@ class SymmetricPacking:
         self._chunked(inverse, work, solve_chunk)
         return out
 
-    def damped_inverse(self, fisher: Tensor, damping: float, out: Tensor) -> FactorReport:
-        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report."""
+    def damped_inverse(
+        self, fisher: Tensor, damping: float | Tensor, out: Tensor
+    ) -> FactorReport:
+        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report.
+
+        ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
         report = FactorReport()
         work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size)
         inverse = torch.empty_like(work)
 
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
-            _, part = damped_inverse(blocks, damping, out=inverse[: hi - lo])
+            part_damping = damping[lo:hi] if isinstance(damping, Tensor) else damping
+            _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo])
             out[lo:hi] = self.pack(inverse[: hi - lo])
             report.add(part)
 

@@ -152,22 +152,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "mbf",
-            f"mini-block Fisher (mbf.MBF), default estimator {_MBF_DEFAULT_ESTIMATOR!r}",
-            {"lr": 1e-4, **mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS},
+            f"mini-block Fisher (mbf.MBF) at the library defaults, estimator "
+            f"{_MBF_DEFAULT_ESTIMATOR!r}",
+            {**mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS},
             _mbf(None),
             needs_model=True,
         ),
         OptimizerSpec(
             "mbf-batch",
             "mini-block Fisher, F_b from the minibatch gradient g_b g_b^T",
-            {"lr": 1e-4, **mbf.DEFAULTS, **_MBF_OPTIONS},
+            {**mbf.DEFAULTS, **_MBF_OPTIONS},
             _mbf("batch"),
             needs_model=True,
         ),
         OptimizerSpec(
             "mbf-per_example",
             "mini-block Fisher, per-example empirical Fisher blocks from hooks",
-            {"lr": 1e-4, **mbf.DEFAULTS, "loss_reduction": "mean", **_MBF_OPTIONS},
+            {**mbf.DEFAULTS, "loss_reduction": "mean", **_MBF_OPTIONS},
             _mbf("per_example"),
             needs_model=True,
         ),
@@ -175,12 +176,25 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "mbf-packed",
             "mini-block Fisher with storage='packed' (upper triangles: about half the memory)",
             {
-                "lr": 1e-4,
                 **mbf.DEFAULTS,
                 "estimator": _MBF_DEFAULT_ESTIMATOR,
                 **_MBF_OPTIONS,
                 "storage": "packed",
             },
+            _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
+            "mbf-sgd",
+            "mini-block Fisher directions at SGD-m's block lengths (graft='sgd')",
+            {**mbf.DEFAULTS, "graft": "sgd", "lr": 0.1, **_MBF_OPTIONS},
+            _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
+            "mbf-paper",
+            "the paper's MBF (mbf.PAPER: no grafting, first estimate as is, fixed refreshes)",
+            {**mbf.DEFAULTS, **mbf.PAPER, **_MBF_OPTIONS},
             _mbf(None),
             needs_model=True,
         ),
@@ -218,7 +232,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 _SCHED_AE = {"stat_every": 1, "inv_every": 20}
 _SCHED_CNN = {"stat_every": 10, "inv_every": 100}
-_SECOND_ORDER = ("mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "kfac", "shampoo", "tnt")
+_SECOND_ORDER = (
+    "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-sgd", "mbf-paper", "kfac",
+    "shampoo", "tnt",
+)
 
 #: Per task family, per optimizer: overrides of the spec defaults. ``docs/baselines.md`` gives the
 #: source of each value (the authors' framework where known, otherwise our choice).
