@@ -25,7 +25,6 @@ STORAGES = ("full", "packed")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
 
-#: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
 DEFAULTS: dict[str, Any] = {
     "lr": 0.01,
     "momentum": 0.9,
@@ -38,10 +37,20 @@ DEFAULTS: dict[str, Any] = {
     "decoupled_weight_decay": False,
     "kl_clip": None,
 }
+"""Default hyperparameters of [`MBF`][mbf.MBF]; ``docs/decisions.md`` gives the evidence."""
 
 
 class UnitState(NamedTuple):
-    """One unit as :meth:`MBF.blocks` shows it."""
+    """One unit as [`MBF.blocks`][mbf.MBF.blocks] shows it.
+
+    Attributes:
+        name: the unit's name, e.g. ``"0 (Linear)"`` (module name and type) or a parameter's
+            name when no module rule applies; the keys of ``memory_report()``.
+        layout: how the unit's parameters are cut into mini-blocks.
+        params: the unit's parameters, in the layout's order.
+        fisher: the running-average statistics ``F_b``, ``(num_blocks, block_size, block_size)``.
+        inverse: the damped inverses ``(F_b + damping * I)^-1`` last factored, same shape.
+    """
 
     name: str
     layout: BlockLayout
@@ -115,7 +124,7 @@ class MBF(torch.optim.Optimizer):
 
     Preconditions each step with a block-diagonal approximation of the empirical Fisher matrix in
     which every layer is cut into many small mini-blocks (one per output unit of a Linear layer,
-    one per kernel of a convolution; see :mod:`mbf.blocks`), all factored in batched calls::
+    one per kernel of a convolution; see [`mbf.blocks`][mbf.blocks]), all factored in batched calls:
 
         m <- momentum * m + (g + weight_decay * theta)       (L2 decay, the default)
         d_b = (F_b + damping * I)^-1 m_b                     for every mini-block b
@@ -161,7 +170,7 @@ class MBF(torch.optim.Optimizer):
             a few thousand blocks at a time to factor and solve, which makes the step slower
             (``docs/results.md``). ``"packed"`` folds statistics at once (no queue) and runs in
             a single process.
-        process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
+        process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work is then
             sharded over the ranks and per-example statistics summed over them. ``True``: the
@@ -264,6 +273,11 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as in ``torch.optim.Optimizer``) and build its mini-blocks.
+
+        The group's hyperparameters are checked like the constructor's; the curvature of units
+        already there is kept. With several ranks, every rank must add the same group.
+        """
         engine = getattr(self, "_dist", None)
         if engine is not None:  # mbf.distributed: rebuild from the full curvature
             engine.consolidate(self)
@@ -665,7 +679,8 @@ class MBF(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The usual optimizer state plus curvature (statistics, inverses) and counters.
 
-        With several ranks, call :meth:`consolidate_state_dict` on every rank first.
+        With several ranks, call [`consolidate_state_dict`][mbf.MBF.consolidate_state_dict] on
+        every rank first.
         """
         if self._dist is not None:  # mbf.distributed: refuse a state dict with others' shares
             self._dist.check_consolidated(self)
@@ -695,17 +710,17 @@ class MBF(torch.optim.Optimizer):
         return sd
 
     def consolidate_state_dict(self) -> None:
-        """Gather every rank's share of the curvature, so that :meth:`state_dict` is complete.
+        """Gather every rank's share of the curvature, so that ``state_dict`` is complete.
 
         Data-parallel runs only (a no-op in one process). Every rank must call it, e.g. just
         before rank 0 saves; the state dict is then the one a single process would have, and
-        loads on any number of ranks (see :mod:`mbf.distributed`).
+        loads on any number of ranks (see ``mbf.distributed``).
         """
         if self._dist is not None:
             self._dist.consolidate(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` (on any device)."""
+        """Restore a state saved by [`state_dict`][mbf.MBF.state_dict] (on any device)."""
         sd = dict(state_dict)
         extra = sd.pop("mbf", None)
         if extra is None:
