@@ -146,6 +146,8 @@ class MBF(torch.optim.Optimizer):
         max_block_size: rows longer than this are cut into near-equal chunks.
         weight_decay: L2 coefficient (added to the gradient) or, with
             ``decoupled_weight_decay=True``, decoupled decay (AdamW style).
+        decoupled_weight_decay: shrink the parameters by ``lr * weight_decay`` directly
+            instead of adding the L2 term to the gradient (then it is not preconditioned).
         kl_clip: if set, scale the update so ``lr**2 * d . m <= kl_clip`` (KFAC's KL clip).
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
