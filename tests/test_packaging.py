@@ -108,7 +108,9 @@ def test_wheel_and_sdist_carry_every_package_file(dist: dict[str, Path]) -> None
         entry_points = wheel.read(f"{info}/entry_points.txt").decode()
     assert not expected - names, f"missing from the wheel: {sorted(expected - names)}"
     assert f"{info}/licenses/LICENSE" in names
-    assert re.search(r"^mbf-bench\s*=\s*mbf_bench\.cli:main$", entry_points, re.M), entry_points
+    assert re.search(r"^mbf-bench\s*=\s*mbf_bench\.launcher:main$", entry_points, re.M), (
+        entry_points
+    )
     assert f"\nVersion: {mbf.__version__}\n" in metadata  # the one version, read from mbf
     assert "\nLicense-Expression: MIT\n" in metadata
     requires = re.findall(r"^Requires-Dist: torch(.*)$", metadata, re.M)
@@ -217,3 +219,39 @@ def test_installed_entry_point_lists_tasks(installed: Path, tmp_path: Path) -> N
     out = _run([script, "list"], cwd=tmp_path, env=_clean_env())
     for name in ("mnist-ae", "digits-ae", "mbf", "adam"):
         assert name in out, out
+
+
+def test_entry_point_without_bench_extra_says_what_to_install(
+    installed: Path, tmp_path: Path
+) -> None:
+    """``pip install mbf-optim`` alone: mbf-bench names the bench extra instead of a traceback."""
+    code = (
+        "import sys; sys.modules['numpy'] = None  # as if numpy were not installed\n"
+        "from mbf_bench.launcher import main; sys.exit(main(['list']))"
+    )
+    proc = subprocess.run(
+        [installed / "python", "-c", code],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "numpy is not installed" in proc.stderr, proc.stderr
+    assert "pip install 'mbf-optim[bench]'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_launcher_knows_every_package_of_the_bench_extra() -> None:
+    from packaging.requirements import Requirement
+
+    from mbf_bench.launcher import BENCH_IMPORTS
+
+    metadata = importlib.metadata.metadata("mbf-optim")
+    bench = {
+        Requirement(r).name
+        for r in metadata.get_all("Requires-Dist") or []
+        if 'extra == "bench"' in r
+    }
+    assert bench == set(BENCH_IMPORTS), (bench, BENCH_IMPORTS)
