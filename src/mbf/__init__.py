@@ -5,3 +5,4 @@ from .optimizer import DEFAULTS, MBF, PAPER
 
 __all__ = ["DEFAULTS", "MBF", "PAPER", "BlockLayout"]
 __version__ = "0.1.0"
+"""The package version: the one place it is set (the build reads it from here)."""

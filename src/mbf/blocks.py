@@ -151,14 +151,17 @@ class BlockLayout:
 
     @property
     def num_blocks(self) -> int:
+        """Number of mini-blocks of the unit: ``rows * chunks``."""
         return self.rows * self.chunks
 
     @property
     def numel(self) -> int:
+        """Number of parameter entries of the unit (padding excluded)."""
         return sum(math.prod(s) for s in self.shapes)
 
     @property
     def padded(self) -> bool:
+        """Whether some blocks carry zero padding (rows cut into chunks of unequal length)."""
         return self._gather is not None
 
     # --- row matrix <-> tensors -------------------------------------------------------------
@@ -179,7 +182,7 @@ class BlockLayout:
         return tensors[0].reshape(*lead, self.rows, self.row_length)
 
     def from_rows(self, rows: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`to_rows` for tensors without batch dims."""
+        """Inverse of [`to_rows`][mbf.BlockLayout.to_rows] for tensors without batch dims."""
         if self.kind == "linear" and len(self.shapes) == 2:
             return [rows[:, :-1].reshape(self.shapes[0]), rows[:, -1].reshape(self.shapes[1])]
         if self.kind == "norm":
@@ -197,7 +200,7 @@ class BlockLayout:
         return padded.index_select(-1, gather).reshape(*lead, blocks, self.block_size)
 
     def blocks_to_rows(self, blocks: Tensor) -> Tensor:
-        """Inverse of :meth:`rows_to_blocks` (padding dropped)."""
+        """Inverse of [`rows_to_blocks`][mbf.BlockLayout.rows_to_blocks] (padding dropped)."""
         lead = blocks.shape[:-2]
         flat = blocks.reshape(*lead, -1, self.chunks * self.block_size)
         if self._scatter is None:

@@ -27,7 +27,6 @@ NONFINITE_POLICIES = ("skip", "raise")
 #: Step lengths a block's direction can be grafted onto (``graft``): Adam's or SGD-m's.
 GRAFTS = (None, "adam", "sgd")
 
-#: Default hyperparameters; ``docs/decisions.md`` gives the evidence for each.
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "momentum": 0.9,
@@ -63,10 +62,20 @@ PAPER: dict[str, Any] = {
     "early_refresh": False,
     "relative_damping": False,
 }
+"""Default hyperparameters of [`MBF`][mbf.MBF]; ``docs/decisions.md`` gives the evidence."""
 
 
 class UnitState(NamedTuple):
-    """One unit as :meth:`MBF.blocks` shows it."""
+    """One unit as [`MBF.blocks`][mbf.MBF.blocks] shows it.
+
+    Attributes:
+        name: the unit's name, e.g. ``"0 (Linear)"`` (module name and type) or a parameter's
+            name when no module rule applies; the keys of ``memory_report()``.
+        layout: how the unit's parameters are cut into mini-blocks.
+        params: the unit's parameters, in the layout's order.
+        fisher: the running-average statistics ``F_b``, ``(num_blocks, block_size, block_size)``.
+        inverse: the damped inverses ``(F_b + damping * I)^-1`` last factored, same shape.
+    """
 
     name: str
     layout: BlockLayout
@@ -149,7 +158,7 @@ class MBF(torch.optim.Optimizer):
 
     Preconditions each step with a block-diagonal approximation of the empirical Fisher matrix in
     which every layer is cut into many small mini-blocks (one per output unit of a Linear layer,
-    one per kernel of a convolution; see :mod:`mbf.blocks`), all factored in batched calls::
+    one per kernel of a convolution; see [`mbf.blocks`][mbf.blocks]), all factored in batched calls:
 
         m <- momentum * m + (g + weight_decay * theta)       (L2 decay, the default)
         d_b = (F_b + damping * I)^-1 m_b                     for every mini-block b
@@ -175,6 +184,8 @@ class MBF(torch.optim.Optimizer):
         max_block_size: rows longer than this are cut into near-equal chunks.
         weight_decay: L2 coefficient (added to the gradient) or, with
             ``decoupled_weight_decay=True``, decoupled decay (AdamW style).
+        decoupled_weight_decay: shrink the parameters by ``lr * weight_decay`` directly
+            instead of adding the L2 term to the gradient (then it is not preconditioned).
         kl_clip: if set, scale the update so ``lr**2 * d . m <= kl_clip`` (KFAC's KL clip).
         graft: ``None`` (the paper's step), ``"adam"`` or ``"sgd"``: keep the direction
             ``d_b`` of every mini-block but give it the length of Adam's update
@@ -215,7 +226,7 @@ class MBF(torch.optim.Optimizer):
             a few thousand blocks at a time to factor and solve, which makes the step slower
             (``docs/results.md``). ``"packed"`` folds statistics at once (no queue) and runs in
             a single process.
-        process_group: data parallelism (see :mod:`mbf.distributed`). ``None`` (default): the
+        process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work is then
             sharded over the ranks and per-example statistics summed over them. ``True``: the
@@ -330,6 +341,11 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as in ``torch.optim.Optimizer``) and build its mini-blocks.
+
+        The group's hyperparameters are checked like the constructor's; the curvature of units
+        already there is kept. With several ranks, every rank must add the same group.
+        """
         engine = getattr(self, "_dist", None)
         if engine is not None:  # mbf.distributed: rebuild from the full curvature
             engine.consolidate(self)
@@ -828,7 +844,8 @@ class MBF(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The usual optimizer state plus curvature (statistics, inverses) and counters.
 
-        With several ranks, call :meth:`consolidate_state_dict` on every rank first.
+        With several ranks, call [`consolidate_state_dict`][mbf.MBF.consolidate_state_dict] on
+        every rank first.
         """
         if self._dist is not None:  # mbf.distributed: refuse a state dict with others' shares
             self._dist.check_consolidated(self)
@@ -860,17 +877,17 @@ class MBF(torch.optim.Optimizer):
         return sd
 
     def consolidate_state_dict(self) -> None:
-        """Gather every rank's share of the curvature, so that :meth:`state_dict` is complete.
+        """Gather every rank's share of the curvature, so that ``state_dict`` is complete.
 
         Data-parallel runs only (a no-op in one process). Every rank must call it, e.g. just
         before rank 0 saves; the state dict is then the one a single process would have, and
-        loads on any number of ranks (see :mod:`mbf.distributed`).
+        loads on any number of ranks (see ``mbf.distributed``).
         """
         if self._dist is not None:
             self._dist.consolidate(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by :meth:`state_dict` (on any device)."""
+        """Restore a state saved by [`state_dict`][mbf.MBF.state_dict] (on any device)."""
         sd = dict(state_dict)
         extra = sd.pop("mbf", None)
         if extra is None:
