@@ -142,7 +142,11 @@ class MBF(torch.optim.Optimizer):
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
         loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
-            ``per_example`` estimator to undo autograd's ``1/N``.
+            ``per_example`` estimator to undo autograd's ``1/N``. With gradient accumulation it
+            describes the whole accumulated batch: ``"mean"`` for micro-batch means divided by
+            the number of micro-batches (Hugging Face's Trainer, Lightning), ``"sum"`` for
+            micro-batch sums; the statistics are then those of all the accumulated examples
+            (:mod:`mbf.hooks`).
         model: the module the parameters belong to, for module-aware blocks with param groups.
         nonfinite: ``"skip"`` (default) skips a step whose gradient is not finite, leaving every
             parameter and statistic untouched and counting it; ``"raise"`` raises
@@ -540,6 +544,7 @@ class MBF(torch.optim.Optimizer):
 
         live_ids = {id(u) for u, _ in live}
         refreshed: set[int] = set()
+        self._hooks.finish(self._units)  # per-example sums -> empirical Fisher scale
         if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
             refreshed = self._dist.update_statistics(self, live)
         else:
