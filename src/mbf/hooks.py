@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from .amp import ScalerSignal
 from .curvature import CONV_TYPES, Workspace, conv_block_stats, linear_block_stats
 from .units import Unit
 
@@ -59,6 +61,10 @@ class PerExampleHooks:
         self._by_module: dict[nn.Module, list[Unit]] = {}
         self._handles: list[RemovableHandle] = []
         self._warned_reuse = False
+        # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), and the
+        # 1 / scale^2 of the running backward pass.
+        self.grad_scaler: Any = None
+        self._pass_unscale = 1.0
         # Backward passes: a counter, whether one is running, and each module's latest pass.
         self._pass = 0
         self._in_pass = False
@@ -86,21 +92,36 @@ class PerExampleHooks:
         self._pass_of.clear()
         self._in_pass = False
 
-    def finish(self, units: list[Unit]) -> None:
+    def finish(self, units: list[Unit], scaler: ScalerSignal | None = None) -> None:
         """Turn the units' summed ``G_i G_i^T`` into sums whose mean over ``pending_count`` rows
-        is the empirical Fisher (see the module docstring); call once per step, before the
-        statistics are read (and before they are summed over data-parallel ranks, since each
-        rank's gradients carry its own ``N``)."""
-        if self.loss_reduction != "mean":
-            return
-        for unit in units:
-            if unit.pending is not None and unit.pending_examples:
-                unit.pending.mul_(float(unit.pending_examples) ** 2)
+        is the empirical Fisher (see the module docstring), unscaled when a GradScaler scaled
+        the loss (:mod:`mbf.amp`); call once per step, before the statistics are read (and
+        before they are summed over data-parallel ranks: each rank's gradients carry its own
+        ``N``)."""
+        pending = [u for u in units if u.pending is not None and u.pending_examples]
+        factor = 1.0
+        if scaler is not None and scaler.present and self.grad_scaler is None:
+            if scaler.grad_scale is None and pending:
+                raise RuntimeError(
+                    "MBF: GradScaler.unscale_(optimizer) ran before step(), so the scale of the "
+                    "per-example statistics (collected from scaled gradients) is unknown; call "
+                    "optimizer.use_grad_scaler(scaler) once, before training"
+                )
+            if scaler.grad_scale is not None:
+                factor = 1.0 / scaler.grad_scale**2
+        for unit in pending:
+            n = float(unit.pending_examples) if self.loss_reduction == "mean" else 1.0
+            if n * n * factor != 1.0:
+                assert unit.pending is not None
+                unit.pending.mul_(n * n * factor)
 
     def _enter_pass(self) -> int:
         """The number of the backward pass now running (a new one after the last has ended)."""
         if not self._in_pass:
             self._pass += 1
+            scaler = self.grad_scaler
+            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+            self._pass_unscale = 1.0 / scale**2
             try:
                 Variable._execution_engine.queue_callback(self._leave_pass)
                 self._in_pass = True
@@ -165,6 +186,8 @@ class PerExampleHooks:
             return
         for unit in units:
             value = stats[unit.role]
+            if self._pass_unscale != 1.0:
+                value.mul_(self._pass_unscale)
             if unit.pending is None:
                 unit.pending = value
             else:

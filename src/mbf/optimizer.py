@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import amp as _amp
 from . import distributed as _distributed
 from .blocks import BlockLayout
 from .hooks import PerExampleHooks
@@ -150,7 +151,10 @@ class MBF(torch.optim.Optimizer):
         model: the module the parameters belong to, for module-aware blocks with param groups.
         nonfinite: ``"skip"`` (default) skips a step whose gradient is not finite, leaving every
             parameter and statistic untouched and counting it; ``"raise"`` raises
-            ``FloatingPointError`` with the state untouched.
+            ``FloatingPointError`` with the state untouched. Under ``torch.amp.GradScaler``
+            (``scaler.step(opt)``) MBF unscales gradients and per-example statistics itself and
+            skips the steps the scaler finds non-finite (:mod:`mbf.amp`,
+            :meth:`use_grad_scaler`).
         max_state_bytes: refuse to build when curvature state would exceed this many bytes.
         chunk_elements: per-example gradient entries materialized at once (memory bound).
         stat_buffer: with the ``batch`` estimator, how many steps' gradient blocks are queued
@@ -172,6 +176,9 @@ class MBF(torch.optim.Optimizer):
             same, but an error when ``torch.distributed`` is not initialized. ``False``: a
             single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
+
+    # torch.amp.GradScaler: step() unscales gradients and statistics itself (mbf.amp).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -236,6 +243,7 @@ class MBF(torch.optim.Optimizer):
         self._counters = {
             "steps": 0,
             "skipped_steps": 0,
+            "scaler_skipped_steps": 0,
             "factorizations": 0,
             "factored_blocks": 0,
             "retried_blocks": 0,
@@ -399,6 +407,14 @@ class MBF(torch.optim.Optimizer):
         packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
         return packing.unpack(unit.fisher), packing.unpack(unit.inverse)
 
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Read the loss scale of this ``torch.amp.GradScaler`` during backward passes, so that
+        per-example statistics are unscaled even when ``scaler.unscale_(optimizer)`` runs before
+        ``step()`` (as for gradient clipping; see :mod:`mbf.amp`). ``None`` detaches it."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"MBF: use_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
+        self._hooks.grad_scaler = scaler
+
     def remove_hooks(self) -> None:
         """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
         self._hooks.remove()
@@ -529,6 +545,16 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scaler = _amp.read_scaler_signal(self)  # set by torch.amp.GradScaler.step (mbf.amp)
+        if scaler.found_inf:
+            self._counters["scaler_skipped_steps"] += 1
+            for unit in self._units:
+                unit.clear_pending()
+            self._hooks.new_step()
+            return loss
+        self._hooks.finish(self._units, scaler)  # per-example sums -> empirical Fisher scale
+        if scaler.grad_scale is not None:
+            _amp.unscale_grads_(self.param_groups, scaler.grad_scale)
         active = [(u, self._grads(u)) for u in self._units]
         live = [(u, g) for u, g in active if g is not None]
         if not self._all_finite([g for _, g in live]):
@@ -544,7 +570,6 @@ class MBF(torch.optim.Optimizer):
 
         live_ids = {id(u) for u, _ in live}
         refreshed: set[int] = set()
-        self._hooks.finish(self._units)  # per-example sums -> empirical Fisher scale
         if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
             refreshed = self._dist.update_statistics(self, live)
         else:
