@@ -482,11 +482,12 @@ class ShardedMBF:
 
     def _invert(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
         if hi > lo:
-            damping = opt.param_groups[bucket.group]["damping"]
-            fisher = bucket.fisher[lo:hi]
-            _, part = damped_inverse(fisher, damping, out=bucket.inverse[lo:hi])
-            if part.nonfinite:  # a poisoned statistic would poison every later step: restart it
-                fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
+            with opt._diag.timed("factorization"):
+                damping = opt.param_groups[bucket.group]["damping"]
+                fisher = bucket.fisher[lo:hi]
+                _, part = damped_inverse(fisher, damping, out=bucket.inverse[lo:hi])
+                if part.nonfinite:  # a poisoned statistic would poison later steps: restart it
+                    fisher[~torch.isfinite(fisher).all(dim=(-2, -1))] = 0.0
             report.add(part)
         bucket.factored = True
         bucket.sharded = True

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import amp as _amp
 from . import distributed as _distributed
 from .blocks import BlockLayout
+from .diagnostics import Diagnostics
 from .hooks import PerExampleHooks
 from .linalg import damped_inverse, solve_blocks
 from .packed import SymmetricPacking, packed_size
@@ -251,6 +252,7 @@ class MBF(torch.optim.Optimizer):
             "nonfinite_blocks": 0,
         }
         self._warned: set[str] = set()
+        self._diag = Diagnostics()
         self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
         defaults.update(
@@ -379,6 +381,12 @@ class MBF(torch.optim.Optimizer):
     def counters(self) -> dict[str, int]:
         """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
         return dict(self._counters)
+
+    def diagnostics(self) -> dict[str, float]:
+        """A flat ``{name: number}`` dict for loggers: counts, fractions of blocks retried or
+        fallen back, seconds in statistics and factorization, per-group damping and the ratio of
+        the preconditioned direction's norm to the gradient's (:mod:`mbf.diagnostics`)."""
+        return self._diag.report(self._counters, self.param_groups)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of curvature state (statistics, factors, momentum) for each unit, by name."""
@@ -517,6 +525,10 @@ class MBF(torch.optim.Optimizer):
             unit.queue_weights.clear()
 
     def _factor(self, bucket: _Bucket) -> None:
+        with self._diag.timed("factorization"):
+            self._factor_timed(bucket)
+
+    def _factor_timed(self, bucket: _Bucket) -> None:
         for unit in bucket.units:
             self._fold_queue(unit)
         damping = self.param_groups[bucket.group]["damping"]
@@ -570,17 +582,19 @@ class MBF(torch.optim.Optimizer):
 
         live_ids = {id(u) for u, _ in live}
         refreshed: set[int] = set()
-        if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
-            refreshed = self._dist.update_statistics(self, live)
-        else:
-            for unit, grads in live:
-                if self._is_stat_step(unit) and self._update_stats(unit, grads):
-                    refreshed.add(id(unit))
+        with self._diag.timed("statistics"):
+            if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
+                refreshed = self._dist.update_statistics(self, live)
+            else:
+                for unit, grads in live:
+                    if self._is_stat_step(unit) and self._update_stats(unit, grads):
+                        refreshed.add(id(unit))
 
         if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
             directions = self._dist.precondition(self, live_ids, refreshed)
         else:
             directions = self._precondition(live_ids, refreshed)
+        self._diag.record_step(live, directions)
         self._apply(live, directions)
         self._step_count += 1
         self._counters["steps"] += 1
