@@ -57,14 +57,14 @@ class Diagnostics:
         self, live: list[tuple[Any, list[Tensor]]], directions: dict[int, list[Tensor]]
     ) -> None:
         """Keep the squared norms of each group's directions and gradients of this step."""
-        sums: dict[int, list[list[Tensor]]] = {}
+        tensors: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         for unit, grads in live:
-            d_sq, g_sq = sums.setdefault(unit.group, [[], []])
-            for d, g in zip(directions[id(unit)], grads, strict=True):
-                d_sq.append(d.detach().float().square().sum())
-                g_sq.append(g.detach().float().square().sum())
+            ds, gs = tensors.setdefault(unit.group, ([], []))
+            ds.extend(directions[id(unit)])
+            gs.extend(grads)
         self._norms = {
-            group: (_total(d_sq), _total(g_sq)) for group, (d_sq, g_sq) in sums.items()
+            group: (_sum_of_squares(ds), _sum_of_squares(gs))
+            for group, (ds, gs) in tensors.items()
         }
 
     def report(
@@ -92,6 +92,10 @@ class Diagnostics:
         return out
 
 
-def _total(parts: list[Tensor]) -> Tensor:
-    """Sum of 0-d tensors that may live on several devices, on the first one's device."""
-    return torch.stack([t.to(parts[0].device) for t in parts]).sum()
+@torch.no_grad()
+def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
+    """``sum |t|^2`` over tensors (float32 or wider: MBF's state dtype) that may live on several
+    devices, as a 0-d tensor of the first one's dtype and device; no temporary as large as a
+    tensor, no host sync."""
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    return torch.stack([n.to(norms[0]) for n in norms]).square().sum()
