@@ -96,8 +96,9 @@ def test_grad_scaler_gives_the_unscaled_run(estimator: str, loop: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     for got, want in zip(params, ref_params, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    assert opt.counters["scaler_skipped_steps"] == 1
     assert opt.counters["steps"] == STEPS - 1
+    # The batch estimator leaves scaling and skipping to the scaler, as any optimizer does.
+    assert opt.counters["scaler_skipped_steps"] == (1 if estimator == "per_example" else 0)
 
 
 def test_unscaled_early_without_the_scaler_attached_is_refused() -> None:
@@ -110,3 +111,19 @@ def test_unscaled_early_without_the_scaler_attached_is_refused() -> None:
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match=r"use_grad_scaler\(scaler\)"):
         scaler.step(opt)
+
+
+def test_the_scaler_protocol_is_used_only_where_needed() -> None:
+    """Only an optimizer with active per-example hooks and no attached scaler asks GradScaler to
+    leave the unscaling to it (frameworks may then refuse gradient clipping)."""
+    scaler = torch.amp.GradScaler("cpu")
+    per_example = _opt(_model(), "per_example")
+    assert per_example._step_supports_amp_scaling
+    per_example.use_grad_scaler(scaler)
+    assert not per_example._step_supports_amp_scaling
+    per_example.use_grad_scaler(None)
+    per_example.remove_hooks()
+    assert not per_example._step_supports_amp_scaling
+    assert not _opt(_model(), "batch")._step_supports_amp_scaling
+    with pytest.raises(TypeError, match="use_grad_scaler needs a torch.amp.GradScaler"):
+        per_example.use_grad_scaler(2.0**8)

@@ -2,21 +2,25 @@
 
 The gradients of a scaled loss are ``S`` times too large, and so are the output gradients that
 the per-example hooks see: statistics built from them would be ``S^2`` too large and would jump
-whenever the scaler changes ``S``. MBF therefore takes part in GradScaler's protocol for
-optimizers that handle scaling themselves (``_step_supports_amp_scaling``): ``scaler.step(opt)``
-always calls ``opt.step()``, with ``opt.grad_scale`` (the scale of the gradients, or ``None``
-when ``scaler.unscale_(opt)`` has already unscaled them) and ``opt.found_inf`` set for the call.
-MBF then
+whenever the scaler changes ``S``. (The ``batch`` estimator needs nothing: it reads the
+gradients after the scaler has unscaled them.) Two ways to unscale the per-example statistics:
 
-- skips the step (parameters and statistics untouched, counted in ``scaler_skipped_steps``)
-  when the scaler found an inf or NaN, dropping that step's per-example statistics instead of
-  mixing them into the next step's, as would happen if the step were simply not called;
-- unscales the gradients itself when ``grad_scale`` is given, and divides the per-example
-  statistics by ``grad_scale^2``;
-- when the gradients were unscaled beforehand (``scaler.unscale_(opt)``, e.g. to clip them), the
-  scale of the hooks' statistics is only known if the scaler was attached with
-  :meth:`mbf.MBF.use_grad_scaler`: the hooks then read ``scaler.get_scale()`` once per backward
-  pass. Without it, a per-example step raises rather than use statistics ``S^2`` too large.
+- **Automatic** (no scaler attached): MBF takes part in GradScaler's protocol for optimizers that
+  handle scaling themselves (``_step_supports_amp_scaling``, true while per-example hooks are
+  active). ``scaler.step(opt)`` then always calls ``opt.step()``, with ``opt.grad_scale`` (the
+  gradients' scale, or ``None`` when ``scaler.unscale_(opt)`` has already unscaled them) and
+  ``opt.found_inf`` set for the call. MBF skips the step when the scaler found an inf or NaN
+  (parameters and statistics untouched, that step's statistics dropped, counted in
+  ``scaler_skipped_steps``), and otherwise unscales the gradients and divides the statistics by
+  ``grad_scale^2``. If the gradients were unscaled beforehand the scale of the statistics is
+  unknown, and a per-example step raises rather than use them. Frameworks that clip after
+  ``scaler.unscale_`` may also refuse clipping for such optimizers (Lightning does).
+- **Attached** (:meth:`mbf.MBF.use_grad_scaler`), for loops that call ``scaler.unscale_(opt)``
+  before ``step()``, e.g. to clip gradients (the Hugging Face Trainer, Lightning with
+  ``gradient_clip_val``): the scaler unscales and skips as for any optimizer, and the hooks read
+  ``scaler.get_scale()`` once per backward pass (a host sync on a GPU) and unscale each pass's
+  statistics. A scale that changed without a step means the scaler skipped the iteration: its
+  statistics are dropped at the next backward pass (and counted in ``scaler_skipped_steps``).
 """
 
 from __future__ import annotations

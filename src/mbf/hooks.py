@@ -61,10 +61,13 @@ class PerExampleHooks:
         self._by_module: dict[nn.Module, list[Unit]] = {}
         self._handles: list[RemovableHandle] = []
         self._warned_reuse = False
-        # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), and the
-        # 1 / scale^2 of the running backward pass.
+        # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), the
+        # 1 / scale^2 of the running backward pass, the scale of the statistics pending since
+        # the last step, and how many iterations the scaler skipped (their statistics dropped).
         self.grad_scaler: Any = None
         self._pass_unscale = 1.0
+        self._pending_scale: float | None = None
+        self.scaler_skips = 0
         # Backward passes: a counter, whether one is running, and each module's latest pass.
         self._pass = 0
         self._in_pass = False
@@ -81,6 +84,11 @@ class PerExampleHooks:
                 self._handles.append(unit.module.register_forward_hook(self._forward))
             self._by_module[unit.module].append(unit)
 
+    @property
+    def active(self) -> bool:
+        """Whether any module is hooked."""
+        return bool(self._by_module)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -91,6 +99,7 @@ class PerExampleHooks:
         """Forget the passes of the last step (their statistics were consumed or dropped)."""
         self._pass_of.clear()
         self._in_pass = False
+        self._pending_scale = None
 
     def finish(self, units: list[Unit], scaler: ScalerSignal | None = None) -> None:
         """Turn the units' summed ``G_i G_i^T`` into sums whose mean over ``pending_count`` rows
@@ -121,6 +130,12 @@ class PerExampleHooks:
             self._pass += 1
             scaler = self.grad_scaler
             scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+            if self._pending_scale is not None and scale != self._pending_scale:
+                # The scale changed without a step: the scaler skipped the last iteration (an
+                # inf or NaN; it then lowers the scale). Its statistics must not enter the next.
+                self._drop_pending()
+                self.scaler_skips += 1
+            self._pending_scale = scale
             self._pass_unscale = 1.0 / scale**2
             try:
                 Variable._execution_engine.queue_callback(self._leave_pass)
@@ -128,6 +143,12 @@ class PerExampleHooks:
             except RuntimeError:  # not inside the engine: every call is a pass of its own
                 pass
         return self._pass
+
+    def _drop_pending(self) -> None:
+        for units in self._by_module.values():
+            for unit in units:
+                unit.clear_pending()
+        self._pass_of.clear()
 
     def _leave_pass(self) -> None:
         self._in_pass = False

@@ -178,9 +178,6 @@ class MBF(torch.optim.Optimizer):
             single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
-    # torch.amp.GradScaler: step() unscales gradients and statistics itself (mbf.amp).
-    _step_supports_amp_scaling = True
-
     def __init__(
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -415,6 +412,13 @@ class MBF(torch.optim.Optimizer):
         packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
         return packing.unpack(unit.fisher), packing.unpack(unit.inverse)
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's protocol (:mod:`mbf.amp`): ``step()`` unscales gradients and
+        per-example statistics itself while hooks collect them and no scaler is attached."""
+        hooks = getattr(self, "_hooks", None)
+        return hooks is not None and hooks.active and hooks.grad_scaler is None
+
     def use_grad_scaler(self, scaler: Any) -> None:
         """Read the loss scale of this ``torch.amp.GradScaler`` during backward passes, so that
         per-example statistics are unscaled even when ``scaler.unscale_(optimizer)`` runs before
@@ -557,6 +561,8 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._counters["scaler_skipped_steps"] += self._hooks.scaler_skips
+        self._hooks.scaler_skips = 0
         scaler = _amp.read_scaler_signal(self)  # set by torch.amp.GradScaler.step (mbf.amp)
         if scaler.found_inf:
             self._counters["scaler_skipped_steps"] += 1
