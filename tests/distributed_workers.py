@@ -8,6 +8,7 @@ The model, data and hyperparameters live here so that one process (the test) and
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -74,6 +75,24 @@ def train(model: nn.Module, opt: MBF, steps: range, rank: int = 0, world: int = 
         shard = slice(rank * per, (rank + 1) * per)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[shard]), y[shard]).backward()
+        opt.step()
+
+
+def train_accumulated(
+    model: nn.Module, opt: MBF, steps: range, rank: int, world: int, micro: int = 2
+) -> None:
+    """As :func:`train`, but each rank's shard in ``micro`` micro-batches, each loss divided by
+    ``micro`` and DDP's all-reduce only on the last (``no_sync``): the same mean gradient."""
+    per = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = global_batch(step)
+        shard = slice(rank * per, (rank + 1) * per)
+        opt.zero_grad()
+        parts = list(zip(x[shard].chunk(micro), y[shard].chunk(micro), strict=True))
+        for i, (xb, yb) in enumerate(parts):
+            sync = i == len(parts) - 1 or not isinstance(model, DDP)
+            with contextlib.nullcontext() if sync else model.no_sync():
+                (nn.functional.cross_entropy(model(xb), yb) / len(parts)).backward()
         opt.step()
 
 
@@ -177,8 +196,17 @@ def scenario_failures(rank: int, world: int, outdir: Path) -> dict:
     return out
 
 
+def scenario_accumulate(rank: int, world: int, outdir: Path) -> dict:
+    """Per-example statistics under DDP with gradient accumulation on every rank."""
+    model = DDP(make_model())
+    opt = make_optimizer(model, "per_example")
+    train_accumulated(model, opt, range(STEPS), rank, world)
+    return {"params": flat_params(model), "counters": opt.counters}
+
+
 SCENARIOS: dict[str, Callable[..., dict]] = {
     "train": scenario_train,
+    "accumulate": scenario_accumulate,
     "failures": scenario_failures,
 }
 

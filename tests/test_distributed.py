@@ -86,7 +86,7 @@ def run_ranks(
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, dict]]]:
     """Two ranks train from scratch, checkpointing midway."""
     outdir = tmp_path_factory.mktemp("two_ranks")
-    return outdir, run_ranks([("train", {})], 2, outdir)
+    return outdir, run_ranks([("train", {}), ("accumulate", {})], 2, outdir)
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +208,17 @@ def test_two_ranks_match_one_process_and_resume_on_one(two_ranks: tuple) -> None
             message = result["train"][f"unconsolidated_{estimator}"]
             assert message is not None and f"MBF (rank {r} of 2)" in message
             assert "consolidate_state_dict() on every rank" in message
+
+
+def test_two_ranks_accumulating_micro_batches_match_one_process(two_ranks: tuple) -> None:
+    """Each rank accumulates 2 micro-batches of its shard (loss / 2): per-example statistics of
+    the whole global batch, as one process taking it in one pass."""
+    _, results = two_ranks
+    reference, ref_counters = single_process("per_example")
+    got = [r["accumulate"] for r in results]
+    assert torch.equal(got[0]["params"], got[1]["params"])
+    torch.testing.assert_close(got[0]["params"], reference, **PARAM_TOL)
+    assert got[0]["counters"] == ref_counters
 
 
 def test_three_ranks_continue_a_single_process_checkpoint(three_ranks: tuple) -> None:

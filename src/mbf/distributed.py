@@ -481,7 +481,8 @@ class ShardedMBF:
         return self._exchange(opt, pieces, sends, rhs_of)
 
     def _invert(self, opt: MBF, bucket: _Bucket, lo: int, hi: int, report: FactorReport) -> None:
-        report.add(opt._factor_range(bucket, lo, hi))
+        with opt._diag.timed("factorization"):
+            report.add(opt._factor_range(bucket, lo, hi))
         bucket.factored = True
         bucket.sharded = True
 

@@ -5,22 +5,42 @@ statistics) and puts a tensor hook on the module's output; when autograd deliver
 gradient, the block statistics are computed at once and the input is released. Tensor hooks on
 outputs, unlike full module backward hooks, keep working with in-place activations.
 
-Scaling: autograd delivers ``delta_i = c * dl_i/dout`` with ``c = 1/N`` for a mean-reduced loss and
-``c = 1`` for a sum. The empirical Fisher ``(1/N) sum_i grad l_i grad l_i^T`` is therefore
-``N * sum_i G_i G_i^T`` (mean) or ``(1/N) sum_i G_i G_i^T`` (sum), with ``G_i`` the per-example
-parts of the batch gradient. Several backward passes in one step (gradient accumulation) are
-averaged, weighted by their number of examples.
+Scaling. Let ``G_i`` be example ``i``'s part of the gradient the optimizer steps on, summed over
+every backward pass since the last step (gradient accumulation: ``k`` micro-batches, then one
+step), and ``N`` the number of examples in all those passes. ``loss_reduction`` describes the
+loss of that whole accumulated batch:
+
+- ``"mean"``: the accumulated gradient is ``(1/N) sum_i grad l_i``, as when each micro-batch's
+  mean loss is divided by ``k`` (Hugging Face's Trainer, Lightning, ``loss / k`` by hand) or a
+  sum is divided by ``N``. Then ``grad l_i = N G_i`` and the empirical Fisher
+  ``(1/N) sum_i grad l_i grad l_i^T`` is ``N sum_i G_i G_i^T``.
+- ``"sum"``: the accumulated gradient is ``sum_i grad l_i`` (micro-batch sums, not divided), so
+  ``grad l_i = G_i`` and the empirical Fisher is ``(1/N) sum_i G_i G_i^T``.
+
+Neither needs ``k``, only ``N``: the hooks sum ``G_i G_i^T`` as autograd delivers them and count
+each module's examples once per backward pass (the end of a pass is marked by an autograd
+engine callback); :meth:`PerExampleHooks.finish` applies ``N`` at the step. With ``"mean"`` and
+micro-batches of unequal sizes divided by ``k``, the accumulated gradient is not an exact mean
+over examples, and neither are the statistics (each example weighted as its gradient is).
+
+A module called several times in one backward pass (shared weights, a recurrent cell) has
+``R > N`` rows: each call's rows are taken as separate examples, ``(N^2/R) sum_rows G G^T``
+(``"mean"``) or ``(1/R) sum_rows G G^T`` (``"sum"``), which drops the cross terms between the
+calls of one example (an approximation, warned about once).
 """
 
 from __future__ import annotations
 
 import warnings
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from .amp import ScalerSignal
 from .curvature import CONV_TYPES, Workspace, conv_block_stats, linear_block_stats
 from .units import Unit
 
@@ -40,8 +60,18 @@ class PerExampleHooks:
         self.chunk_elements = chunk_elements
         self._by_module: dict[nn.Module, list[Unit]] = {}
         self._handles: list[RemovableHandle] = []
-        self._calls: dict[nn.Module, int] = {}
         self._warned_reuse = False
+        # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), the
+        # 1 / scale^2 of the running backward pass, the scale of the statistics pending since
+        # the last step, and how many iterations the scaler skipped (their statistics dropped).
+        self.grad_scaler: Any = None
+        self._pass_unscale = 1.0
+        self._pending_scale: float | None = None
+        self.scaler_skips = 0
+        # Backward passes: a counter, whether one is running, and each module's latest pass.
+        self._pass = 0
+        self._in_pass = False
+        self._pass_of: dict[nn.Module, int] = {}
         self._workspace = Workspace()
         self.add(units)
 
@@ -54,6 +84,11 @@ class PerExampleHooks:
                 self._handles.append(unit.module.register_forward_hook(self._forward))
             self._by_module[unit.module].append(unit)
 
+    @property
+    def active(self) -> bool:
+        """Whether any module is hooked."""
+        return bool(self._by_module)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -61,7 +96,62 @@ class PerExampleHooks:
         self._by_module.clear()
 
     def new_step(self) -> None:
-        self._calls.clear()
+        """Forget the passes of the last step (their statistics were consumed or dropped)."""
+        self._pass_of.clear()
+        self._in_pass = False
+        self._pending_scale = None
+
+    def finish(self, units: list[Unit], scaler: ScalerSignal | None = None) -> None:
+        """Turn the units' summed ``G_i G_i^T`` into sums whose mean over ``pending_count`` rows
+        is the empirical Fisher (see the module docstring), unscaled when a GradScaler scaled
+        the loss (:mod:`mbf.amp`); call once per step, before the statistics are read (and
+        before they are summed over data-parallel ranks: each rank's gradients carry its own
+        ``N``)."""
+        pending = [u for u in units if u.pending is not None and u.pending_examples]
+        factor = 1.0
+        if scaler is not None and scaler.present and self.grad_scaler is None:
+            if scaler.grad_scale is None and pending:
+                raise RuntimeError(
+                    "MBF: GradScaler.unscale_(optimizer) ran before step(), so the scale of the "
+                    "per-example statistics (collected from scaled gradients) is unknown; call "
+                    "optimizer.use_grad_scaler(scaler) once, before training"
+                )
+            if scaler.grad_scale is not None:
+                factor = 1.0 / scaler.grad_scale**2
+        for unit in pending:
+            n = float(unit.pending_examples) if self.loss_reduction == "mean" else 1.0
+            if n * n * factor != 1.0:
+                assert unit.pending is not None
+                unit.pending.mul_(n * n * factor)
+
+    def _enter_pass(self) -> int:
+        """The number of the backward pass now running (a new one after the last has ended)."""
+        if not self._in_pass:
+            self._pass += 1
+            scaler = self.grad_scaler
+            scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+            if self._pending_scale is not None and scale != self._pending_scale:
+                # The scale changed without a step: the scaler skipped the last iteration (an
+                # inf or NaN; it then lowers the scale). Its statistics must not enter the next.
+                self._drop_pending()
+                self.scaler_skips += 1
+            self._pending_scale = scale
+            self._pass_unscale = 1.0 / scale**2
+            try:
+                Variable._execution_engine.queue_callback(self._leave_pass)
+                self._in_pass = True
+            except RuntimeError:  # not inside the engine: every call is a pass of its own
+                pass
+        return self._pass
+
+    def _drop_pending(self) -> None:
+        for units in self._by_module.values():
+            for unit in units:
+                unit.clear_pending()
+        self._pass_of.clear()
+
+    def _leave_pass(self) -> None:
+        self._in_pass = False
 
     def _forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         units = self._by_module.get(module, [])
@@ -74,24 +164,26 @@ class PerExampleHooks:
         x = inputs[0]
         if not isinstance(x, Tensor):
             return
-        self._calls[module] = self._calls.get(module, 0) + 1
-        if self._calls[module] == 2 and not self._warned_reuse:
-            self._warned_reuse = True
-            warnings.warn(
-                f"{type(module).__name__} was called more than once in one step; MBF treats each "
-                "call's examples separately in its per-example statistics (an approximation).",
-                stacklevel=2,
-            )
         output.register_hook(partial(self._backward, module, x.detach()))
 
     def _backward(self, module: nn.Module, x: Tensor, grad: Tensor) -> None:
         units = [u for u in self._by_module.get(module, []) if u.collect]
         if not units:
             return
+        current = self._enter_pass()
+        new_examples = self._pass_of.get(module) != current
+        self._pass_of[module] = current
+        if not new_examples and not self._warned_reuse:
+            self._warned_reuse = True
+            warnings.warn(
+                f"{type(module).__name__} was called more than once in one backward pass; MBF "
+                "treats each call's rows as separate examples in its per-example statistics "
+                "(an approximation that drops the cross terms between calls).",
+                stacklevel=2,
+            )
         dtype = units[0].dtype
         x, grad = x.to(dtype), grad.detach().to(dtype)
         n = x.shape[0]
-        scale = float(n * n) if self.loss_reduction == "mean" else 1.0
         if isinstance(module, nn.Linear):
             stats = {
                 units[0].role: linear_block_stats(
@@ -115,8 +207,12 @@ class PerExampleHooks:
             return
         for unit in units:
             value = stats[unit.role]
+            if self._pass_unscale != 1.0:
+                value.mul_(self._pass_unscale)
             if unit.pending is None:
-                unit.pending = value.mul_(scale)
+                unit.pending = value
             else:
-                unit.pending.add_(value, alpha=scale)
+                unit.pending.add_(value)
             unit.pending_count += n
+            if new_examples:
+                unit.pending_examples += n

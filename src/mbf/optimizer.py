@@ -11,8 +11,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import amp as _amp
 from . import distributed as _distributed
 from .blocks import BlockLayout
+from .diagnostics import Diagnostics
 from .hooks import PerExampleHooks
 from .linalg import FactorReport, damped_inverse, solve_blocks
 from .packed import SymmetricPacking, packed_size
@@ -45,11 +47,11 @@ DEFAULTS: dict[str, Any] = {
     "early_refresh": True,
     "relative_damping": True,
 }
+"""The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
+lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
+early inverse refreshes and damping relative to each block's scale. They were chosen by the
+comparison protocol of ``benchmarks/protocol.py``; ``docs/decisions.md`` gives the evidence."""
 
-#: The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
-#: ``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
-#: whose first estimate is taken as it is and inverses refreshed every ``inv_every`` steps only.
-#: ``MBF(model, **PAPER)`` gives exactly that form whatever the library defaults are.
 PAPER: dict[str, Any] = {
     "lr": 0.01,
     "momentum": 0.9,
@@ -62,6 +64,11 @@ PAPER: dict[str, Any] = {
     "early_refresh": False,
     "relative_damping": False,
 }
+"""The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
+``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
+whose first estimate is taken as it is and inverses refreshed every ``inv_every`` steps only, at
+the hyperparameters of the authors' framework. ``MBF(model, **PAPER)`` gives exactly that form
+whatever the library defaults are."""
 """Default hyperparameters of [`MBF`][mbf.MBF]; ``docs/decisions.md`` gives the evidence."""
 
 
@@ -192,8 +199,9 @@ class MBF(torch.optim.Optimizer):
             ``m_hat / (sqrt(v_hat) + graft_eps)`` (or of SGD-m's, the momentum ``m_b``) for the
             same block, so that ``lr`` means what it means for that optimizer and one damping
             serves blocks of any scale (as Distributed Shampoo grafts onto Adam).
-        graft_beta2, graft_eps: Adam's ``beta2`` and ``eps`` for ``graft="adam"`` (its
-            ``beta1`` is ``momentum``; costs one float per parameter).
+        graft_beta2: Adam's ``beta2`` for ``graft="adam"`` (its ``beta1`` is ``momentum``;
+            the second moment costs one float per parameter).
+        graft_eps: Adam's ``eps`` for ``graft="adam"``.
         bias_correction: start the statistics from zero with weight ``1 - stat_decay`` and
             divide by ``1 - stat_decay^n`` when factoring (Adam's bias correction), instead of
             taking the first estimate as it is.
@@ -207,11 +215,18 @@ class MBF(torch.optim.Optimizer):
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
         loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
-            ``per_example`` estimator to undo autograd's ``1/N``.
+            ``per_example`` estimator to undo autograd's ``1/N``. With gradient accumulation it
+            describes the whole accumulated batch: ``"mean"`` for micro-batch means divided by
+            the number of micro-batches (Hugging Face's Trainer, Lightning), ``"sum"`` for
+            micro-batch sums; the statistics are then those of all the accumulated examples
+            (:mod:`mbf.hooks`).
         model: the module the parameters belong to, for module-aware blocks with param groups.
         nonfinite: ``"skip"`` (default) skips a step whose gradient is not finite, leaving every
             parameter and statistic untouched and counting it; ``"raise"`` raises
-            ``FloatingPointError`` with the state untouched.
+            ``FloatingPointError`` with the state untouched. Under ``torch.amp.GradScaler``
+            (``scaler.step(opt)``) MBF unscales gradients and per-example statistics itself and
+            skips the steps the scaler finds non-finite (:mod:`mbf.amp`,
+            :meth:`use_grad_scaler`).
         max_state_bytes: refuse to build when curvature state would exceed this many bytes.
         chunk_elements: per-example gradient entries materialized at once (memory bound).
         stat_buffer: with the ``batch`` estimator, how many steps' gradient blocks are queued
@@ -303,6 +318,7 @@ class MBF(torch.optim.Optimizer):
         self._counters = {
             "steps": 0,
             "skipped_steps": 0,
+            "scaler_skipped_steps": 0,
             "factorizations": 0,
             "factored_blocks": 0,
             "retried_blocks": 0,
@@ -310,6 +326,7 @@ class MBF(torch.optim.Optimizer):
             "nonfinite_blocks": 0,
         }
         self._warned: set[str] = set()
+        self._diag = Diagnostics()
         self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
         defaults.update(
@@ -448,6 +465,12 @@ class MBF(torch.optim.Optimizer):
         """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
         return dict(self._counters)
 
+    def diagnostics(self) -> dict[str, float]:
+        """A flat ``{name: number}`` dict for loggers: counts, fractions of blocks retried or
+        fallen back, seconds in statistics and factorization, per-group damping and the ratio of
+        the preconditioned direction's norm to the gradient's (:mod:`mbf.diagnostics`)."""
+        return self._diag.report(self._counters, self.param_groups)
+
     def memory_report(self) -> dict[str, int]:
         """Bytes of curvature state (statistics, factors, momentum) for each unit, by name."""
         return {u.name: u.state_bytes() for u in self._units}
@@ -474,6 +497,21 @@ class MBF(torch.optim.Optimizer):
     def _unpacked(unit: Unit) -> tuple[Tensor, Tensor]:
         packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
         return packing.unpack(unit.fisher), packing.unpack(unit.inverse)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler's protocol (:mod:`mbf.amp`): ``step()`` unscales gradients and
+        per-example statistics itself while hooks collect them and no scaler is attached."""
+        hooks = getattr(self, "_hooks", None)
+        return hooks is not None and hooks.active and hooks.grad_scaler is None
+
+    def use_grad_scaler(self, scaler: Any) -> None:
+        """Read the loss scale of this ``torch.amp.GradScaler`` during backward passes, so that
+        per-example statistics are unscaled even when ``scaler.unscale_(optimizer)`` runs before
+        ``step()`` (as for gradient clipping; see :mod:`mbf.amp`). ``None`` detaches it."""
+        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+            raise TypeError(f"MBF: use_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
+        self._hooks.grad_scaler = scaler
 
     def remove_hooks(self) -> None:
         """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
@@ -636,7 +674,8 @@ class MBF(torch.optim.Optimizer):
         return damping * torch.where(positive, per_block, fill)
 
     def _factor(self, bucket: _Bucket) -> None:
-        report = self._factor_range(bucket, 0, bucket.fisher.shape[0])
+        with self._diag.timed("factorization"):
+            report = self._factor_range(bucket, 0, bucket.fisher.shape[0])
         bucket.factored = True
         c = self._counters
         c["factorizations"] += 1
@@ -652,6 +691,18 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._counters["scaler_skipped_steps"] += self._hooks.scaler_skips
+        self._hooks.scaler_skips = 0
+        scaler = _amp.read_scaler_signal(self)  # set by torch.amp.GradScaler.step (mbf.amp)
+        if scaler.found_inf:
+            self._counters["scaler_skipped_steps"] += 1
+            for unit in self._units:
+                unit.clear_pending()
+            self._hooks.new_step()
+            return loss
+        self._hooks.finish(self._units, scaler)  # per-example sums -> empirical Fisher scale
+        if scaler.grad_scale is not None:
+            _amp.unscale_grads_(self.param_groups, scaler.grad_scale)
         active = [(u, self._grads(u)) for u in self._units]
         live = [(u, g) for u, g in active if g is not None]
         if not self._all_finite([g for _, g in live]):
@@ -667,17 +718,19 @@ class MBF(torch.optim.Optimizer):
 
         live_ids = {id(u) for u, _ in live}
         refreshed: set[int] = set()
-        if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
-            refreshed = self._dist.update_statistics(self, live)
-        else:
-            for unit, grads in live:
-                if self._is_stat_step(unit) and self._update_stats(unit, grads):
-                    refreshed.add(id(unit))
+        with self._diag.timed("statistics"):
+            if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
+                refreshed = self._dist.update_statistics(self, live)
+            else:
+                for unit, grads in live:
+                    if self._is_stat_step(unit) and self._update_stats(unit, grads):
+                        refreshed.add(id(unit))
 
         if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
             directions = self._dist.precondition(self, live_ids, refreshed)
         else:
             directions = self._precondition(live_ids, refreshed)
+        self._diag.record_step(live, directions)
         self._apply(live, directions)
         self._step_count += 1
         self._counters["steps"] += 1

@@ -56,7 +56,8 @@ class Unit:
     graft_norms: Tensor | None = None
     collect: bool = False
     pending: Tensor | None = None
-    pending_count: int = 0
+    pending_count: int = 0  # rows seen by the hooks since the last step (a row per call)
+    pending_examples: int = 0  # examples since the last step (one count per backward pass)
     # Batch estimator: this step's and earlier gradients' blocks not yet folded into ``fisher``,
     # ``(num_blocks, queue_capacity, block_size)``, with the running-average weight of each.
     queue_capacity: int = 0
@@ -84,6 +85,7 @@ class Unit:
     def clear_pending(self) -> None:
         self.pending = None
         self.pending_count = 0
+        self.pending_examples = 0
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

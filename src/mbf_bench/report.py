@@ -13,6 +13,11 @@ Per task and optimizer (mean over seeds unless said otherwise):
 
 Plots (``DIR/<task>.png``): training loss against epochs and against seconds, and the test metric
 against epochs; one line per optimizer, the mean over seeds with the min-max spread shaded.
+Where runs recorded optimizer diagnostics (``diag/...`` in their evaluation lines, MBF's
+:meth:`mbf.MBF.diagnostics`), ``DIR/<task>-diagnostics.png`` shows them against epochs: the
+ratio of the preconditioned direction's norm to the gradient's (first param group), the
+fractions of blocks retried and fallen back, and the share of training seconds spent in
+statistics and in factorization.
 """
 
 from __future__ import annotations
@@ -231,6 +236,64 @@ def plot_task(task: str, info: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# Panels of the diagnostics plot: (title, [(key of an evaluation line, label)], log scale).
+DIAGNOSTIC_PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
+    ("|preconditioned direction| / |gradient|", [("diag/group0/step_to_grad_norm", "")], True),
+    ("fraction of factored blocks",
+     [("diag/retried_block_fraction", "retried"), ("diag/fallback_block_fraction", "fell back")],
+     False),
+    ("share of training seconds",
+     [("diag/seconds/statistics", "statistics"), ("diag/seconds/factorization", "factorization")],
+     False),
+]
+
+
+def _diagnostic_series(run: Run, key: str) -> tuple[list[float], list[float]]:
+    """``key`` against epochs; ``diag/seconds/...`` as a share of the run's training seconds."""
+    x, y = _series(run, "epoch", key)
+    if key.startswith("diag/seconds/"):
+        totals = dict(zip(*_series(run, "epoch", "seconds"), strict=True))
+        kept = [(e, v / totals[e]) for e, v in zip(x, y, strict=True) if totals.get(e, 0) > 0]
+        x, y = [e for e, _ in kept], [v for _, v in kept]
+    return x, y
+
+
+def plot_diagnostics(task: str, info: dict[str, Any], path: Path) -> Path | None:
+    """The runs' optimizer diagnostics against epochs (PNG), or ``None`` if none recorded any."""
+    runs = [(opt, r) for opt, row in info["rows"].items() for r in row["group"]]
+    if not any(key.startswith("diag/") for _, r in runs for e in r.evals for key in e):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DIAGNOSTIC_PANELS), figsize=(15, 4.2))
+    for ax, (title, keys, log) in zip(axes, DIAGNOSTIC_PANELS, strict=True):
+        for opt, row in info["rows"].items():
+            for key, label in keys:
+                band = _band([_diagnostic_series(r, key) for r in row["group"]])
+                if band is None:
+                    continue
+                grid, mean, low, high = band
+                name = f"{opt} {label}".strip()
+                (line,) = ax.plot(grid, mean, marker="o" if grid.size < 3 else None, label=name)
+                if len(row["group"]) > 1:
+                    ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+        if log and ax.lines and all((ln.get_ydata() > 0).all() for ln in ax.lines):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epochs")
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(f"{task}: optimizer diagnostics (mean over seeds, min-max shaded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, list[Path]]:
     """Write ``DIR/report.md`` and ``DIR/<task>.png``; return the text and the image paths.
 
@@ -245,4 +308,8 @@ def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, lis
     text = markdown(summary, target_factor)
     (directory / "report.md").write_text(text)
     images = [plot_task(task, info, directory / f"{task}.png") for task, info in summary.items()]
+    for task, info in summary.items():
+        extra = plot_diagnostics(task, info, directory / f"{task}-diagnostics.png")
+        if extra is not None:
+            images.append(extra)
     return text, images

@@ -10,8 +10,10 @@ Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
   checkpointing excluded) and ``train_loss`` (that step's minibatch loss). Evaluation lines, after
   each epoch and at the end, add ``lr`` and ``test_loss`` plus ``test_accuracy`` (classification)
   or ``test_error`` (autoencoders), and their ``train_loss`` is the mean of the minibatch losses
-  since the previous evaluation. A diverged run ends with a line whose ``train_loss`` is null and
-  ``status`` is ``"diverged"``.
+  since the previous evaluation; with an optimizer that has ``diagnostics()`` (MBF), they also
+  hold its figures as ``diag/<name>`` (:mod:`mbf.diagnostics`; its ``diag/seconds/...`` count
+  from the start of the process, so they restart when a run is resumed). A diverged run ends
+  with a line whose ``train_loss`` is null and ``status`` is ``"diverged"``.
 - ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically every
   ``checkpoint_every`` seconds and at the end; ``resume=True`` continues from it. Because the data
   order is a function of (seed, epoch), a resumed run repeats exactly what the uninterrupted run
@@ -167,6 +169,15 @@ def validate(spec: RunSpec) -> Task:
         raise ValueError(f"budget_seconds must be positive, got {spec.budget_seconds}")
     _device(spec.device)
     return task
+
+
+def optimizer_diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The optimizer's ``diagnostics()`` (MBF's, :mod:`mbf.diagnostics`) as ``diag/<name>``
+    entries of an evaluation line; ``{}`` for optimizers without it."""
+    report = getattr(optimizer, "diagnostics", None)
+    if not callable(report):
+        return {}
+    return {f"diag/{name}": float(value) for name, value in report().items()}
 
 
 def _device(name: str) -> torch.device:
@@ -431,6 +442,7 @@ class _Loop:
             "train_loss": pos.loss_sum / max(pos.loss_count, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
             **self.problem.evaluate(self.module),
+            **optimizer_diagnostics(self.optimizer),
         }
         self.write(line)
         pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
