@@ -405,26 +405,26 @@ def test_memory_report_and_budget() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"lr": -1.0}, "lr"),
-        ({"damping": -1e-3}, "damping"),
-        ({"stat_decay": 1.0}, "stat_decay"),
-        ({"momentum": -0.1}, "momentum"),
-        ({"stat_every": 0}, "stat_every"),
-        ({"inv_every": 1.5}, "inv_every"),
-        ({"max_block_size": 0}, "max_block_size"),
-        ({"weight_decay": -1.0}, "weight_decay"),
-        ({"estimator": "kfac"}, "estimator"),
-        ({"loss_reduction": "none"}, "loss_reduction"),
-        ({"nonfinite": "ignore"}, "nonfinite"),
-        ({"kl_clip": 0.0}, "kl_clip"),
-        ({"stat_buffer": 0}, "stat_buffer"),
+        ({"lr": -1.0}, ValueError, "lr"),
+        ({"damping": -1e-3}, ValueError, "damping"),
+        ({"stat_decay": 1.0}, ValueError, "stat_decay"),
+        ({"momentum": -0.1}, ValueError, "momentum"),
+        ({"stat_every": 0}, ValueError, "stat_every"),
+        ({"inv_every": 1.5}, TypeError, "inv_every"),
+        ({"max_block_size": 0}, ValueError, "max_block_size"),
+        ({"weight_decay": -1.0}, ValueError, "weight_decay"),
+        ({"estimator": "kfac"}, ValueError, "estimator"),
+        ({"loss_reduction": "none"}, ValueError, "loss_reduction"),
+        ({"nonfinite": "ignore"}, ValueError, "nonfinite"),
+        ({"kl_clip": 0.0}, ValueError, "kl_clip"),
+        ({"stat_buffer": 0}, ValueError, "stat_buffer"),
     ],
 )
-def test_invalid_hyperparameters_are_refused(kwargs: dict, match: str) -> None:
+def test_invalid_hyperparameters_are_refused(kwargs: dict, error: type, match: str) -> None:
     params = dict({"lr": 0.1}, **kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         MBF(nn.Linear(2, 2), **params)
 
 
