@@ -29,6 +29,7 @@ import shlex
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +47,14 @@ from mbf_bench.settings import format_value, parse_value
 from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_problem
 
 __all__ = [
+    "ExistingRunError",
     "ResumeError",
     "RunResult",
     "RunSpec",
     "resolve_hparams",
     "run",
     "run_directory",
+    "check_new_runs",
     "run_many",
     "validate",
 ]
@@ -69,6 +72,10 @@ _TRAJECTORY_KEYS = (
 
 class ResumeError(ValueError):
     """A run directory cannot be resumed (other settings, or an unreadable checkpoint)."""
+
+
+class ExistingRunError(ValueError):
+    """A run would overwrite an earlier run's results without ``overwrite=True``."""
 
 
 @dataclass
@@ -165,12 +172,61 @@ def validate(spec: RunSpec) -> Task:
             raise ValueError(f"{name} must be positive, got {value}")
     if spec.budget_seconds is not None and spec.budget_seconds <= 0:
         raise ValueError(f"budget_seconds must be positive, got {spec.budget_seconds}")
+    if spec.holdout is not None and not 0.0 < spec.holdout < 1.0:
+        raise ValueError(f"--holdout must be a fraction in (0, 1), got {spec.holdout}")
     _device(spec.device)
+    _check_values(spec.optimizer, resolve_hparams(spec.optimizer, task, spec.hparams))
     return task
 
 
+def _check_values(optimizer: str, hparams: dict[str, Any]) -> None:
+    """Let the optimizer's own checks judge the values (``damping=-1``, ``estimator=foo``) on a
+    tiny model, so that a bad ``--set`` is one message before any run, not a failed run."""
+    probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            build_optimizer(optimizer, probe, hparams)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{optimizer}: {error}") from None
+
+
+def check_new_runs(
+    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse, before any work, two specs with one run directory (``--seeds 0,0``) and a run
+    that would replace an earlier one's results: a directory with a ``config.json`` is only
+    continued (``resume`` with a checkpoint) or, with ``overwrite``, started over."""
+    seen: set[Path] = set()
+    for spec in specs:
+        directory = run_directory(out, spec)
+        if directory in seen:
+            raise ValueError(
+                f"{spec.task}/{spec.optimizer}/seed {spec.seed} is listed twice "
+                "(duplicate seeds or optimizers)"
+            )
+        seen.add(directory)
+        if overwrite or not (directory / CONFIG).exists():
+            continue
+        if resume and (directory / CHECKPOINT).exists():
+            continue
+        try:
+            status = json.loads((directory / CONFIG).read_text()).get("status", "unknown")
+        except (OSError, ValueError, AttributeError):
+            status = "unreadable"
+        raise ExistingRunError(
+            f"{directory} already holds a run ({status}); pass --resume to continue it, "
+            "--overwrite to start it over, or another --out"
+        )
+
+
 def _device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: mbf-bench runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available to this PyTorch; use cpu")
     return device
@@ -272,12 +328,20 @@ class _Progress:
         self.by_steps = bool(totals) or spec.budget_seconds is None
         total = min(totals) if totals else spec.budget_seconds
         initial: float = pos.step if self.by_steps else pos.seconds
-        self.bar = tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
-                        desc=f"{spec.task}/{spec.optimizer}/{spec.seed}", dynamic_ncols=True,
-                        unit="step" if self.by_steps else "s")
+        # Seconds: one decimal, and never past the budget (the last step overshoots it, which
+        # tqdm showed as 2.0071316599999136/2.0 with a negative time left).
+        seconds_format = ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
+                          "[{elapsed}<{remaining}{postfix}]")
+        self.bar = tqdm(total=total, initial=min(initial, total or initial), file=sys.stderr,
+                        disable=not enabled, desc=f"{spec.task}/{spec.optimizer}/{spec.seed}",
+                        dynamic_ncols=True, unit="step" if self.by_steps else "s",
+                        bar_format=None if self.by_steps else seconds_format)
 
     def update(self, seconds: float, loss: float) -> None:
-        self.bar.update(1 if self.by_steps else seconds)
+        if self.by_steps:
+            self.bar.update(1)
+        else:
+            self.bar.update(max(0.0, min(seconds, self.bar.total - self.bar.n)))
         self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     def close(self) -> None:
@@ -289,6 +353,7 @@ def run(
     out: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
@@ -298,7 +363,8 @@ def run(
         spec: what to run.
         out: root of the results; the run lives in :func:`run_directory`.
         resume: continue from the run's checkpoint when there is one (else start afresh).
-            Without it an existing run directory is started over.
+        overwrite: start an existing run directory over; without it (and without a checkpoint
+            to resume) an existing run is an :class:`ExistingRunError`.
         progress: show a progress bar on stderr.
         on_step: called with the step number after each step's bookkeeping (tests use it to
             interrupt a run).
@@ -310,9 +376,13 @@ def run(
         DataError: the task's data is missing or unreadable.
         ValueError: bad settings.
         ResumeError: a resume whose settings differ from the saved run's, or a bad checkpoint.
+        ExistingRunError: the run directory holds a run, and neither ``resume`` nor
+            ``overwrite`` says what to do with it.
     """
     task = validate(spec)
     device = _device(spec.device)
+    if not parallel.launched():  # several processes: checked once, before the launch
+        check_new_runs([spec], out, resume=resume, overwrite=overwrite)
     dp = parallel.from_env(device)  # several processes (mbf-bench run --nproc K), else None
     if dp is not None:
         parallel.check_supported(spec.optimizer, full_graph=task.batch_size is None)
@@ -553,16 +623,21 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def run_many(
-    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, progress: bool = True
+    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, overwrite: bool = False,
+    progress: bool = True,
 ) -> list[RunResult]:
     """Run each spec in turn. A diverged or crashed run is recorded and the others go on;
-    missing data (:class:`DataError`) or a run that cannot be resumed (:class:`ResumeError`)
-    stops everything with its message, since they need the user's attention."""
+    missing data (:class:`DataError`), a run that cannot be resumed (:class:`ResumeError`) or
+    would be overwritten (:class:`ExistingRunError`, checked for every spec before the first
+    starts) stops everything with its message, since they need the user's attention."""
+    specs = list(specs)
+    if not parallel.launched():
+        check_new_runs(specs, out, resume=resume, overwrite=overwrite)
     results = []
     for spec in specs:
         try:
-            result = run(spec, out, resume=resume, progress=progress)
-        except (DataError, ResumeError):
+            result = run(spec, out, resume=resume, overwrite=overwrite, progress=progress)
+        except (DataError, ResumeError, ExistingRunError):
             raise
         except Exception as error:
             traceback.print_exc(file=sys.stderr)

@@ -96,7 +96,7 @@ def tune(
              for p in points]
     results: list[dict[str, Any]] = []
     for point, spec in zip(points, specs, strict=True):
-        (result,) = run_many([spec], runs_dir / _label(point), progress=progress)
+        (result,) = run_many([spec], runs_dir / _label(point), overwrite=True, progress=progress)
         score = _score(result, metric)
         results.append({"point": point, "status": result.status,
                         metric: result.last_eval.get(metric),
