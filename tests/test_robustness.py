@@ -246,3 +246,20 @@ def test_budget_errors_print_readable_sizes() -> None:
     assert "2.26 MiB (2,370,000 bytes)" in text
     assert format_bytes(1536) == "1.5 KiB (1,536 bytes)"
     assert format_bytes(3 * 2**30) == "3 GiB (3,221,225,472 bytes)"
+
+
+def test_a_linear_with_a_tied_weight_uses_the_batch_estimator() -> None:
+    # Found by the property campaign: the hooks of the module that owns the unit saw only its
+    # own share of the tied weight's gradient, so its per-example statistics missed the rest.
+    torch.manual_seed(4)
+    first, second = nn.Linear(3, 3).double(), nn.Linear(3, 3).double()
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second)
+    with pytest.warns(UserWarning, match=r"'batch' estimator instead: 0 \(Linear\)"):
+        opt = MBF(model, estimator="per_example", max_block_size=4, **KW)
+    model(torch.randn(5, 3, dtype=torch.float64)).sin().sum().backward()
+    w, b = first.weight.grad, first.bias.grad
+    opt.step()
+    unit = opt.blocks()[0]
+    g = unit.layout.to_blocks([w, b])
+    torch.testing.assert_close(unit.fisher, g[:, :, None] * g[:, None, :])

@@ -121,8 +121,9 @@ class MBF(torch.optim.Optimizer):
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear and ConvNd modules called through their ``forward``; every other
             parameter falls back to ``"batch"`` with a warning: norm, embedding and recurrent
-            layers, ``nn.MultiheadAttention`` (its ``out_proj`` is applied functionally), and any
-            Linear or ConvNd whose forward hook never runs on a statistics step).
+            layers, ``nn.MultiheadAttention`` (its ``out_proj`` is applied functionally), a
+            Linear or ConvNd whose weight is tied to another module's, and any Linear or ConvNd
+            whose forward hook never runs on a statistics step).
         loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
             ``per_example`` estimator to undo autograd's ``1/N``.
         model: the module the parameters belong to, for module-aware blocks with param groups.

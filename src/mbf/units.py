@@ -141,6 +141,17 @@ def _functional_linears(model: nn.Module) -> set[nn.Module]:
     return {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
+def _sharing_modules(model: nn.Module) -> set[nn.Module]:
+    """Modules with a parameter that another module holds too (tied weights): the hooks of one
+    module would see only its own share of the gradient, so their units use the batch
+    estimator."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    return {m for mods in owners.values() if len(mods) > 1 for m in mods}
+
+
 def build_units(
     groups: list[dict],
     model: nn.Module | None,
@@ -166,7 +177,7 @@ def build_units(
         model = _unwrap(model)
         for pname, p in model.named_parameters():
             param_names.setdefault(id(p), pname)
-        unhooked = _functional_linears(model)
+        unhooked = _functional_linears(model) | _sharing_modules(model)
         for mname, module in model.named_modules():
             served = per_example and module not in unhooked
             for unit in _module_units(mname, module, group_of, max_block_size, served):
