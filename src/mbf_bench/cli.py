@@ -218,7 +218,7 @@ def _list(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from mbf_bench import parallel
     from mbf_bench.tasks import get_task
-    from mbf_bench.train import check_new_runs, run_many
+    from mbf_bench.train import StorageError, check_new_runs, run_many
 
     specs = _specs(args, args.optimizers, args.seeds)
     if not parallel.launched():  # before any run starts, and before a launch
@@ -230,6 +230,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         results = run_many(specs, args.out, resume=args.resume, overwrite=args.overwrite,
                            progress=not args.no_progress)
+    except StorageError as error:  # a full disk: one line, the files on disk are intact
+        print(f"mbf-bench run: error: {error.strerror}", file=sys.stderr)
+        return 1
     finally:
         parallel.shutdown()
     if not parallel.is_main_process():

@@ -12,10 +12,13 @@ Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
   or ``test_error`` (autoencoders), and their ``train_loss`` is the mean of the minibatch losses
   since the previous evaluation. A diverged run ends with a line whose ``train_loss`` is null and
   ``status`` is ``"diverged"``.
-- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically every
-  ``checkpoint_every`` seconds and at the end; ``resume=True`` continues from it. Because the data
-  order is a function of (seed, epoch), a resumed run repeats exactly what the uninterrupted run
-  would have done (bitwise on the CPU).
+- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically (a
+  temporary file flushed to the disk, then renamed) every ``checkpoint_every`` seconds and at the
+  end; ``resume=True`` continues from it. Because the data order is a function of (seed, epoch),
+  a resumed run repeats exactly what the uninterrupted run would have done (bitwise on the CPU).
+- ``checkpoint.prev.pt``: the checkpoint before, resumed from when the newest does not load.
+
+A write that fails (disk full) raises :class:`StorageError` and leaves the files as they were.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_pr
 __all__ = [
     "ExistingRunError",
     "ResumeError",
+    "StorageError",
     "RunResult",
     "RunSpec",
     "resolve_hparams",
@@ -60,6 +64,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the one before, kept in case the newest is damaged
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
@@ -76,6 +81,11 @@ class ResumeError(ValueError):
 
 class ExistingRunError(ValueError):
     """A run would overwrite an earlier run's results without ``overwrite=True``."""
+
+
+class StorageError(OSError):
+    """A result file could not be written (disk full, permissions); what was on disk before is
+    intact."""
 
 
 @dataclass
@@ -208,7 +218,7 @@ def check_new_runs(
         seen.add(directory)
         if overwrite or not (directory / CONFIG).exists():
             continue
-        if resume and (directory / CHECKPOINT).exists():
+        if resume and _checkpoints(directory):
             continue
         try:
             status = json.loads((directory / CONFIG).read_text()).get("status", "unknown")
@@ -239,15 +249,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file and ``os.replace`` so a kill never leaves half a file."""
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object],
+                  keep: Path | None = None) -> None:
+    """Write through a temporary file, flushed to the disk, then ``os.replace``: a kill or a
+    full disk never leaves half a file at ``path``. ``keep``: move the file being replaced there
+    first (the previous checkpoint).
+
+    Raises:
+        StorageError: the write failed (the temporary file is removed; ``path`` is as before).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        reason = error.strerror or str(error)
+        raise StorageError(error.errno, f"cannot write {path}: {reason}; the files already "
+                           "there are intact (free some space, then --resume)") from None
+    if keep is not None and path.exists():
+        os.replace(path, keep)
     os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    _write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """The run's checkpoints that exist, newest first."""
+    return [p for p in (directory / CHECKPOINT, directory / PREVIOUS_CHECKPOINT) if p.exists()]
 
 
 def versions() -> dict[str, str]:
@@ -426,11 +460,11 @@ def run(
         config["rerun"] += f" --nproc {dp.world_size}"
     pos = _Position()
     metrics_path, checkpoint_path = directory / METRICS, directory / CHECKPOINT
-    if resume and checkpoint_path.exists():
+    if resume and _checkpoints(directory):
         saved = _check_resumable(directory, config)
         if saved.get("status") == "diverged":
             return RunResult(spec, directory, "diverged", error="diverged before; not resumed")
-        pos = _restore(checkpoint_path, module, optimizer)
+        pos = _restore_newest(_checkpoints(directory), module, optimizer)
         if not metrics_path.exists() or metrics_path.stat().st_size < pos.metrics_bytes:
             raise ResumeError(f"cannot resume {directory}: {METRICS} is missing or shorter than "
                               "its checkpoint says; drop --resume to start over")
@@ -440,7 +474,8 @@ def run(
     elif main:
         directory.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-        checkpoint_path.unlink(missing_ok=True)
+        for old in _checkpoints(directory):
+            old.unlink()
     if main:
         _write_json(directory / CONFIG, config)
     if dp is not None:
@@ -463,7 +498,10 @@ def run(
     finally:
         bar.close()
         if main:
-            _write_json(directory / CONFIG, config)
+            try:
+                _write_json(directory / CONFIG, config)
+            except StorageError as error:  # keep the error that ended the run, if any
+                print(f"warning: {error.strerror}", file=sys.stderr)
     return RunResult(spec, directory, status, pos.step, pos.seconds, last_eval)
 
 
@@ -603,12 +641,19 @@ def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "rng": rng,
         "position": dataclasses.asdict(pos),
     }
-    _write_atomic(path, lambda p: torch.save(payload, p))
+    _write_atomic(path, lambda handle: torch.save(payload, handle),
+                  keep=path.with_name(PREVIOUS_CHECKPOINT))
 
 
 def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Position:
+    """Load a checkpoint into ``model`` and ``optimizer``; ``ResumeError`` with a short reason
+    naming the file when it is damaged or does not fit."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ResumeError(f"cannot resume from {path}: the file is damaged or not a checkpoint "
+                          f"({type(error).__name__})") from None
+    try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"]["torch"])
@@ -616,10 +661,26 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         return _Position(**payload["position"])
     except Exception as error:
+        first_line = (str(error).splitlines() or [""])[0]
         raise ResumeError(
-            f"cannot resume from {path}: {type(error).__name__}: {error}; "
-            "delete the run directory (or drop --resume) to start over"
+            f"cannot resume from {path}: {type(error).__name__}: {first_line}"
         ) from None
+
+
+def _restore_newest(paths: list[Path], model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> _Position:
+    """Restore the newest checkpoint that loads; one that does not is named on stderr and the
+    previous one is tried (the run then repeats the steps in between, exactly)."""
+    errors = []
+    for path in paths:
+        try:
+            return _restore(path, model, optimizer)
+        except ResumeError as error:
+            errors.append(str(error))
+            if path is not paths[-1]:
+                print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+    raise ResumeError("; ".join(errors) + "; delete the run directory (or drop --resume) to "
+                      "start over")
 
 
 def run_many(
@@ -637,7 +698,7 @@ def run_many(
     for spec in specs:
         try:
             result = run(spec, out, resume=resume, overwrite=overwrite, progress=progress)
-        except (DataError, ResumeError, ExistingRunError):
+        except (DataError, ResumeError, ExistingRunError, StorageError):
             raise
         except Exception as error:
             traceback.print_exc(file=sys.stderr)
