@@ -263,3 +263,23 @@ def test_a_linear_with_a_tied_weight_uses_the_batch_estimator() -> None:
     unit = opt.blocks()[0]
     g = unit.layout.to_blocks([w, b])
     torch.testing.assert_close(unit.fisher, g[:, :, None] * g[:, None, :])
+
+
+def test_an_update_that_overflows_is_not_applied() -> None:
+    # Found by the long campaign: damping 0 and a stale inverse 1/g^2 of a tiny gradient (1e30
+    # here), met by a large gradient before the next factorization, overflowed float32.
+    layer = nn.Linear(2, 2)
+    opt = MBF(layer, lr=1.0, momentum=0.0, damping=0.0, stat_decay=0.5, stat_every=1,
+              inv_every=100, max_block_size=1, weight_decay=0.0)
+    x = torch.ones(1, 2)
+    for scale in (1e-15, 1e10):
+        opt.zero_grad()
+        (layer(x).sum() * scale).backward()
+        before = layer.weight.detach().clone()
+        if scale > 1:
+            with pytest.warns(UserWarning, match="not finite and was not applied"):
+                opt.step()
+        else:
+            opt.step()
+    assert torch.isfinite(layer.weight).all() and torch.equal(layer.weight.detach(), before)
+    assert opt.counters["overflowed_updates"] == 1 and opt.counters["steps"] == 2

@@ -220,6 +220,7 @@ class MBF(torch.optim.Optimizer):
             "retried_blocks": 0,
             "fallback_blocks": 0,
             "nonfinite_blocks": 0,
+            "overflowed_updates": 0,
         }
         self._warned: set[str] = set()
         self._consecutive_skips = 0  # steps skipped in a row (warnings), not saved
@@ -356,7 +357,16 @@ class MBF(torch.optim.Optimizer):
 
     @property
     def counters(self) -> dict[str, int]:
-        """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
+        """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback.
+
+        ``steps``: steps taken; ``skipped_steps``: steps skipped for a non-finite gradient
+        (``nonfinite="skip"``; warned at the first and at 10, 100, ... in a row);
+        ``overflowed_updates``: steps whose statistics were updated but whose preconditioned
+        update was not finite, so the parameters were left alone (warned once);
+        ``factorizations``, ``factored_blocks``, ``retried_blocks`` (factored with more
+        damping), ``fallback_blocks`` (preconditioned by ``(1/damping) I``) and
+        ``nonfinite_blocks`` (statistics that were not finite, started afresh).
+        """
         return dict(self._counters)
 
     def memory_report(self) -> dict[str, int]:
@@ -553,8 +563,11 @@ class MBF(torch.optim.Optimizer):
             directions = self._dist.precondition(self, live_ids, refreshed)
         else:
             directions = self._precondition(live_ids, refreshed)
-        self._apply(live, directions)
-        self._consecutive_skips = 0
+        if self._all_finite(list(directions.values())):
+            self._apply(live, directions)
+            self._consecutive_skips = 0
+        else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
+            self._note_overflow()
         self._step_count += 1
         self._counters["steps"] += 1
         self._schedule_collection()
@@ -574,6 +587,19 @@ class MBF(torch.optim.Optimizer):
             warnings.warn(
                 f"MBF: the last {run} steps were all skipped for non-finite gradients: "
                 "training has stalled (check the loss, the learning rate, the data)",
+                stacklevel=5,  # past the torch wrappers of step(): the caller
+            )
+
+    def _note_overflow(self) -> None:
+        """An update that overflowed (e.g. ``damping=0`` and a stale inverse ``1/g^2`` of a tiny
+        gradient, met by a larger one): the parameters are left as they were, never made
+        non-finite. Statistics and momentum took the step's gradient (it was finite)."""
+        self._counters["overflowed_updates"] += 1
+        if "overflow" not in self._warned:
+            self._warned.add("overflow")
+            warnings.warn(
+                "MBF: a preconditioned update was not finite and was not applied (parameters "
+                "left as they were; counters['overflowed_updates']); raise the damping",
                 stacklevel=5,  # past the torch wrappers of step(): the caller
             )
 
