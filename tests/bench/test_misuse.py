@@ -88,6 +88,17 @@ def test_bad_values_are_one_line_before_any_run(
     assert not out.exists() and "results in" not in captured.out
 
 
+def test_a_bad_grid_value_is_one_line_before_any_point_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "best.toml"
+    code = cli.main(["tune", "--task", "digits-ae", "--optimizer", "mbf", "--grid",
+                     "damping=0.1,-1", "--max-steps", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "damping must be" in err and "Traceback" not in err
+    assert not (tmp_path / "best").exists()
+
+
 def test_report_names_a_corrupt_config_and_marks_truncated_metrics(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
