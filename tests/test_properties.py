@@ -142,6 +142,7 @@ def test_one_step_equals_the_dense_block_diagonal_solve(
 
 @ESTIMATORS
 @STORAGES
+@pytest.mark.filterwarnings("ignore:MBF. (skipped a step|a preconditioned update):UserWarning")
 @given(data=st.data())
 def test_finite_inputs_never_give_a_non_finite_parameter(
     estimator: str, storage: str, data: st.DataObject

@@ -46,6 +46,7 @@ def _torch_saved(obj: object) -> object:
     return torch.load(buffer, weights_only=False)
 
 
+@pytest.mark.filterwarnings("ignore:MBF. per-example statistics serve:UserWarning")
 @pytest.mark.parametrize("copier", [copy.deepcopy, _pickled, _torch_saved])
 @pytest.mark.parametrize("storage", ["full", "packed"])
 @pytest.mark.parametrize("estimator", ["batch", "per_example"])
@@ -67,6 +68,7 @@ def test_a_copied_optimizer_takes_the_same_next_steps(
     assert opt.counters == opt2.counters
 
 
+@pytest.mark.filterwarnings("ignore:MBF. per-example statistics serve:UserWarning")
 def test_a_copy_of_the_optimizer_alone_is_bound_to_its_own_model() -> None:
     model = _net()
     opt = MBF(model, estimator="per_example", **KW)
@@ -106,7 +108,9 @@ def test_empty_parameters_are_left_alone_and_the_rest_trained_as_without_them(
     estimator: str,
 ) -> None:
     torch.manual_seed(1)
-    empties = [nn.Linear(0, 5), nn.Linear(5, 0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: empty tensors are not initialized
+        empties = [nn.Linear(0, 5), nn.Linear(5, 0)]
     model = nn.ModuleDict({"a": nn.Linear(3, 5), "b": empties[0], "c": empties[1]}).double()
     model.register_parameter("flat", nn.Parameter(torch.empty(0, dtype=torch.float64)))
     model.register_parameter("wide", nn.Parameter(torch.empty(3, 0, dtype=torch.float64)))

@@ -318,8 +318,9 @@ class MBF(torch.optim.Optimizer):
             self._warned.add("fallback")
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             warnings.warn(
-                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers only; "
-                f"these use the 'batch' estimator instead: {shown}",
+                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers called "
+                "through their forward, with weights of their own (not tied, not "
+                f"MultiheadAttention's out_proj); these use the 'batch' estimator instead: {shown}",
                 stacklevel=3,
             )
 
