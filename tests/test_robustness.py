@@ -89,18 +89,26 @@ def test_a_copy_of_the_optimizer_alone_is_bound_to_its_own_model() -> None:
 )
 def test_a_refused_param_group_leaves_the_optimizer_as_before(bad: dict, error: type) -> None:
     model, extra = _net(), nn.Linear(2, 2).double()
-    opt, twin = MBF(model, **KW), MBF(_net(), **KW)
+    kw = {**KW, "stat_buffer": 3, "inv_every": 5}  # mid-run: queued statistics to keep as they are
+    opt, twin = MBF(model, **kw), MBF(_net(), **kw)
+    for _ in range(2):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        _step(model, opt, x)
+        _step(twin._model, twin, x)
     group: dict = {"params": list(extra.parameters()), **bad}
     if group.pop("complex", False):
         group["params"] = [nn.Parameter(torch.randn(3, dtype=torch.complex128))]
     with pytest.raises(error):
         opt.add_param_group(group)
-    assert len(opt.param_groups) == 1 and len(opt.blocks()) == len(twin.blocks())
-    MBF(_net(), **KW).load_state_dict(opt.state_dict())  # still loads into a fresh optimizer
-    x = torch.randn(5, 3, dtype=torch.float64)
-    _step(model, opt, x)
-    _step(twin._model, twin, x)
-    assert torch.equal(_flat(model), _flat(twin._model))
+    assert len(opt.param_groups) == 1 and len(opt._units) == len(twin._units)
+    assert twin._units[0].queue_weights  # a queued update, which a rebuild would fold early
+    assert opt._units[0].queue_weights == twin._units[0].queue_weights
+    MBF(_net(), **kw).load_state_dict(opt.state_dict())  # still loads into a fresh optimizer
+    for _ in range(3):
+        x = torch.randn(5, 3, dtype=torch.float64)
+        _step(model, opt, x)
+        _step(twin._model, twin, x)
+        assert torch.equal(_flat(model), _flat(twin._model))
 
 
 @pytest.mark.parametrize("estimator", ["batch", "per_example"])

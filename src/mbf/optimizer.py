@@ -255,17 +255,20 @@ class MBF(torch.optim.Optimizer):
         if not getattr(self, "_ready", False):  # construction: __init__ checks every group
             super().add_param_group(param_group)
             return
-        count = len(self.param_groups)
+        count, rebuilt = len(self.param_groups), False
         try:
             super().add_param_group(param_group)
             _check_group(self.param_groups[-1])
+            check_params(self.param_groups)
+            rebuilt = True
             self._rebuild()
             if self._dist is not None:  # mbf.distributed: every rank must add the same group
                 self._dist.check_config(self)
         except Exception:
-            # A refused group leaves the optimizer exactly as before (no half-added group).
-            if len(self.param_groups) > count:
-                del self.param_groups[count:]
+            # A refused group leaves the optimizer as before (no half-added group; the units
+            # are rebuilt only if they were touched).
+            del self.param_groups[count:]
+            if rebuilt:
                 self._rebuild()
             raise
 
