@@ -1,8 +1,8 @@
 """Random small architectures for the property-based tests (``tests/test_properties.py``).
 
 An :class:`Arch` is drawn by hypothesis and built into a :class:`Net`: token embeddings, a chain
-of Linear / Conv1d / LayerNorm / BatchNorm1d / MultiheadAttention / GRU layers with widths 1-4,
-a classification head, side modules with a zero in their shape, optionally a tied weight
+of Linear / Conv1d / Conv2d / LayerNorm / BatchNorm1d / MultiheadAttention / GRU layers of widths
+1-4, a classification head, side modules with a zero in their shape, optionally a tied weight
 (embedding and decoder, or two Linear layers), a frozen parameter and two param groups.
 """
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mbf.curvature import CONV_TYPES
 
-KINDS = ("linear", "conv", "norm", "batchnorm", "mha", "gru")
+KINDS = ("linear", "conv", "conv2d", "norm", "batchnorm", "mha", "gru")
 # The per-example reference splits the loss into examples; batch norm couples them.
 PER_EXAMPLE_KINDS = tuple(k for k in KINDS if k != "batchnorm")
 EMPTIES = ("linear_0_in", "linear_0_out", "vector_0", "matrix_3x0")
@@ -61,6 +61,10 @@ class Net(nn.Module):
             elif kind == "conv":
                 kernel = 1 + 2 * (size % 2)  # 1 or 3, padded to keep the length
                 layer, d = nn.Conv1d(d, size, kernel, padding=kernel // 2, bias=flag), size
+            elif kind == "conv2d":  # the sequence as a 1 x length image, (1, k) kernels
+                kernel = 1 + 2 * (size % 2)
+                layer = nn.Conv2d(d, size, (1, kernel), padding=(0, kernel // 2), bias=flag)
+                d = size
             elif kind == "norm":
                 layer = nn.LayerNorm(d, elementwise_affine=flag)
             elif kind == "batchnorm":
@@ -98,6 +102,8 @@ class Net(nn.Module):
             elif isinstance(layer, (nn.Conv1d, nn.BatchNorm1d)):
                 h = layer(h.transpose(1, 2)).transpose(1, 2)
                 h = torch.tanh(h) if isinstance(layer, nn.Conv1d) else h
+            elif isinstance(layer, nn.Conv2d):
+                h = torch.tanh(layer(h.transpose(1, 2).unsqueeze(2)).squeeze(2).transpose(1, 2))
             elif isinstance(layer, nn.MultiheadAttention):
                 h = h + layer(h, h, h, need_weights=False)[0]
             elif isinstance(layer, nn.GRU):
