@@ -167,6 +167,7 @@ def _flat(net: Any) -> torch.Tensor:
 
 @ESTIMATORS
 @STORAGES
+@pytest.mark.filterwarnings("ignore:MBF. skipped a step:UserWarning")  # both copies skip it
 @given(data=st.data())
 def test_state_dict_into_a_fresh_optimizer_takes_the_same_next_step(
     estimator: str, storage: str, data: st.DataObject
@@ -195,6 +196,7 @@ def test_state_dict_into_a_fresh_optimizer_takes_the_same_next_step(
 
 @ESTIMATORS
 @STORAGES
+@pytest.mark.filterwarnings("ignore:MBF. skipped a step:UserWarning")  # both copies skip it
 @given(data=st.data())
 def test_a_deep_copy_takes_the_same_next_step(
     estimator: str, storage: str, data: st.DataObject
