@@ -14,6 +14,9 @@ from mbf import MBF
 
 sklearn = pytest.importorskip("sklearn.datasets")
 
+# 4 x 3 runs of 300 steps: the slowest file of the suite (`pytest -m "not slow"` leaves it out).
+pytestmark = pytest.mark.slow
+
 STEPS, BATCH, SEEDS = 300, 128, (0, 1, 2)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from mbf import MBF
 from mbf.linalg import damped_cholesky, damped_inverse
+from reference import PAPER_FORM
 
 
 def _step(opt: MBF, model: nn.Module, scale: float = 1.0) -> None:
@@ -46,26 +47,42 @@ def test_zero_damping_singular_block_is_retried() -> None:
 
 @pytest.mark.parametrize("poison", ["nan", "indefinite", "singular"])
 def test_bad_statistics_never_reach_the_parameters(poison: str) -> None:
-    layer = nn.Linear(3, 2).double()
-    opt = MBF(layer, lr=0.1, damping=1e-3 if poison != "singular" else 0.0, inv_every=1)
+    damping = 1e-3 if poison != "singular" else 0.0
+    layer = nn.Linear(3, 2).double()  # two row blocks of size 4
+    opt = MBF(layer, lr=0.1, momentum=0.0, damping=damping, stat_decay=0.5, inv_every=1,
+              max_block_size=4, stat_every=1 if poison != "singular" else 1000, **PAPER_FORM)
     _step(opt, layer)
     unit = opt.blocks()[0]
+    eye = torch.eye(4, dtype=torch.float64)
     if poison == "nan":
         unit.fisher[0, 1, 1] = float("nan")
-    elif poison == "indefinite":
-        unit.fisher[1] = -1e9 * torch.eye(4, dtype=torch.float64)
-    else:
+    elif poison == "indefinite":  # stays indefinite after blending in this step's estimate
+        unit.fisher[1] = -1e9 * eye
+    else:  # zero statistics and zero damping; stat_every keeps new statistics out
         unit.fisher.zero_()
-    opt.param_groups[0]["stat_decay"] = 0.5
+    before = opt.counters
+    theta = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1)
     _step(opt, layer)
+    c = {k: v - before[k] for k, v in opt.counters.items()}
+    g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+    moved = torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1) - theta
+    if poison == "singular":
+        # Retried with 10x the base damping 1e-6 of an all-zero block: (1e-5 I)^-1, counted.
+        assert (c["retried_blocks"], c["fallback_blocks"], c["nonfinite_blocks"]) == (2, 0, 0)
+        torch.testing.assert_close(unit.inverse, 1e5 * eye.expand(2, 4, 4))
+        torch.testing.assert_close(moved, -0.1 * 1e5 * g)
+    else:
+        # The hopeless block (NaN, or indefinite past a thousand times the damping) falls
+        # back to (1 / damping) I and is counted; the other block is solved as usual.
+        bad = 0 if poison == "nan" else 1
+        assert (c["retried_blocks"], c["fallback_blocks"]) == (0, 1)
+        assert c["nonfinite_blocks"] == (1 if poison == "nan" else 0)
+        torch.testing.assert_close(unit.inverse[bad], eye / damping)
+        torch.testing.assert_close(moved[bad], -0.1 * g[bad] / damping)
+        if poison == "nan":
+            assert torch.isfinite(unit.fisher).all()  # the poisoned block was started afresh
     _step(opt, layer)
     assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
-    c = opt.counters
-    if poison == "nan":
-        assert c["nonfinite_blocks"] >= 1 and c["fallback_blocks"] >= 1
-        assert torch.isfinite(unit.fisher).all()  # the poisoned block was started afresh
-    elif poison == "indefinite":
-        assert c["fallback_blocks"] + c["retried_blocks"] >= 1
 
 
 def test_nonfinite_gradient_skips_the_step_and_changes_nothing() -> None:

@@ -19,6 +19,7 @@ from .hooks import PerExampleHooks
 from .linalg import FactorReport, damped_inverse, solve_blocks
 from .packed import SymmetricPacking, packed_size
 from .units import Unit, build_units, state_dtype
+from .validation import GRAFTS, check_group, check_params, format_bytes, positive_int
 
 __all__ = ["DEFAULTS", "GRAFTS", "MBF", "PAPER", "UnitState"]
 
@@ -26,11 +27,9 @@ ESTIMATORS = ("batch", "per_example")
 STORAGES = ("full", "packed")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
-#: Step lengths a block's direction can be grafted onto (``graft``): Adam's or SGD-m's.
-GRAFTS = (None, "adam", "sgd")
 
 DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
+    "lr": 3e-3,
     "momentum": 0.9,
     "damping": 1e-2,
     "stat_decay": 0.9,
@@ -105,38 +104,7 @@ class _Bucket:
 
 
 def _check_group(group: dict[str, Any]) -> None:
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"MBF: {msg}")
-
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        lr = float(lr)
-    if not (lr >= 0.0 and math.isfinite(lr)):
-        raise bad(f"lr must be a finite number >= 0, got {group['lr']}")
-    if not (0.0 <= group["momentum"] < 1.0):
-        raise bad(f"momentum must be in [0, 1), got {group['momentum']}")
-    if not (group["damping"] >= 0.0 and math.isfinite(group["damping"])):
-        raise bad(f"damping must be a finite number >= 0, got {group['damping']}")
-    if not (0.0 <= group["stat_decay"] < 1.0):
-        raise bad(f"stat_decay must be in [0, 1), got {group['stat_decay']}")
-    for key in ("stat_every", "inv_every", "max_block_size"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise bad(f"{key} must be a positive integer, got {value!r}")
-    if not (group["weight_decay"] >= 0.0):
-        raise bad(f"weight_decay must be >= 0, got {group['weight_decay']}")
-    clip = group["kl_clip"]
-    if clip is not None and not (clip > 0.0):
-        raise bad(f"kl_clip must be None or > 0, got {clip}")
-    if group["graft"] not in GRAFTS:
-        raise bad(f"graft must be one of {GRAFTS}, got {group['graft']!r}")
-    if not (0.0 <= group["graft_beta2"] < 1.0):
-        raise bad(f"graft_beta2 must be in [0, 1), got {group['graft_beta2']}")
-    if not (group["graft_eps"] > 0.0 and math.isfinite(group["graft_eps"])):
-        raise bad(f"graft_eps must be a finite number > 0, got {group['graft_eps']}")
-    for key in ("bias_correction", "early_refresh", "relative_damping"):
-        if not isinstance(group[key], bool):
-            raise bad(f"{key} must be True or False, got {group[key]!r}")
+    check_group(group)  # mbf.validation: one home for every rule
 
 
 def _fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
@@ -213,7 +181,11 @@ class MBF(torch.optim.Optimizer):
             instead of ``damping`` itself.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
-            hooks on Linear and ConvNd; other modules fall back to ``"batch"`` with a warning).
+            hooks on Linear and ConvNd modules called through their ``forward``; every other
+            parameter falls back to ``"batch"`` with a warning: norm, embedding and recurrent
+            layers, ``nn.MultiheadAttention`` (its ``out_proj`` is applied functionally), a
+            Linear or ConvNd whose weight is tied to another module's, and any Linear or ConvNd
+            whose forward hook never runs on a statistics step).
         loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
             ``per_example`` estimator to undo autograd's ``1/N``. With gradient accumulation it
             describes the whole accumulated batch: ``"mean"`` for micro-batch means divided by
@@ -289,10 +261,10 @@ class MBF(torch.optim.Optimizer):
             raise ValueError(
                 f"MBF: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
             )
-        if chunk_elements <= 0:
-            raise ValueError(f"MBF: chunk_elements must be positive, got {chunk_elements}")
-        if isinstance(stat_buffer, bool) or not isinstance(stat_buffer, int) or stat_buffer <= 0:
-            raise ValueError(f"MBF: stat_buffer must be a positive integer, got {stat_buffer!r}")
+        chunk_elements = positive_int("chunk_elements", chunk_elements)
+        stat_buffer = positive_int("stat_buffer", stat_buffer)
+        if max_state_bytes is not None:
+            max_state_bytes = positive_int("max_state_bytes", max_state_bytes)
         self.stat_buffer = stat_buffer
         if storage not in STORAGES:
             raise ValueError(f"MBF: storage must be one of {STORAGES}, got {storage!r}")
@@ -324,9 +296,11 @@ class MBF(torch.optim.Optimizer):
             "retried_blocks": 0,
             "fallback_blocks": 0,
             "nonfinite_blocks": 0,
+            "overflowed_updates": 0,
         }
         self._warned: set[str] = set()
         self._diag = Diagnostics()
+        self._consecutive_skips = 0  # steps skipped in a row (warnings), not saved
         self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
         defaults.update(
@@ -366,19 +340,29 @@ class MBF(torch.optim.Optimizer):
         engine = getattr(self, "_dist", None)
         if engine is not None:  # mbf.distributed: rebuild from the full curvature
             engine.consolidate(self)
-        super().add_param_group(param_group)
-        if getattr(self, "_ready", False):
+        if not getattr(self, "_ready", False):  # construction: __init__ checks every group
+            super().add_param_group(param_group)
+            return
+        count, rebuilt = len(self.param_groups), False
+        try:
+            super().add_param_group(param_group)
             _check_group(self.param_groups[-1])
+            check_params(self.param_groups)
+            rebuilt = True
             self._rebuild()
             if self._dist is not None:  # mbf.distributed: every rank must add the same group
                 self._dist.check_config(self)
+        except Exception:
+            # A refused group leaves the optimizer as before (no half-added group; the units
+            # are rebuilt only if they were touched).
+            del self.param_groups[count:]
+            if rebuilt:
+                self._rebuild()
+            raise
 
     def _rebuild(self) -> None:
         """(Re)build units and buckets; existing curvature of unchanged units is kept."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_sparse:
-                    raise ValueError("MBF: sparse parameters are not supported")
+        check_params(self.param_groups)
         for unit in self._units:
             self._fold_queue(unit)
         old = {tuple(id(p) for p in u.params): u for u in self._units}
@@ -409,9 +393,9 @@ class MBF(torch.optim.Optimizer):
             return
         worst = max(units, key=lambda u: u.state_bytes())
         raise ValueError(
-            f"MBF: curvature state would take {total / 2**30:.2f} GiB, over max_state_bytes="
-            f"{self.max_state_bytes / 2**30:.2f} GiB; the largest unit is {worst.name} "
-            f"({worst.state_bytes() / 2**30:.2f} GiB, blocks of {worst.layout.block_size}). "
+            f"MBF: curvature state would take {format_bytes(total)}, over max_state_bytes="
+            f"{format_bytes(self.max_state_bytes)}; the largest unit is {worst.name} "
+            f"({format_bytes(worst.state_bytes())} in blocks of {worst.layout.block_size}). "
             "Lower max_block_size (state grows linearly with it) or raise max_state_bytes."
         )
 
@@ -423,8 +407,9 @@ class MBF(torch.optim.Optimizer):
             self._warned.add("fallback")
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             warnings.warn(
-                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers only; "
-                f"these use the 'batch' estimator instead: {shown}",
+                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers called "
+                "through their forward, with weights of their own (not tied, not "
+                f"MultiheadAttention's out_proj); these use the 'batch' estimator instead: {shown}",
                 stacklevel=3,
             )
 
@@ -462,7 +447,16 @@ class MBF(torch.optim.Optimizer):
 
     @property
     def counters(self) -> dict[str, int]:
-        """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback."""
+        """Steps taken and skipped, factorizations, and blocks that needed a retry or fallback.
+
+        ``steps``: steps taken; ``skipped_steps``: steps skipped for a non-finite gradient
+        (``nonfinite="skip"``; warned at the first and at 10, 100, ... in a row);
+        ``overflowed_updates``: steps whose statistics were updated but whose preconditioned
+        update was not finite, so the parameters were left alone (warned once);
+        ``factorizations``, ``factored_blocks``, ``retried_blocks`` (factored with more
+        damping), ``fallback_blocks`` (preconditioned by ``(1/damping) I``) and
+        ``nonfinite_blocks`` (statistics that were not finite, started afresh).
+        """
         return dict(self._counters)
 
     def diagnostics(self) -> dict[str, float]:
@@ -553,17 +547,25 @@ class MBF(torch.optim.Optimizer):
     def _estimate(self, unit: Unit, grads: list[Tensor]) -> Tensor | None:
         if unit.per_example:
             if unit.pending is None or unit.pending_count == 0:
-                if f"nocapture:{unit.name}" not in self._warned:
-                    self._warned.add(f"nocapture:{unit.name}")
-                    warnings.warn(
-                        f"MBF: no per-example statistics were captured for {unit.name} on a "
-                        "statistics step (was its forward run under no_grad, or not at all?); "
-                        "its curvature is left as it was.",
-                        stacklevel=4,
-                    )
-                return None
+                self._hooks_missed(unit)
+                return unit.layout.to_blocks(grads)
             return unit.pending.div_(unit.pending_count)
         return unit.layout.to_blocks(grads)
+
+    def _hooks_missed(self, unit: Unit) -> None:
+        """A per-example unit has a gradient but its module's hooks saw no pass: the module was
+        applied functionally (its parent calls ``F.linear`` on its weight) or outside its
+        ``forward``. It uses the batch estimator from now on, as unserved modules do."""
+        unit.per_example = False
+        unit.clear_pending()
+        if f"nocapture:{unit.name}" not in self._warned:
+            self._warned.add(f"nocapture:{unit.name}")
+            warnings.warn(
+                f"MBF: {unit.name} received a gradient but its forward hook never ran (applied "
+                "functionally, outside its forward?); it uses the 'batch' estimator instead of "
+                "per-example statistics.",
+                stacklevel=7,  # the caller of step()
+            )
 
     def _update_stats(self, unit: Unit, grads: list[Tensor], blocks: slice = slice(None)) -> bool:
         """Blend this step's estimate into the unit's statistics (``blocks``: only those blocks,
@@ -687,6 +689,8 @@ class MBF(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Take one MBF step; ``closure`` (optional) re-evaluates the loss with gradients."""
+        for group in self.param_groups:  # also catches changes made through param_groups
+            _check_group(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -707,6 +711,7 @@ class MBF(torch.optim.Optimizer):
         live = [(u, g) for u, g in active if g is not None]
         if not self._all_finite([g for _, g in live]):
             self._counters["skipped_steps"] += 1
+            self._note_skip()
             for unit in self._units:
                 unit.clear_pending()
             self._hooks.new_step()
@@ -731,11 +736,45 @@ class MBF(torch.optim.Optimizer):
         else:
             directions = self._precondition(live_ids, refreshed)
         self._diag.record_step(live, directions)
-        self._apply(live, directions)
+        if self._all_finite(list(directions.values())):
+            self._apply(live, directions)
+            self._consecutive_skips = 0
+        else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
+            self._note_overflow()
         self._step_count += 1
         self._counters["steps"] += 1
         self._schedule_collection()
         return loss
+
+    def _note_skip(self) -> None:
+        """Warn when steps start being skipped, and again at 10, 100, ... skips in a row."""
+        self._consecutive_skips += 1
+        run = self._consecutive_skips
+        if self._counters["skipped_steps"] == 1 and self.nonfinite == "skip":
+            warnings.warn(
+                "MBF: skipped a step whose gradient is not finite (parameters and statistics "
+                "left as they were); optimizer.counters['skipped_steps'] counts them",
+                stacklevel=5,  # past the torch wrappers of step(): the caller
+            )
+        elif run >= 10 and math.log10(run).is_integer() and self.nonfinite == "skip":
+            warnings.warn(
+                f"MBF: the last {run} steps were all skipped for non-finite gradients: "
+                "training has stalled (check the loss, the learning rate, the data)",
+                stacklevel=5,  # past the torch wrappers of step(): the caller
+            )
+
+    def _note_overflow(self) -> None:
+        """An update that overflowed (e.g. ``damping=0`` and a stale inverse ``1/g^2`` of a tiny
+        gradient, met by a larger one): the parameters are left as they were, never made
+        non-finite. Statistics and momentum took the step's gradient (it was finite)."""
+        self._counters["overflowed_updates"] += 1
+        if "overflow" not in self._warned:
+            self._warned.add("overflow")
+            warnings.warn(
+                "MBF: a preconditioned update was not finite and was not applied (parameters "
+                "left as they were; counters['overflowed_updates']); raise the damping",
+                stacklevel=5,  # past the torch wrappers of step(): the caller
+            )
 
     def _factor_due(self, bucket: _Bucket, members: list[Unit], refreshed: set[int]) -> bool:
         """Whether the bucket is factored this step: on schedule, on first statistics, or never."""
@@ -928,6 +967,37 @@ class MBF(torch.optim.Optimizer):
             "factored": [b.factored for b in self._buckets],
         }
         return sd
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, for ``copy.deepcopy`` and pickling (``torch.Optimizer`` keeps only the
+        param groups and momenta, which left a copy without its units).
+
+        The copy carries the model the units were built from (``_model`` and each unit's
+        module, with the per-example hooks registered on it), so ``deepcopy((model, opt))``
+        gives an optimizer bound to the copied model, and ``deepcopy(opt)`` or a pickle gives
+        one bound to its own copy of the model (reach it as the parameters in
+        ``param_groups``). A data-parallel optimizer holds a process group and cannot be
+        copied: save its :meth:`state_dict` instead.
+        """
+        if self.__dict__.get("_dist") is not None:
+            raise TypeError(
+                "MBF: a data-parallel optimizer holds a process group and cannot be copied or "
+                "pickled; call consolidate_state_dict() and save state_dict() instead"
+            )
+        state = dict(self.__dict__)
+        # An LR scheduler's wrapper of ``step`` on the instance: a local function that does not
+        # pickle, and that torch drops as well; the copy steps with MBF.step itself.
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch's fix-ups of older states (hooks dicts, defaults)
+        # Units view their bucket's tensors; pickle stores each view's storage apart, so the
+        # buckets are rebuilt from the units' (equal) values and the views made again.
+        factored = [b.factored for b in self._buckets]
+        self._buckets = self._make_buckets(self._units)
+        for bucket, was in zip(self._buckets, factored, strict=True):
+            bucket.factored = was
 
     def consolidate_state_dict(self) -> None:
         """Gather every rank's share of the curvature, so that ``state_dict`` is complete.

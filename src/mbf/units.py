@@ -143,6 +143,25 @@ def _module_units(
     return []
 
 
+def _functional_linears(model: nn.Module) -> set[nn.Module]:
+    """Linear modules their parent applies functionally (``F.linear(x, m.weight, m.bias)``),
+    so a forward hook never sees them: ``nn.MultiheadAttention.out_proj``. Their units use
+    the batch estimator (the optimizer also falls back for any other unit whose hooks never
+    ran)."""
+    return {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _sharing_modules(model: nn.Module) -> set[nn.Module]:
+    """Modules with a parameter that another module holds too (tied weights): the hooks of one
+    module would see only its own share of the gradient, so their units use the batch
+    estimator."""
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    return {m for mods in owners.values() if len(mods) > 1 for m in mods}
+
+
 def build_units(
     groups: list[dict],
     model: nn.Module | None,
@@ -152,12 +171,14 @@ def build_units(
 
     With a model, Linear, ConvNd, affine norm and Embedding modules get their own rules (a unit
     spans parameters of one module only when they share a param group); every other parameter is
-    cut by its shape (:func:`mbf.blocks.shape_layout`).
+    cut by its shape (:func:`mbf.blocks.shape_layout`). Empty parameters (a zero in their shape)
+    belong to no unit: there is nothing to precondition, and the optimizer leaves them alone.
     """
     group_of: dict[int, int] = {}
     for g, group in enumerate(groups):
         for p in group["params"]:
-            group_of.setdefault(id(p), g)
+            if p.numel() > 0:  # an empty tensor has nothing to precondition: no unit
+                group_of.setdefault(id(p), g)
     max_block_size = {g: int(group["max_block_size"]) for g, group in enumerate(groups)}
     units: list[Unit] = []
     claimed: set[int] = set()
@@ -166,15 +187,17 @@ def build_units(
         model = _unwrap(model)
         for pname, p in model.named_parameters():
             param_names.setdefault(id(p), pname)
+        unhooked = _functional_linears(model) | _sharing_modules(model)
         for mname, module in model.named_modules():
-            for unit in _module_units(mname, module, group_of, max_block_size, per_example):
+            served = per_example and module not in unhooked
+            for unit in _module_units(mname, module, group_of, max_block_size, served):
                 if any(id(p) in claimed for p in unit.params):
                     continue  # a parameter shared between modules is claimed once
                 claimed.update(id(p) for p in unit.params)
                 units.append(unit)
     for g, group in enumerate(groups):
         for i, p in enumerate(group["params"]):
-            if id(p) in claimed:
+            if id(p) in claimed or id(p) not in group_of:
                 continue
             claimed.add(id(p))
             name = param_names.get(id(p), f"group{g}.param{i}")

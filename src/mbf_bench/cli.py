@@ -1,7 +1,8 @@
 """``mbf-bench``: list tasks, run them, report on the results, tune hyperparameters.
 
 Exit status: 0 when every run finished or diverged (divergence is a result), 1 when a run
-crashed, 2 for bad arguments or missing data (one message, no traceback).
+crashed, 2 for bad arguments or missing data (one message, no traceback), 130 when interrupted
+(Ctrl-C: one message; `run --resume` continues).
 """
 
 from __future__ import annotations
@@ -28,10 +29,15 @@ def _csv(text: str) -> list[str]:
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(part) for part in _csv(text)]
+        seeds = [int(part) for part in _csv(text)]
     except ValueError:
         message = f"seeds must be integers like 0,1,2, got {text!r}"
         raise argparse.ArgumentTypeError(message) from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        message = f"seed {', '.join(map(str, repeated))} given twice in {text!r}"
+        raise argparse.ArgumentTypeError(message)
+    return seeds
 
 
 def _add_budget(parser: argparse.ArgumentParser, default_epochs: str) -> None:
@@ -80,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("runs"), help="results folder (runs)")
     run.add_argument("--resume", action="store_true",
                      help="continue runs from their last checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over runs that already exist in --out (their results are "
+                          "lost); without it, or --resume, an existing run is an error")
     run.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                      help="checkpoint interval in wall-clock seconds (default 120; 0: every step)")
     run.add_argument("--holdout", type=float, metavar="F",
@@ -209,15 +218,21 @@ def _list(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from mbf_bench import parallel
     from mbf_bench.tasks import get_task
-    from mbf_bench.train import run_many
+    from mbf_bench.train import StorageError, check_new_runs, run_many
 
     specs = _specs(args, args.optimizers, args.seeds)
+    if not parallel.launched():  # before any run starts, and before a launch
+        check_new_runs(specs, args.out, resume=args.resume, overwrite=args.overwrite)
     if args.nproc != 1 and not parallel.launched():
         for spec in specs:
             parallel.check_supported(spec.optimizer, get_task(spec.task).batch_size is None)
         return parallel.launch(args.nproc, args.argv)
     try:
-        results = run_many(specs, args.out, resume=args.resume, progress=not args.no_progress)
+        results = run_many(specs, args.out, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    except StorageError as error:  # a full disk: one line, the files on disk are intact
+        print(f"mbf-bench run: error: {error.strerror}", file=sys.stderr)
+        return 1
     finally:
         parallel.shutdown()
     if not parallel.is_main_process():
@@ -227,7 +242,8 @@ def _run(args: argparse.Namespace) -> int:
                           if k.startswith(("test", "val", "train")) and isinstance(v, float))
         print(f"{result.spec.task}/{result.spec.optimizer}/{result.spec.seed}: {result.status}, "
               f"{result.steps} steps, {result.seconds:.1f} s{'; ' + shown if shown else ''}")
-    print(f"results in {args.out}; `mbf-bench report {args.out}` for the table and plots")
+    if Path(args.out).is_dir():
+        print(f"results in {args.out}; `mbf-bench report {args.out}` for the table and plots")
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -291,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if error.args else str(error)
         print(f"mbf-bench {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The run's files are consistent (config says "interrupted", the checkpoint is whole).
+        hint = "; continue with the same command and --resume" if args.command == "run" else ""
+        print(f"\nmbf-bench {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

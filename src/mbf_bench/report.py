@@ -45,33 +45,58 @@ class Run:
     config: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: int = 0  # metrics lines that did not parse (a run killed mid-write)
 
     @property
     def status(self) -> str:
         return str(self.config.get("status", "unknown"))
 
     @property
+    def label(self) -> str:
+        """The status as the table shows it: marked when metrics lines were lost."""
+        return self.status + (" (metrics truncated)" if self.bad_lines else "")
+
+    @property
     def metric(self) -> str:
         return str(self.config.get("test_metric", "test_error"))
 
 
-def load_runs(directory: Path) -> list[Run]:
-    """Every run under ``directory`` (``<task>/<optimizer>/<seed>/config.json``); lines that do
-    not parse (a run killed mid-write) are skipped."""
+def load_runs(directory: Path, problems: list[str] | None = None) -> list[Run]:
+    """Every run under ``directory`` (``<task>/<optimizer>/<seed>/config.json``).
+
+    A run whose ``config.json`` does not parse is left out; metrics lines that do not parse (a
+    run killed mid-write) are skipped and counted in :attr:`Run.bad_lines`. Each such problem
+    is described, naming the file, in ``problems`` when given.
+    """
     runs = []
     for config_path in sorted(Path(directory).glob("*/*/*/config.json")):
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as error:
+            if problems is not None:
+                problems.append(f"{config_path}: unreadable, run left out ({error})")
+            continue
         seed_dir = config_path.parent
         run = Run(seed_dir.parent.parent.name, seed_dir.parent.name, seed_dir.name, config)
         metrics = seed_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        lines = metrics.read_text(errors="replace").splitlines() if metrics.exists() else []
         for text in lines:
+            if not text.strip():
+                continue
             try:
                 line = json.loads(text)
+                if not isinstance(line, dict):
+                    raise ValueError("not a JSON object")
             except ValueError:
+                run.bad_lines += 1
                 continue
             is_eval = any(key.endswith("_loss") and key != "train_loss" for key in line)
             (run.evals if is_eval else run.steps).append(line)
+        if run.bad_lines and problems is not None:
+            problems.append(f"{metrics}: {run.bad_lines} line(s) unreadable and skipped "
+                            "(truncated by a kill?)")
         runs.append(run)
     return runs
 
@@ -110,7 +135,7 @@ def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[st
             step_times = [t for r in group for t in _step_seconds(r)]
             statuses: dict[str, int] = {}
             for r in group:
-                statuses[r.status] = statuses.get(r.status, 0) + 1
+                statuses[r.label] = statuses.get(r.label, 0) + 1
             finished = [min(v) for v, r in zip(losses, group, strict=True)
                         if v and r.status == "finished"]
             rows[opt] = {
@@ -301,11 +326,16 @@ def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, lis
         ValueError: no runs under ``directory``.
     """
     directory = Path(directory)
-    runs = load_runs(directory)
+    problems: list[str] = []
+    runs = load_runs(directory, problems)
     if not runs:
-        raise ValueError(f"no runs under {directory} (expected <task>/<optimizer>/<seed>/)")
+        detail = f"; {'; '.join(problems)}" if problems else ""
+        raise ValueError(f"no runs under {directory} (expected <task>/<optimizer>/<seed>/)"
+                         + detail)
     summary = summarize(runs, target_factor)
     text = markdown(summary, target_factor)
+    if problems:
+        text += "\n## Problems\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"
     (directory / "report.md").write_text(text)
     images = [plot_task(task, info, directory / f"{task}.png") for task, info in summary.items()]
     for task, info in summary.items():

@@ -14,10 +14,13 @@ Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
   hold its figures as ``diag/<name>`` (:mod:`mbf.diagnostics`; its ``diag/seconds/...`` count
   from the start of the process, so they restart when a run is resumed). A diverged run ends
   with a line whose ``train_loss`` is null and ``status`` is ``"diverged"``.
-- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically every
-  ``checkpoint_every`` seconds and at the end; ``resume=True`` continues from it. Because the data
-  order is a function of (seed, epoch), a resumed run repeats exactly what the uninterrupted run
-  would have done (bitwise on the CPU).
+- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically (a
+  temporary file flushed to the disk, then renamed) every ``checkpoint_every`` seconds and at the
+  end; ``resume=True`` continues from it. Because the data order is a function of (seed, epoch),
+  a resumed run repeats exactly what the uninterrupted run would have done (bitwise on the CPU).
+- ``checkpoint.prev.pt``: the checkpoint before, resumed from when the newest does not load.
+
+A write that fails (disk full) raises :class:`StorageError` and leaves the files as they were.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import shlex
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,17 +52,21 @@ from mbf_bench.settings import format_value, parse_value
 from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_problem
 
 __all__ = [
+    "ExistingRunError",
     "ResumeError",
+    "StorageError",
     "RunResult",
     "RunSpec",
     "resolve_hparams",
     "run",
     "run_directory",
+    "check_new_runs",
     "run_many",
     "validate",
 ]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the one before, kept in case the newest is damaged
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 
@@ -71,6 +79,15 @@ _TRAJECTORY_KEYS = (
 
 class ResumeError(ValueError):
     """A run directory cannot be resumed (other settings, or an unreadable checkpoint)."""
+
+
+class ExistingRunError(ValueError):
+    """A run would overwrite an earlier run's results without ``overwrite=True``."""
+
+
+class StorageError(OSError):
+    """A result file could not be written (disk full, permissions); what was on disk before is
+    intact."""
 
 
 @dataclass
@@ -167,7 +184,10 @@ def validate(spec: RunSpec) -> Task:
             raise ValueError(f"{name} must be positive, got {value}")
     if spec.budget_seconds is not None and spec.budget_seconds <= 0:
         raise ValueError(f"budget_seconds must be positive, got {spec.budget_seconds}")
+    if spec.holdout is not None and not 0.0 < spec.holdout < 1.0:
+        raise ValueError(f"--holdout must be a fraction in (0, 1), got {spec.holdout}")
     _device(spec.device)
+    _check_values(spec.optimizer, resolve_hparams(spec.optimizer, task, spec.hparams))
     return task
 
 
@@ -180,8 +200,54 @@ def optimizer_diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {f"diag/{name}": float(value) for name, value in report().items()}
 
 
+def _check_values(optimizer: str, hparams: dict[str, Any]) -> None:
+    """Let the optimizer's own checks judge the values (``damping=-1``, ``estimator=foo``) on a
+    tiny model, so that a bad ``--set`` is one message before any run, not a failed run."""
+    probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            build_optimizer(optimizer, probe, hparams)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{optimizer}: {error}") from None
+
+
+def check_new_runs(
+    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, overwrite: bool = False
+) -> None:
+    """Refuse, before any work, two specs with one run directory (``--seeds 0,0``) and a run
+    that would replace an earlier one's results: a directory with a ``config.json`` is only
+    continued (``resume`` with a checkpoint) or, with ``overwrite``, started over."""
+    seen: set[Path] = set()
+    for spec in specs:
+        directory = run_directory(out, spec)
+        if directory in seen:
+            raise ValueError(
+                f"{spec.task}/{spec.optimizer}/seed {spec.seed} is listed twice "
+                "(duplicate seeds or optimizers)"
+            )
+        seen.add(directory)
+        if overwrite or not (directory / CONFIG).exists():
+            continue
+        if resume and _checkpoints(directory):
+            continue
+        try:
+            status = json.loads((directory / CONFIG).read_text()).get("status", "unknown")
+        except (OSError, ValueError, AttributeError):
+            status = "unreadable"
+        raise ExistingRunError(
+            f"{directory} already holds a run ({status}); pass --resume to continue it, "
+            "--overwrite to start it over, or another --out"
+        )
+
+
 def _device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: mbf-bench runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available to this PyTorch; use cpu")
     return device
@@ -194,15 +260,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file and ``os.replace`` so a kill never leaves half a file."""
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], object],
+                  keep: Path | None = None) -> None:
+    """Write through a temporary file, flushed to the disk, then ``os.replace``: a kill or a
+    full disk never leaves half a file at ``path``. ``keep``: move the file being replaced there
+    first (the previous checkpoint).
+
+    Raises:
+        StorageError: the write failed (the temporary file is removed; ``path`` is as before).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        reason = error.strerror or str(error)
+        raise StorageError(error.errno, f"cannot write {path}: {reason}; the files already "
+                           "there are intact (free some space, then --resume)") from None
+    if keep is not None and path.exists():
+        os.replace(path, keep)
     os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    _write_atomic(path, lambda handle: handle.write(text.encode()))
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """The run's checkpoints that exist, newest first."""
+    return [p for p in (directory / CHECKPOINT, directory / PREVIOUS_CHECKPOINT) if p.exists()]
 
 
 def versions() -> dict[str, str]:
@@ -283,12 +373,20 @@ class _Progress:
         self.by_steps = bool(totals) or spec.budget_seconds is None
         total = min(totals) if totals else spec.budget_seconds
         initial: float = pos.step if self.by_steps else pos.seconds
-        self.bar = tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
-                        desc=f"{spec.task}/{spec.optimizer}/{spec.seed}", dynamic_ncols=True,
-                        unit="step" if self.by_steps else "s")
+        # Seconds: one decimal, and never past the budget (the last step overshoots it, which
+        # tqdm showed as 2.0071316599999136/2.0 with a negative time left).
+        seconds_format = ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s "
+                          "[{elapsed}<{remaining}{postfix}]")
+        self.bar = tqdm(total=total, initial=min(initial, total or initial), file=sys.stderr,
+                        disable=not enabled, desc=f"{spec.task}/{spec.optimizer}/{spec.seed}",
+                        dynamic_ncols=True, unit="step" if self.by_steps else "s",
+                        bar_format=None if self.by_steps else seconds_format)
 
     def update(self, seconds: float, loss: float) -> None:
-        self.bar.update(1 if self.by_steps else seconds)
+        if self.by_steps:
+            self.bar.update(1)
+        else:
+            self.bar.update(max(0.0, min(seconds, self.bar.total - self.bar.n)))
         self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
     def close(self) -> None:
@@ -300,6 +398,7 @@ def run(
     out: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
@@ -309,7 +408,8 @@ def run(
         spec: what to run.
         out: root of the results; the run lives in :func:`run_directory`.
         resume: continue from the run's checkpoint when there is one (else start afresh).
-            Without it an existing run directory is started over.
+        overwrite: start an existing run directory over; without it (and without a checkpoint
+            to resume) an existing run is an :class:`ExistingRunError`.
         progress: show a progress bar on stderr.
         on_step: called with the step number after each step's bookkeeping (tests use it to
             interrupt a run).
@@ -321,9 +421,13 @@ def run(
         DataError: the task's data is missing or unreadable.
         ValueError: bad settings.
         ResumeError: a resume whose settings differ from the saved run's, or a bad checkpoint.
+        ExistingRunError: the run directory holds a run, and neither ``resume`` nor
+            ``overwrite`` says what to do with it.
     """
     task = validate(spec)
     device = _device(spec.device)
+    if not parallel.launched():  # several processes: checked once, before the launch
+        check_new_runs([spec], out, resume=resume, overwrite=overwrite)
     dp = parallel.from_env(device)  # several processes (mbf-bench run --nproc K), else None
     if dp is not None:
         parallel.check_supported(spec.optimizer, full_graph=task.batch_size is None)
@@ -367,11 +471,11 @@ def run(
         config["rerun"] += f" --nproc {dp.world_size}"
     pos = _Position()
     metrics_path, checkpoint_path = directory / METRICS, directory / CHECKPOINT
-    if resume and checkpoint_path.exists():
+    if resume and _checkpoints(directory):
         saved = _check_resumable(directory, config)
         if saved.get("status") == "diverged":
             return RunResult(spec, directory, "diverged", error="diverged before; not resumed")
-        pos = _restore(checkpoint_path, module, optimizer)
+        pos = _restore_newest(_checkpoints(directory), module, optimizer)
         if not metrics_path.exists() or metrics_path.stat().st_size < pos.metrics_bytes:
             raise ResumeError(f"cannot resume {directory}: {METRICS} is missing or shorter than "
                               "its checkpoint says; drop --resume to start over")
@@ -381,7 +485,8 @@ def run(
     elif main:
         directory.mkdir(parents=True, exist_ok=True)
         metrics_path.unlink(missing_ok=True)
-        checkpoint_path.unlink(missing_ok=True)
+        for old in _checkpoints(directory):
+            old.unlink()
     if main:
         _write_json(directory / CONFIG, config)
     if dp is not None:
@@ -404,7 +509,10 @@ def run(
     finally:
         bar.close()
         if main:
-            _write_json(directory / CONFIG, config)
+            try:
+                _write_json(directory / CONFIG, config)
+            except StorageError as error:  # keep the error that ended the run, if any
+                print(f"warning: {error.strerror}", file=sys.stderr)
     return RunResult(spec, directory, status, pos.step, pos.seconds, last_eval)
 
 
@@ -545,12 +653,19 @@ def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "rng": rng,
         "position": dataclasses.asdict(pos),
     }
-    _write_atomic(path, lambda p: torch.save(payload, p))
+    _write_atomic(path, lambda handle: torch.save(payload, handle),
+                  keep=path.with_name(PREVIOUS_CHECKPOINT))
 
 
 def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Position:
+    """Load a checkpoint into ``model`` and ``optimizer``; ``ResumeError`` with a short reason
+    naming the file when it is damaged or does not fit."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ResumeError(f"cannot resume from {path}: the file is damaged or not a checkpoint "
+                          f"({type(error).__name__})") from None
+    try:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"]["torch"])
@@ -558,23 +673,44 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         return _Position(**payload["position"])
     except Exception as error:
+        first_line = (str(error).splitlines() or [""])[0]
         raise ResumeError(
-            f"cannot resume from {path}: {type(error).__name__}: {error}; "
-            "delete the run directory (or drop --resume) to start over"
+            f"cannot resume from {path}: {type(error).__name__}: {first_line}"
         ) from None
 
 
+def _restore_newest(paths: list[Path], model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> _Position:
+    """Restore the newest checkpoint that loads; one that does not is named on stderr and the
+    previous one is tried (the run then repeats the steps in between, exactly)."""
+    errors = []
+    for path in paths:
+        try:
+            return _restore(path, model, optimizer)
+        except ResumeError as error:
+            errors.append(str(error))
+            if path is not paths[-1]:
+                print(f"warning: {error}; trying the previous checkpoint", file=sys.stderr)
+    raise ResumeError("; ".join(errors) + "; delete the run directory (or drop --resume) to "
+                      "start over")
+
+
 def run_many(
-    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, progress: bool = True
+    specs: Iterable[RunSpec], out: Path, *, resume: bool = False, overwrite: bool = False,
+    progress: bool = True,
 ) -> list[RunResult]:
     """Run each spec in turn. A diverged or crashed run is recorded and the others go on;
-    missing data (:class:`DataError`) or a run that cannot be resumed (:class:`ResumeError`)
-    stops everything with its message, since they need the user's attention."""
+    missing data (:class:`DataError`), a run that cannot be resumed (:class:`ResumeError`) or
+    would be overwritten (:class:`ExistingRunError`, checked for every spec before the first
+    starts) stops everything with its message, since they need the user's attention."""
+    specs = list(specs)
+    if not parallel.launched():
+        check_new_runs(specs, out, resume=resume, overwrite=overwrite)
     results = []
     for spec in specs:
         try:
-            result = run(spec, out, resume=resume, progress=progress)
-        except (DataError, ResumeError):
+            result = run(spec, out, resume=resume, overwrite=overwrite, progress=progress)
+        except (DataError, ResumeError, ExistingRunError, StorageError):
             raise
         except Exception as error:
             traceback.print_exc(file=sys.stderr)

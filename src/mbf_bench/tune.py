@@ -21,7 +21,7 @@ from typing import Any
 
 from mbf_bench.settings import dump_config, format_value
 from mbf_bench.tasks import Task, get_task
-from mbf_bench.train import RunResult, RunSpec, resolve_hparams, run_many
+from mbf_bench.train import RunResult, RunSpec, resolve_hparams, run_many, validate
 
 __all__ = ["default_grid", "log13_grid", "tune"]
 
@@ -81,7 +81,8 @@ def tune(
         ``{"best": point, "score": value, "metric": name, "results": [...]}``.
 
     Raises:
-        ValueError: every point diverged or failed, so there is nothing to recommend.
+        ValueError: a grid value the optimizer refuses (before any point trains), or every
+            point diverged or failed, so there is nothing to recommend.
     """
     task = get_task(base.task)
     grid = grid or default_grid(base.optimizer, task)
@@ -94,9 +95,11 @@ def tune(
           f"{holdout:.0%} of the training set, judged by {metric}")
     specs = [dataclasses.replace(base, hparams={**base.hparams, **p}, holdout=holdout)
              for p in points]
+    for spec in specs:  # every grid value judged before the first point trains
+        validate(spec)
     results: list[dict[str, Any]] = []
     for point, spec in zip(points, specs, strict=True):
-        (result,) = run_many([spec], runs_dir / _label(point), progress=progress)
+        (result,) = run_many([spec], runs_dir / _label(point), overwrite=True, progress=progress)
         score = _score(result, metric)
         results.append({"point": point, "status": result.status,
                         metric: result.last_eval.get(metric),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 import mbf
 from mbf_bench.optim import KFAC, TNT, Shampoo
+from mbf_bench.optim.kronecker import ACCUMULATE, CONV_RESHAPES
 from mbf_bench.optimizers import (
     OPTIMIZERS,
     TASK_DEFAULTS,
@@ -475,11 +477,36 @@ def test_mbf_estimators_are_selectable() -> None:
     assert build_optimizer("mbf-per_example", mlp()).estimator == "per_example"
 
 
+_CHOICES = {"estimator": ("batch", "per_example"), "storage": ("full", "packed"),
+            "loss_reduction": ("mean", "sum"), "accumulate": ACCUMULATE,
+            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None)}
+_ALIASES = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # torch's Adam keeps a pair
+
+
+def _another_value(key: str, value: Any) -> Any:
+    """A valid value of ``key`` that differs from its default ``value``."""
+    if key in _CHOICES:
+        return next(c for c in _CHOICES[key] if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    return 0.0123 if not value else value * 0.5  # None, 0.0 or a positive float
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_hyperparameter_is_accepted_and_reaches_the_optimizer(name: str) -> None:
     spec = OPTIMIZERS[name]
-    opt = build_optimizer(name, mlp(), dict(spec.defaults, lr=0.0123))
-    assert opt.param_groups[0]["lr"] == 0.0123
+    for key, default in spec.defaults.items():
+        value = _another_value(key, default)
+        opt = build_optimizer(name, mlp(), {key: value})
+        group = opt.param_groups[0]
+        if key in _ALIASES:
+            field, index = _ALIASES[key]
+            got = group[field][index]
+        else:  # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
+            got = group[key] if key in group else getattr(opt, key, "<absent>")
+        assert got == value and type(got) is type(value), (key, value, got)
 
 
 def test_bad_names_and_values_raise_clear_errors() -> None:
