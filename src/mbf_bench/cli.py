@@ -100,7 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="table and plots of a results folder")
     report.add_argument("dir", type=Path, help="the --out folder of `mbf-bench run`")
     report.add_argument("--target-factor", type=float, default=1.05,
-                        help="target loss = factor x the worst optimizer's best loss (1.05)")
+                        help="tasks without a frozen target: target loss = factor x the worst "
+                             "optimizer's best loss (1.05)")
+    report.add_argument("--targets", type=Path, default=None,
+                        help="frozen per-task targets (default: the benchmark's targets.json)")
 
     tune = sub.add_parser("tune", help="grid search on a validation split")
     _add_common(tune)
@@ -250,7 +253,8 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from mbf_bench.report import write_report
 
-    text, images = write_report(args.dir, target_factor=args.target_factor)
+    text, images = write_report(args.dir, target_factor=args.target_factor,
+                                targets=args.targets)
     print(text)
     for image in images:
         print(f"plot: {image}")

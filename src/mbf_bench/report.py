@@ -5,10 +5,14 @@ Per task and optimizer (mean over seeds unless said otherwise):
 - final / best training loss: the ``train_loss`` of evaluation lines, i.e. the mean minibatch
   loss of each epoch (less noisy than single steps);
 - final / best test metric (error: lower is better; accuracy: higher is better);
-- time to target: the median over seeds of the training seconds at which the epoch-mean training
-  loss first reaches the task's target, where the target is ``target_factor`` (1.05) times the
-  worst of the optimizers' best losses (means over the seeds that finished; diverged runs do not
-  set the target), so that every optimizer that did not diverge reaches it;
+- time and steps to target: the median over seeds of the training seconds (and steps) at which
+  the task's target is first reached, a seed that never reaches it counting as a miss (the
+  median of a majority of misses is a miss). The target is the task's **frozen target** from
+  :data:`TARGETS_FILE` (``targets.json``, made by ``benchmarks/protocol_report.py`` from tuned
+  Adam and SGD-m and then never moved): an epoch-mean training loss to go below, or a test
+  accuracy to reach. A task without one falls back to a relative target, ``target_factor``
+  (1.05) times the worst of the optimizers' best losses (finished runs), which moves whenever
+  the set of optimizers does: the report says which kind it used;
 - seconds per step: the median over all steps of all seeds, and its ratio to ``sgdm``'s.
 
 Plots (``DIR/<task>.png``): training loss against epochs and against seconds, and the test metric
@@ -30,9 +34,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Run", "load_runs", "summarize", "write_report"]
+__all__ = ["TARGETS_FILE", "Run", "load_runs", "load_targets", "summarize", "write_report"]
 
 BASELINE = "sgdm"
+#: The frozen per-task targets shipped with the benchmark (versioned in the repository).
+TARGETS_FILE = Path(__file__).with_name("targets.json")
+
+
+def load_targets(path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per task ``{"metric": "train_loss" | "test_accuracy", "value": float, ...}``.
+
+    Raises:
+        ValueError: the file does not parse or has no ``targets`` table (names the file).
+    """
+    path = TARGETS_FILE if path is None else Path(path)
+    try:
+        data = json.loads(path.read_text())
+        targets = data["targets"]
+        if not isinstance(targets, dict):
+            raise ValueError("'targets' is not a table")
+        return {task: dict(t) for task, t in targets.items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a targets file ({error})") from None
 
 
 @dataclass
@@ -118,8 +141,16 @@ def _step_seconds(run: Run) -> list[float]:
     return [b - a for a, b in zip(times, times[1:], strict=False) if b >= a]
 
 
-def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[str, Any]]:
-    """Per task: ``{"target": loss, "metric": name, "rows": {optimizer: {column: value}}}``."""
+def summarize(
+    runs: list[Run],
+    target_factor: float = 1.05,
+    targets: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per task: ``{"target": value, "target_kind": ..., "metric": name, "rows": {...}}``.
+
+    ``targets``: frozen targets by task (:func:`load_targets`); tasks without one get the
+    relative target of ``target_factor``.
+    """
     tasks: dict[str, dict[str, Any]] = {}
     for task in sorted({run.task for run in runs}):
         by_opt: dict[str, list[Run]] = {}
@@ -148,29 +179,48 @@ def summarize(runs: list[Run], target_factor: float = 1.05) -> dict[str, dict[st
                 "step_seconds": float(np.median(step_times)) if step_times else math.nan,
                 "group": group,
             }
-        # Diverged runs are left out: their early best would make the target trivially easy.
-        bests = [row["finished_best_loss"] for row in rows.values()
-                 if math.isfinite(row["finished_best_loss"])]
-        target = max(bests) * target_factor if bests else math.nan
+        frozen = (targets or {}).get(task)
+        if frozen is not None:
+            key, target = str(frozen["metric"]), float(frozen["value"])
+            kind = "frozen"
+        else:
+            # Diverged runs are left out: their early best would make the target trivially easy.
+            bests = [row["finished_best_loss"] for row in rows.values()
+                     if math.isfinite(row["finished_best_loss"])]
+            key, target = "train_loss", max(bests) * target_factor if bests else math.nan
+            kind = "relative"
         base = rows.get(BASELINE, {}).get("step_seconds", math.nan)
         for row in rows.values():
             row["relative_step"] = row["step_seconds"] / base if base and base > 0 else math.nan
-            reached = [t for t in (_time_to(r, target) for r in row["group"]) if t is not None]
-            row["time_to_target"] = float(np.median(reached)) if reached else math.nan
-            row["reached"] = f"{len(reached)}/{len(row['group'])}"
-        tasks[task] = {"target": target, "metric": metric, "rows": rows}
+            hits = [_time_to(r, key, target) for r in row["group"]]
+            row["time_to_target"] = _median_with_misses([h[0] for h in hits])
+            row["steps_to_target"] = _median_with_misses([h[1] for h in hits])
+            row["reached"] = f"{sum(math.isfinite(h[0]) for h in hits)}/{len(row['group'])}"
+        tasks[task] = {"target": target, "target_metric": key, "target_kind": kind,
+                       "metric": metric, "rows": rows}
     return tasks
 
 
-def _time_to(run: Run, target: float) -> float | None:
+def _median_with_misses(values: list[float]) -> float:
+    """Median where a miss is infinite: ``inf`` when most seeds missed."""
+    return float(np.median(values)) if values else math.nan
+
+
+def _time_to(run: Run, key: str, target: float) -> tuple[float, float]:
+    """(seconds, step) of the first evaluation line that reaches ``target`` in ``key``."""
+    higher = _higher_is_better(key)
     for line in run.evals:
-        loss = line.get("train_loss")
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            return float(line["seconds"])
-    return None
+        value = line.get(key)
+        if value is None or not math.isfinite(value):
+            continue
+        if (value >= target) if higher else (value <= target):
+            return float(line["seconds"]), float(line.get("step", math.nan))
+    return math.inf, math.inf
 
 
 def _fmt(value: float, spec: str = ".4g") -> str:
+    if math.isinf(value) and value > 0:
+        return "miss"
     return "-" if not math.isfinite(value) else format(value, spec)
 
 
@@ -179,25 +229,34 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
     out = ["# mbf-bench report", ""]
     for task, info in summary.items():
         metric = info["metric"]
+        target = (
+            f"Frozen target: {info['target_metric']} {_fmt(info['target'])} "
+            f"(`{TARGETS_FILE.name}`, set from tuned adam and sgdm; a miss is a miss). "
+            if info["target_kind"] == "frozen"
+            else f"Relative target: train loss {_fmt(info['target'])} = {target_factor} x the "
+            "worst of the optimizers' best losses (finished runs; no frozen target for this "
+            "task). "
+        )
         out += [
             f"## {task}",
             "",
             f"Train losses are epoch means of minibatch losses; metric `{metric}` "
             f"({'higher' if _higher_is_better(metric) else 'lower'} is better); means over seeds. "
-            f"Target loss {_fmt(info['target'])} = {target_factor} x the worst of the "
-            "optimizers' best losses (finished runs); time to target is the median over the "
-            "seeds that reach it. "
+            + target
+            + "Time and steps to target: medians over seeds, a seed that misses counting as "
+            "infinite. "
             f"s/step is the median step time; 'vs {BASELINE}' its ratio to {BASELINE}'s.",
             "",
             f"| optimizer | runs | final train loss | best train loss | final {metric} | "
-            f"best {metric} | time to target (s) | s/step | vs {BASELINE} |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"best {metric} | time to target (s) | steps to target | s/step | vs {BASELINE} |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for opt, row in info["rows"].items():
             out.append(
                 f"| {opt} | {row['runs']} | {_fmt(row['final_loss'])} | {_fmt(row['best_loss'])} "
                 f"| {_fmt(row['final_metric'])} | {_fmt(row['best_metric'])} "
                 f"| {_fmt(row['time_to_target'], '.3g')} ({row['reached']}) "
+                f"| {_fmt(row['steps_to_target'], '.0f')} "
                 f"| {_fmt(row['step_seconds'], '.3g')} | {_fmt(row['relative_step'], '.2f')} |"
             )
         out.append("")
@@ -319,8 +378,12 @@ def plot_diagnostics(task: str, info: dict[str, Any], path: Path) -> Path | None
     return path
 
 
-def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, list[Path]]:
+def write_report(
+    directory: Path, target_factor: float = 1.05, targets: Path | None = None
+) -> tuple[str, list[Path]]:
     """Write ``DIR/report.md`` and ``DIR/<task>.png``; return the text and the image paths.
+
+    ``targets``: a targets file (default: the frozen :data:`TARGETS_FILE`).
 
     Raises:
         ValueError: no runs under ``directory``.
@@ -332,7 +395,7 @@ def write_report(directory: Path, target_factor: float = 1.05) -> tuple[str, lis
         detail = f"; {'; '.join(problems)}" if problems else ""
         raise ValueError(f"no runs under {directory} (expected <task>/<optimizer>/<seed>/)"
                          + detail)
-    summary = summarize(runs, target_factor)
+    summary = summarize(runs, target_factor, load_targets(targets))
     text = markdown(summary, target_factor)
     if problems:
         text += "\n## Problems\n\n" + "\n".join(f"- {p}" for p in problems) + "\n"

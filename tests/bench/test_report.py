@@ -46,11 +46,60 @@ def test_summary_numbers_on_hand_made_runs(tmp_path: Path) -> None:
     assert sgdm["final_loss"] == pytest.approx(3.0) and sgdm["best_loss"] == pytest.approx(3.0)
     assert sgdm["final_metric"] == pytest.approx(0.375)  # (0.45 + 0.3) / 2
     assert sgdm["best_metric"] == pytest.approx(0.35)  # lower is better: (0.4 + 0.3) / 2
-    # sgdm seed 0 reaches 3.15 at 2 s, seed 1 never; mbf both at 2 s and 4 s -> median 3 s
-    assert sgdm["time_to_target"] == pytest.approx(2.0) and sgdm["reached"] == "1/2"
+    # sgdm seed 0 reaches 3.15 at 2 s, seed 1 never: a miss counts as infinite, so the median
+    # of the two is a miss; mbf both at 2 s and 4 s -> median 3 s, steps 1 and 2 -> 1.5
+    assert sgdm["time_to_target"] == math.inf and sgdm["reached"] == "1/2"
     assert mbf["time_to_target"] == pytest.approx(3.0) and mbf["reached"] == "2/2"
+    assert mbf["steps_to_target"] == pytest.approx(1.5)
+    assert summary["target_kind"] == "relative"
     assert sgdm["relative_step"] == pytest.approx(1.0)
     assert mbf["relative_step"] == pytest.approx(2.0)
+
+
+def test_a_frozen_target_does_not_move_with_the_optimizers(tmp_path: Path) -> None:
+    fake_run(tmp_path, "sgdm", 0, [(1, 5.0, 0.5), (2, 3.0, 0.4), (3, 2.0, 0.45)], 1.0)
+    fake_run(tmp_path, "mbf", 0, [(2, 3.0, 0.2), (4, 1.0, 0.1)], 2.0)
+    frozen = {"toy": {"metric": "train_loss", "value": 2.5}}
+    summary = summarize(load_runs(tmp_path), targets=frozen)["toy"]
+    assert summary["target"] == 2.5 and summary["target_kind"] == "frozen"
+    assert summary["rows"]["sgdm"]["time_to_target"] == pytest.approx(3.0)
+    assert summary["rows"]["mbf"]["steps_to_target"] == pytest.approx(2.0)
+    # Adding an optimizer that never gets there changes nothing for the others: it misses.
+    fake_run(tmp_path, "adam", 0, [(1, 9.0, 0.9), (2, 8.0, 0.9)], 1.0)
+    again = summarize(load_runs(tmp_path), targets=frozen)["toy"]
+    assert again["target"] == 2.5
+    assert again["rows"]["sgdm"]["time_to_target"] == pytest.approx(3.0)
+    assert again["rows"]["adam"]["time_to_target"] == math.inf
+    text, _ = write_report(tmp_path, targets=_targets_file(tmp_path, frozen))
+    assert "Frozen target: train_loss 2.5" in text and "| miss (0/1) |" in text
+    # A metric target is reached in its own direction (an error: downwards).
+    acc = summarize(load_runs(tmp_path), targets={"toy": {"metric": "test_error",
+                                                          "value": 0.15}})["toy"]
+    assert acc["rows"]["mbf"]["time_to_target"] == pytest.approx(4.0)
+
+
+def _targets_file(root: Path, targets: dict[str, Any]) -> Path:
+    path = root / "targets.json"
+    path.write_text(json.dumps({"version": 1, "targets": targets}))
+    return path
+
+
+def test_a_bad_targets_file_is_named(tmp_path: Path) -> None:
+    fake_run(tmp_path, "sgdm", 0, [(1, 5.0, 0.5)], 1.0)
+    bad = tmp_path / "targets.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="targets.json: not a targets file"):
+        write_report(tmp_path, targets=bad)
+
+
+def test_the_shipped_targets_file_loads() -> None:
+    from mbf_bench.report import TARGETS_FILE, load_targets
+
+    targets = load_targets()
+    assert TARGETS_FILE.exists()
+    for task, entry in targets.items():
+        assert entry["metric"] in ("train_loss", "test_accuracy"), task
+        assert math.isfinite(float(entry["value"])), task
 
 
 def test_diverged_runs_are_shown_and_excluded_from_the_target(tmp_path: Path) -> None:
