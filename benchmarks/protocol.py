@@ -12,6 +12,7 @@ interrupted sweep is resumed by running the same command again):
 - ``final``: the selected settings of each optimizer (its best ``tune`` trial), ``--seeds``,
   training on the whole training set, test metric at the end.
 - ``defaults``: every optimizer with its library defaults (no per-task values), ``--seeds``.
+- ``ablate``: MBF's selected setting with one lever changed at a time (:data:`ABLATIONS`).
 - ``summary``: freezes the targets (``targets.json``: from the tuned first-order baselines,
   written once and then only read), and writes tables and plots.
 
@@ -49,12 +50,24 @@ SPACES: dict[str, dict[str, tuple[str, float, float]]] = {
     "mbf": {"lr": ("log", 1e-4, 3e-2), "damping": ("log", 1e-4, 1.0)},
     "mbf-sgd": {"lr": ("log", 1e-3, 1.0), "damping": ("log", 1e-4, 1.0)},
     "mbf-paper": {"lr": ("log", 1e-4, 1e-1), "damping": ("log", 1e-3, 10.0)},
-    "kfac": {"lr": ("log", 1e-4, 1.0), "damping": ("log", 1e-3, 10.0)},
+    "kfac": {"lr": ("log", 1e-4, 1.0), "damping": ("log", 1e-2, 1e3)},
     "shampoo": {"lr": ("log", 1e-5, 1e-1), "damping": ("log", 1e-4, 10.0)},
-    "tnt": {"lr": ("log", 1e-5, 1e-1), "damping": ("log", 1e-3, 10.0)},
+    "tnt": {"lr": ("log", 1e-4, 1.0), "damping": ("log", 1e-2, 1e3)},
 }
 
 FIRST_ORDER = ("adam", "sgdm")
+
+# One lever of MBF's tuned setting changed at a time (phase ``ablate``): what each is worth.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "tuned": {},
+    "no bias correction": {"bias_correction": False},
+    "no early refresh": {"early_refresh": False},
+    "absolute damping 1e-5": {"relative_damping": False, "damping": 1e-5},
+    "damping x1e4 (direction ~ momentum)": {"damping_factor": 1e4},
+    "blocks of 8": {"max_block_size": 8},
+    "blocks of 64": {"max_block_size": 64},
+    "graft onto SGD-m's norms at tuned SGD-m's lr": {"graft": "sgd", "lr_from": "sgdm"},
+}
 CLASSIFIER_HOLDOUT = 0.1
 
 
@@ -209,6 +222,17 @@ def run_phase(args: argparse.Namespace) -> None:
                 continue
             for seed in args.seeds:
                 jobs.append((name, tuned[name], seed))
+        elif args.phase == "ablate":
+            selected = best_settings(_load(root / "tune"), args.task)
+            for variant, change in ABLATIONS.items():
+                hp = {**selected[name], **{k: v for k, v in change.items()
+                                           if not k.endswith(("_factor", "_from"))}}
+                hp["damping"] = hp["damping"] * change.get("damping_factor", 1.0)
+                if "lr_from" in change:
+                    hp["lr"] = selected[change["lr_from"]]["lr"]
+                hp["variant"] = variant
+                for seed in args.seeds:
+                    jobs.append((name, hp, seed))
         else:  # defaults: the library's defaults, only what the task itself fixes
             library = dict(OPTIMIZERS[name].defaults)
             library.update({k: v for k, v in task.hparam_defaults.items() if k in library})
@@ -220,7 +244,8 @@ def run_phase(args: argparse.Namespace) -> None:
         if _key(record) in done:
             continue
         t0 = time.time()
-        result = train_once(args.task, name, hparams, seed=seed, cpu_seconds=args.cpu_seconds,
+        hp = {k: v for k, v in hparams.items() if k != "variant"}
+        result = train_once(args.task, name, hp, seed=seed, cpu_seconds=args.cpu_seconds,
                             data_dir=Path(args.data_dir), validation=args.phase == "tune",
                             max_steps=args.max_steps)
         record.update(result, budget_cpu_seconds=args.cpu_seconds, threads=1,
@@ -228,7 +253,8 @@ def run_phase(args: argparse.Namespace) -> None:
         record["score"] = score(record)
         _append(records_file(root, args.phase, args.task, name), record)
         shown = {k: hparams[k] for k in SPACES.get(name, {}) if k in hparams}
-        print(f"{args.phase} {args.task} {name} seed {seed} {shown}: {result['status']}, "
+        print(f"{args.phase} {args.task} {name} {hparams.get('variant', '')} seed {seed} "
+              f"{shown}: {result['status']}, "
               f"{result['steps']} steps, score {record['score']:.4g}", flush=True)
 
 
@@ -236,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("tune", "final", "defaults"))
+    parser.add_argument("phase", choices=("tune", "final", "defaults", "ablate"))
     parser.add_argument("--task", required=True)
     parser.add_argument("--optimizers", required=True)
     parser.add_argument("--trials", type=int, default=8)

@@ -16,6 +16,7 @@ stream_mnist() {
     --seeds 0,1,2 --cpu-seconds 90
   $P defaults --task mnist-ae --optimizers adam,sgdm,mbf,kfac,shampoo,tnt --seeds 0,1 \
     --cpu-seconds 90
+  $P ablate --task mnist-ae --optimizers mbf --seeds 0,1 --cpu-seconds 60
 }
 
 stream_small() {
