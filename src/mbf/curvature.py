@@ -5,13 +5,13 @@ batch loss) the per-example contribution to the weight gradient is ``G_i = delta
 summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution). The functions here
 return ``sum_i blocks(G_i) blocks(G_i)^T`` for a whole batch, processing at most ``chunk_elems``
 per-example gradient entries at a time, so the ``N`` per-example gradients of a layer are never
-held at once. Scaling by the loss reduction is the caller's job (see :class:`PerExampleCollector`).
+held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +21,12 @@ from torch.nn import grad as nn_grad
 from .blocks import BlockLayout
 
 __all__ = [
-    "PER_EXAMPLE_TYPES",
     "conv_block_stats",
     "linear_block_stats",
     "unfold_input",
 ]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PER_EXAMPLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 
 
 def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
@@ -231,4 +229,3 @@ def _grouped_weight_grads(module: nn.Module, inputs: Tensor, grad_outputs: Tenso
     return grads.reshape(n, c_out, -1)
 
 
-StatsSink = Callable[[nn.Module, Tensor, Tensor], None]
