@@ -461,6 +461,30 @@ def test_registry_has_the_required_optimizers_and_consistent_specs() -> None:
             assert set(overrides) <= set(OPTIMIZERS[name].defaults), (family, name)
 
 
+def test_no_layer_of_defaults_is_dead() -> None:
+    """Each setting has one home per task: a spec default that a family table overrides must be
+    a different value, and nothing a family table sets may be reset by the task itself (the
+    GCN's weight decay lives in its loss, so no optimizer may carry one for that family)."""
+    from mbf_bench.tasks import TASKS
+    from mbf_bench.train import resolve_hparams
+
+    for family, table in TASK_DEFAULTS.items():
+        for name, overrides in table.items():
+            spec = OPTIMIZERS[name].defaults
+            for key, value in overrides.items():
+                if key in ("stat_every", "inv_every"):  # the shared schedule, stated per family
+                    continue
+                assert spec[key] != value, f"{family}/{name}: {key}={value!r} is the default"
+    for task in TASKS.values():
+        for name in TASK_DEFAULTS[task.family]:
+            resolved = resolve_hparams(name, task, {})
+            for key, value in TASK_DEFAULTS[task.family][name].items():
+                assert resolved[key] == value, (
+                    f"{task.name}/{name}: the family's {key}={value!r} is reset to "
+                    f"{resolved[key]!r} by the task"
+                )
+
+
 def test_curvature_schedule_follows_the_framework() -> None:
     for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo", "tnt"):
         ae, cnn = defaults_for(name, "autoencoder"), defaults_for(name, "cnn")
