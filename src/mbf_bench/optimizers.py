@@ -248,6 +248,7 @@ _SECOND_ORDER = (
 #: --cpu-seconds 40`` (and the other lines of ``benchmarks/protocol.sh``).
 _MBF_AE = {**_SCHED_AE, "lr": 6.22e-3, "damping": 9.85e-3}
 _MBF_GCN = {**_SCHED_AE, "lr": 1.27e-2, "damping": 4.57e-4}
+_MBF_CNN = {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 1.27e-2, "damping": 4.57e-4}
 TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "autoencoder": {
         "sgdm": {"lr": 4.70e-3, "momentum": 0.879},
@@ -264,10 +265,18 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "tnt": {**_SCHED_AE, "lr": 0.788, "damping": 518.0},
     },
     "cnn": {
-        "sgdm": {"lr": 0.1, "weight_decay": 5e-4},
-        "adam": {"weight_decay": 5e-4},
-        "adamw": {"weight_decay": 5e-2},
+        "sgdm": {"lr": 6.27e-2, "momentum": 0.913, "weight_decay": 5e-4},
+        "adam": {"lr": 6.22e-3, "beta2": 0.99, "eps": 2.01e-9, "weight_decay": 5e-4},
+        "adamw": {"weight_decay": 5e-2},  # not in the protocol
         **{name: {**_SCHED_CNN, "weight_decay": 5e-4} for name in _SECOND_ORDER},
+        "mbf": _MBF_CNN,
+        "mbf-batch": _MBF_CNN,
+        "mbf-per_example": _MBF_CNN,  # not tuned itself: the batch estimator's selection
+        "mbf-packed": _MBF_CNN,
+        "mbf-sgd": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 0.149, "damping": 9.85e-3},
+        "mbf-paper": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 1.12e-3, "damping": 3.54e-2},
+        "kfac": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 0.249, "damping": 6.69e-2},
+        "shampoo": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 7.88e-3, "damping": 3.10e-2},
     },
     # The GCN's weight decay is Kipf & Welling's penalty in the task's loss (tasks.py), so no
     # optimizer gets one here (it would be reset to 0 by the task: a dead default).
