@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: optimizer {name} is not registered here; skipped")
     start = time.perf_counter()
     specs = [RunSpec(task=TASK, optimizer=name, seed=0, epochs=args.epochs) for name in chosen]
-    results = run_many(specs, args.out, progress=not args.no_progress)
+    # The demo's folder is scratch: running the demo again starts its runs over.
+    results = run_many(specs, args.out, overwrite=True, progress=not args.no_progress)
     text, images = write_report(args.out)
     print(text)
     for image in images:

@@ -235,3 +235,14 @@ def test_delegated_subcommands(
     monkeypatch.setitem(cli._DELEGATED, "curvature", ("mbf_bench.no_such_module", "test"))
     assert cli.main(["curvature"]) == 2
     assert "not available" in capsys.readouterr().err
+
+
+def test_the_demo_runs_twice_into_the_same_folder(tmp_path: Path) -> None:
+    """`make demo` again must not fail on the first demo's finished runs (its folder is
+    scratch), while `mbf-bench run` still refuses to overwrite results."""
+    from mbf_bench import demo
+
+    out = tmp_path / "demo"
+    for _ in range(2):
+        assert demo.main(["--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    assert (out / "report.md").exists()
