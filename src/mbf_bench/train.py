@@ -280,9 +280,26 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object],
         reason = error.strerror or str(error)
         raise StorageError(error.errno, f"cannot write {path}: {reason}; the files already "
                            "there are intact (free some space, then --resume)") from None
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        # Ctrl-C inside torch.save surfaces as torch's own error about the half-written zip
+        # (the KeyboardInterrupt is only its context): it is still an interruption.
+        if _interrupted(error):
+            raise KeyboardInterrupt from None
+        raise
     if keep is not None and path.exists():
         os.replace(path, keep)
     os.replace(tmp, path)
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised while handling, a ``KeyboardInterrupt``."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -145,3 +145,25 @@ def test_a_full_disk_is_one_clear_error_and_corrupts_nothing(
     # Space freed: the run goes on from where the disk filled up.
     assert cli.main([*ARGV, "--out", str(out), "--resume" if at > 1 else "--overwrite"]) == 0
     _same_as_undisturbed(tmp_path, directory)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_stays_an_interruption(tmp_path: Path) -> None:
+    """torch.save turns a KeyboardInterrupt that lands mid-write into its own RuntimeError about
+    the half-written zip (the interrupt is only its context); the write must still end as an
+    interruption, with the file that was there intact and no temporary file left."""
+    from mbf_bench.train import _write_atomic
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"previous")
+
+    def interrupted_save(handle: Any) -> None:
+        handle.write(b"half")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(path, interrupted_save)
+    assert path.read_bytes() == b"previous"
+    assert list(tmp_path.iterdir()) == [path]
