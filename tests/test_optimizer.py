@@ -461,3 +461,31 @@ def test_invalid_hyperparameters_are_refused(kwargs: dict, error: type, match: s
 def test_per_example_needs_the_model() -> None:
     with pytest.raises(ValueError, match="needs the model"):
         paper_mbf(nn.Linear(2, 2).parameters(), lr=0.1, estimator="per_example")
+
+
+def test_kl_clip_after_momentum_is_switched_off_uses_the_gradient_not_a_stale_buffer() -> None:
+    """With momentum set to 0 mid-run the preconditioned vector is the gradient; the KL clip
+    must measure that vector, not the momentum buffer left from the earlier steps (issue 10)."""
+    torch.manual_seed(9)
+    a, b = nn.Linear(4, 3).double(), nn.Linear(4, 3).double()
+    b.load_state_dict(a.state_dict())
+    kw = dict(lr=0.5, damping=1e-2, kl_clip=1e-6, inv_every=1)
+    with_history = paper_mbf(a, momentum=0.9, **kw)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for _ in range(3):  # builds a momentum buffer
+        with_history.zero_grad()
+        a(x).square().sum().backward()
+        with_history.step()
+    with_history.param_groups[0]["momentum"] = 0.0
+    b.load_state_dict(a.state_dict())
+    fresh = paper_mbf(b, momentum=0.0, **kw)
+    fresh.load_state_dict(with_history.state_dict())  # same curvature, and the stale buffer
+    for opt, m in ((with_history, a), (fresh, b)):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+    fresh.state[b.weight].pop("momentum_buffer", None)  # the twin never had one
+    fresh.state[b.bias].pop("momentum_buffer", None)
+    with_history.step()
+    fresh.step()
+    torch.testing.assert_close(a.weight.detach(), b.weight.detach(), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a.bias.detach(), b.bias.detach(), rtol=1e-10, atol=1e-13)

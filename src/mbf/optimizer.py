@@ -907,7 +907,8 @@ class MBF(torch.optim.Optimizer):
                 for p, d in zip(unit.params, directions[id(unit)], strict=True):
                     # The vector that was preconditioned: the momentum buffer, or without
                     # momentum the gradient with its L2 term (as _momentum_blocks formed it).
-                    ref = self.state[p].get("momentum_buffer")
+                    # A buffer left from before momentum was set to 0 is stale: not used.
+                    ref = self.state[p].get("momentum_buffer") if group["momentum"] else None
                     if ref is None and p.grad is not None:
                         ref = p.grad.to(d.dtype)
                         if l2:
