@@ -68,7 +68,6 @@ PAPER: dict[str, Any] = {
 whose first estimate is taken as it is and inverses refreshed every ``inv_every`` steps only, at
 the hyperparameters of the authors' framework. ``MBF(model, **PAPER)`` gives exactly that form
 whatever the library defaults are."""
-"""Default hyperparameters of [`MBF`][mbf.MBF]; ``docs/decisions.md`` gives the evidence."""
 
 
 class UnitState(NamedTuple):
@@ -302,8 +301,12 @@ class MBF(torch.optim.Optimizer):
         self._diag = Diagnostics()
         self._consecutive_skips = 0  # steps skipped in a row (warnings), not saved
         self._dist: _distributed.ShardedMBF | None = None
-        defaults = dict(DEFAULTS, lr=lr, momentum=momentum, damping=damping, stat_decay=stat_decay)
-        defaults.update(
+        defaults = dict(
+            DEFAULTS,
+            lr=lr,
+            momentum=momentum,
+            damping=damping,
+            stat_decay=stat_decay,
             stat_every=stat_every,
             inv_every=inv_every,
             max_block_size=max_block_size,

@@ -40,6 +40,7 @@ class SymmetricPacking:
         where[rows, cols] = torch.arange(rows.numel(), device=device)
         where[cols, rows] = where[rows, cols]
         self.full = where.reshape(-1)  # stored number that fills each flat position
+        self.diagonal = (rows == cols).nonzero().squeeze(1)  # stored positions of the diagonal
 
     @staticmethod
     @lru_cache(maxsize=64)
@@ -61,7 +62,7 @@ class SymmetricPacking:
 
     def trace(self, packed: Tensor) -> Tensor:
         """Traces ``(B,)`` of packed symmetric blocks."""
-        return packed.index_select(1, (self.rows == self.cols).nonzero().squeeze(1)).sum(1)
+        return packed.index_select(1, self.diagonal).sum(1)
 
     def outer(self, vectors: Tensor) -> Tensor:
         """Packed ``v v^T`` for ``(B, s)`` vectors."""
