@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from mbf import MBF
+from reference import PAPER_FORM
 
 STEPS = 5
 OVERFLOW_STEP = 2  # the scaled run sees an inf here; the reference run has no such step
@@ -26,8 +27,7 @@ def _model() -> nn.Module:
 def _opt(model: nn.Module, estimator: str) -> MBF:
     return MBF(
         model,
-        # the paper's form, which the float64 references here spell out
-        graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+        **PAPER_FORM,  # the paper's form, which the float64 references here spell out
         lr=0.05,
         momentum=0.5,
         damping=0.1,

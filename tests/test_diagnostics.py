@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mbf import MBF
+from reference import PAPER_FORM
 
 DAMPING = 0.1
 
@@ -15,8 +16,7 @@ DAMPING = 0.1
 def _opt(layer: nn.Module) -> MBF:
     return MBF(
         layer,
-        # the paper's form, which the float64 references here spell out
-        graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+        **PAPER_FORM,  # the paper's form, which the float64 references here spell out
         lr=0.05,
         momentum=0.0,
         damping=DAMPING,
@@ -80,8 +80,7 @@ def test_one_entry_per_param_group() -> None:
     model = nn.Sequential(a, b)
     opt = MBF(
         [{"params": a.parameters(), "damping": 0.2}, {"params": b.parameters(), "lr": 0.01}],
-        # the paper's form, which the float64 references here spell out
-        graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+        **PAPER_FORM,  # the paper's form, which the float64 references here spell out
         lr=0.05,
         momentum=0.0,
         damping=0.1,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mbf import MBF
-from reference import dense_blocks, per_example_grads, unit_vectors
+from reference import PAPER_FORM, dense_blocks, per_example_grads, unit_vectors
 
 MICRO = 4  # examples per micro-batch
 
@@ -32,8 +32,7 @@ def _opt(model: nn.Module, reduction: str) -> MBF:
     # Every hyperparameter the statistics depend on, explicitly (defaults may change).
     return MBF(
         model,
-        # the paper's form, which the float64 references here spell out
-        graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+        **PAPER_FORM,  # the paper's form, which the float64 references here spell out
         lr=0.0,
         momentum=0.0,
         damping=1.0,

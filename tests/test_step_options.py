@@ -119,6 +119,18 @@ class Reference:
                     offset += k
 
 
+def _step_each(
+    pairs: tuple[tuple[nn.Module, torch.optim.Optimizer], ...], step: int, scale: float = 1.0
+) -> None:
+    """One step of every (model, optimizer) pair on the same batch; the last pair's loss is
+    multiplied by ``scale``."""
+    for i, (model, opt) in enumerate(pairs):
+        opt.zero_grad()
+        factor = scale if i == len(pairs) - 1 else 1.0
+        (factor * _loss(model, step)).backward()
+        opt.step()
+
+
 def _flat(model: nn.Module) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -221,10 +233,7 @@ def test_graft_with_blocks_of_one_is_the_first_order_method(
     opt = MBF(model, **{**BASE, "max_block_size": 1, "graft": graft, "lr": lr})
     reference = first_order(twin.parameters())
     for step in range(6):
-        for m, o in ((model, opt), (twin, reference)):
-            o.zero_grad()
-            _loss(m, step).backward()
-            o.step()
+        _step_each(((model, opt), (twin, reference)), step)
         torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
 
 
@@ -236,10 +245,7 @@ def test_graft_makes_the_step_invariant_to_the_loss_scale() -> None:
     opt = MBF(model, **{**BASE, "graft": "adam", "graft_eps": 1e-30})
     opt2 = MBF(twin, **{**BASE, "graft": "adam", "graft_eps": 1e-30, "damping": 1e-3 * c * c})
     for step in range(4):
-        for m, o, scale in ((model, opt, 1.0), (twin, opt2, c)):
-            o.zero_grad()
-            (scale * _loss(m, step)).backward()
-            o.step()
+        _step_each(((model, opt), (twin, opt2)), step, scale=c)
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-7, atol=1e-10)
 
 
@@ -252,10 +258,7 @@ def test_relative_damping_scales_with_the_loss() -> None:
     opt = MBF(model, **hp)
     opt2 = MBF(twin, **{**hp, "lr": BASE["lr"] * c})
     for step in range(4):
-        for m, o, scale in ((model, opt, 1.0), (twin, opt2, c)):
-            o.zero_grad()
-            (scale * _loss(m, step)).backward()
-            o.step()
+        _step_each(((model, opt), (twin, opt2)), step, scale=c)
         torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-8, atol=1e-11)
         twin.load_state_dict(model.state_dict())
 
@@ -267,10 +270,7 @@ def test_packed_storage_takes_the_same_steps(relative_damping: bool) -> None:
     model, twin = _net(), _net()
     opt, opt2 = MBF(model, **hp), MBF(twin, **hp, storage="packed")
     for step in range(7):
-        for m, o in ((model, opt), (twin, opt2)):
-            o.zero_grad()
-            _loss(m, step).backward()
-            o.step()
+        _step_each(((model, opt), (twin, opt2)), step)
         torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
 
 
@@ -287,10 +287,7 @@ def test_new_options_resume_bitwise() -> None:
     opt2 = MBF(twin, **hp)
     opt2.load_state_dict(torch.load(io.BytesIO(_saved(opt)), weights_only=False))
     for step in range(5, 12):
-        for m, o in ((model, opt), (twin, opt2)):
-            m.zero_grad()
-            _loss(m, step).backward()
-            o.step()
+        _step_each(((model, opt), (twin, opt2)), step)
     assert torch.equal(_flat(model), _flat(twin))
 
 

@@ -20,7 +20,7 @@ pl = pytest.importorskip(
 )
 
 from mbf import MBF  # noqa: E402
-from reference import dense_blocks, unit_vectors  # noqa: E402
+from reference import PAPER_FORM, dense_blocks, unit_vectors  # noqa: E402
 
 pytestmark = [
     # Lightning's advice for real runs (worker processes, logging intervals) is noise here.
@@ -61,8 +61,7 @@ class Regressor(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt = MBF(
             self,  # the module: per-example hooks on its Linear layers
-            # the paper's form, which the float64 references here spell out
-            graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+            **PAPER_FORM,  # the paper's form, which the float64 references here spell out
             lr=0.1,
             momentum=0.9,
             damping=0.3,

@@ -24,7 +24,7 @@ transformers = pytest.importorskip(
 pytest.importorskip("accelerate", reason="Trainer needs accelerate (the 'integrations' extra)")
 
 from mbf import MBF  # noqa: E402
-from reference import dense_blocks, unit_vectors  # noqa: E402
+from reference import PAPER_FORM, dense_blocks, unit_vectors  # noqa: E402
 
 # Embeddings and LayerNorms fall back to the batch estimator, as MBF warns.
 pytestmark = pytest.mark.filterwarnings("ignore:MBF. per-example statistics serve:UserWarning")
@@ -77,8 +77,7 @@ def _model() -> nn.Module:
 def _mbf(model: nn.Module, estimator: str = "per_example") -> MBF:
     return MBF(
         model,
-        # the paper's form, which the float64 references here spell out
-        graft=None, bias_correction=False, early_refresh=False, relative_damping=False,
+        **PAPER_FORM,  # the paper's form, which the float64 references here spell out
         lr=0.05,
         momentum=0.9,
         damping=0.1,
