@@ -18,7 +18,8 @@ from torch import nn
 
 import distributed_workers as W
 from mbf import MBF
-from mbf.distributed import pack_upper, plan_costs, shard_plan, unpack_symmetric
+from mbf.distributed import plan_costs, shard_plan
+from mbf.packed import SymmetricPacking
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
@@ -147,17 +148,19 @@ def test_plan_splits_every_bucket_evenly_and_rotates_spares() -> None:
 
 
 def test_triangle_packing_round_trips() -> None:
+    """The one triangle packing (mbf.packed) as the collectives use it: into flat buffers."""
+    packing = SymmetricPacking.of(5, torch.device("cpu"))
     a = torch.randn(4, 5, 5, dtype=torch.float64)
     sym = a @ a.transpose(1, 2)
-    assert pack_upper(sym).numel() == 4 * 15
-    assert torch.equal(unpack_symmetric(pack_upper(sym), 4, 5), sym)
+    assert packing.pack(sym).numel() == 4 * 15
+    assert torch.equal(packing.unpack(packing.pack(sym)), sym)
     out = torch.empty(4 * 15, dtype=torch.float64)
-    assert pack_upper(sym, out=out) is out and torch.equal(out, pack_upper(sym))
+    assert packing.pack(sym, out=out) is out and torch.equal(out, packing.pack(sym).reshape(-1))
     back = torch.empty_like(sym)
-    assert unpack_symmetric(out, 4, 5, out=back) is back and torch.equal(back, sym)
+    assert packing.unpack(out.view(4, 15), out=back) is back and torch.equal(back, sym)
     empty = torch.empty(0, 5, 5, dtype=torch.float64)  # a rank may own no block of a unit
-    assert pack_upper(empty, out=torch.empty(0, dtype=torch.float64)).numel() == 0
-    assert unpack_symmetric(torch.empty(0, dtype=torch.float64), 0, 5, out=empty) is empty
+    assert packing.pack(empty, out=torch.empty(0, dtype=torch.float64)).numel() == 0
+    assert packing.unpack(torch.empty(0, 15, dtype=torch.float64), out=empty) is empty
 
 
 def test_single_process_needs_no_process_group() -> None:
