@@ -204,8 +204,21 @@ def scenario_accumulate(rank: int, world: int, outdir: Path) -> dict:
     return {"params": flat_params(model), "counters": opt.counters}
 
 
+def scenario_storage(rank: int, world: int, outdir: Path) -> dict:
+    """Both storages with queued statistics on K ranks: each rank's memory, the parameters."""
+    out: dict[str, Any] = {}
+    for storage in ("full", "packed"):
+        model = DDP(make_model())
+        opt = make_optimizer(model, "batch", storage=storage, stat_buffer=2)
+        out[f"memory_{storage}"] = opt.memory_report(detail=True)
+        train(model, opt, range(STEPS), rank, world)
+        out[storage] = flat_params(model)
+    return out
+
+
 SCENARIOS: dict[str, Callable[..., dict]] = {
     "train": scenario_train,
+    "storage": scenario_storage,
     "accumulate": scenario_accumulate,
     "failures": scenario_failures,
 }

@@ -87,7 +87,7 @@ def run_ranks(
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, dict]]]:
     """Two ranks train from scratch, checkpointing midway."""
     outdir = tmp_path_factory.mktemp("two_ranks")
-    return outdir, run_ranks([("train", {}), ("accumulate", {})], 2, outdir)
+    return outdir, run_ranks([("train", {}), ("accumulate", {}), ("storage", {})], 2, outdir)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,11 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[di
     then meet the failure scenarios."""
     outdir = tmp_path_factory.mktemp("three_ranks")
     references = {e: single_process(e, save_at=outdir) for e in ("batch", "per_example")}
-    scenarios = [("train", {"resume": str(outdir), "native": True}), ("failures", {})]
+    scenarios = [
+        ("train", {"resume": str(outdir), "native": True}),
+        ("storage", {}),
+        ("failures", {}),  # last: it kills a rank
+    ]
     return references, run_ranks(scenarios, 3, outdir, dies=((2, "failures"),))
 
 
@@ -250,3 +254,49 @@ def test_mismatch_stall_and_death_are_detected(three_ranks: tuple) -> None:
         message, seconds = result["dead"]
         assert f"MBF (rank {r} of 3)" in message and "died or stalled" in message
         assert seconds < 15.0
+
+
+@pytest.mark.parametrize("fixture", ["two_ranks", "three_ranks"])
+def test_each_rank_allocates_only_its_share_of_the_curvature(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Statistics, inverses and queues: the ranks' bytes add up to one process's, each rank
+    holds 1/K of them (within one block per bucket), and every rank keeps all the momentum."""
+    results = request.getfixturevalue(fixture)[1]
+    world = len(results)
+    for storage in ("full", "packed"):
+        single = W.make_optimizer(W.make_model(), "batch", storage=storage, stat_buffer=2)
+        alone = single.memory_report(detail=True)
+        ranks = [r["storage"][f"memory_{storage}"] for r in results]
+        curvature = ("statistics", "inverse", "queue")
+        for name, parts in alone.items():
+            for kind in curvature:
+                assert sum(rank[name][kind] for rank in ranks) == parts[kind], (name, kind)
+            assert all(rank[name]["momentum"] == parts["momentum"] for rank in ranks)
+        total = sum(p[k] for p in alone.values() for k in curvature)
+        # One block per bucket is the most a near-equal split can add to a rank's share.
+        store = single._store
+        slack = 0
+        for b in store.buckets:
+            item = b.fisher.element_size()
+            queue = max(u.queue_capacity for u in b.units) * b.block_size * item
+            slack += 2 * store.storage.block_bytes(b.block_size, item) + queue
+        for rank in ranks:
+            mine = sum(p[k] for p in rank.values() for k in curvature)
+            assert mine <= total / world + slack
+            assert mine < 0.75 * total
+
+
+@pytest.mark.parametrize("fixture", ["two_ranks", "three_ranks"])
+def test_packed_storage_and_queued_statistics_on_ranks_match_one_process(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    results = request.getfixturevalue(fixture)[1]
+    for storage in ("full", "packed"):
+        model = W.make_model()
+        opt = W.make_optimizer(model, "batch", storage=storage, stat_buffer=2)
+        W.train(model, opt, range(W.STEPS))
+        got = [r["storage"][storage] for r in results]
+        for other in got[1:]:
+            assert torch.equal(got[0], other), storage
+        torch.testing.assert_close(got[0], W.flat_params(model), **PARAM_TOL)

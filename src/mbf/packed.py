@@ -93,10 +93,9 @@ class SymmetricPacking:
         self._chunked(inverse, work, solve_chunk)
         return out
 
-    def damped_inverse(
-        self, fisher: Tensor, damping: float | Tensor, out: Tensor
-    ) -> FactorReport:
-        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report.
+    def invert_into(self, fisher: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
+        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report of
+        :func:`mbf.linalg.damped_inverse` over the chunks.
 
         ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
         report = FactorReport()

@@ -210,7 +210,7 @@ class PackedStorage(Storage):
         return self._packing(stored).trace(stored)
 
     def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        report = self._packing(stored).damped_inverse(stored, damping, out=out)
+        report = self._packing(stored).invert_into(stored, damping, out=out)
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report
