@@ -211,6 +211,9 @@ def scenario_storage(rank: int, world: int, outdir: Path) -> dict:
         model = DDP(make_model())
         opt = make_optimizer(model, "batch", storage=storage, stat_buffer=2)
         out[f"memory_{storage}"] = opt.memory_report(detail=True)
+        out[f"allocated_{storage}"] = sum(  # what the report counts is what is allocated
+            t.numel() * t.element_size() for b in opt._store.buckets for t in (b.fisher, b.inverse)
+        )
         train(model, opt, range(STEPS), rank, world)
         out[storage] = flat_params(model)
     return out

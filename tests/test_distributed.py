@@ -281,7 +281,9 @@ def test_each_rank_allocates_only_its_share_of_the_curvature(
             item = b.fisher.element_size()
             queue = max(u.queue_capacity for u in b.units) * b.block_size * item
             slack += 2 * store.storage.block_bytes(b.block_size, item) + queue
-        for rank in ranks:
+        for result, rank in zip(results, ranks, strict=True):
+            allocated = sum(p["statistics"] + p["inverse"] for p in rank.values())
+            assert result["storage"][f"allocated_{storage}"] == allocated
             mine = sum(p[k] for p in rank.values() for k in curvature)
             assert mine <= total / world + slack
             assert mine < 0.75 * total
