@@ -53,15 +53,17 @@ NORM_BASES: tuple[type[nn.Module], ...] = (
 def _public_conv_padding(module: nn.Module) -> list[int]:
     """``F.pad`` amounts (last dimension first) from the module's public attributes."""
     pads: list[int] = []
-    kernel, dilation, padding = module.kernel_size, module.dilation, module.padding
-    for dim in reversed(range(len(kernel))):  # type: ignore[arg-type]
+    kernel: Any = module.kernel_size
+    dilation: Any = module.dilation
+    padding: Any = module.padding
+    for dim in reversed(range(len(kernel))):
         if padding == "valid":
             lo = hi = 0
         elif padding == "same":
-            total = dilation[dim] * (kernel[dim] - 1)  # type: ignore[index]
+            total = int(dilation[dim]) * (int(kernel[dim]) - 1)
             lo, hi = total // 2, total - total // 2
         else:
-            lo = hi = int(padding[dim])  # type: ignore[index]
+            lo = hi = int(padding[dim])
         pads += [lo, hi]
     return pads
 

@@ -5,8 +5,8 @@ batch loss) the per-example contribution to the weight gradient is ``G_i = delta
 summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution). The functions here
 return ``sum_i blocks(G_i) blocks(G_i)^T`` for a whole batch, processing at most ``chunk_elems``
 per-example gradient entries at a time, so the ``N`` per-example gradients of a layer are never
-held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``); the layer
-registry (``mbf.layers``) says which function serves which module type.
+held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``); the
+layer registry (``mbf.layers``) says which function serves which module type.
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The convolutions whose per-example statistics :func:`conv_block_stats` computes."""
 
 
-def _check_conv(module: nn.Module) -> None:
-    if not isinstance(module, CONV_TYPES):
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _as_conv(module: nn.Module) -> _Conv:
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         raise TypeError(f"MBF: expected a Conv1d/2d/3d, got {type(module).__name__}")
+    return module
 
 
 def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
@@ -125,13 +129,12 @@ def linear_block_stats(
     return out
 
 
-def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+def _conv_padding(conv: _Conv, x: Tensor) -> tuple[Tensor, int]:
     """Pad ``x`` as the convolution does; returns the padded input and ``nd``."""
-    _check_conv(module)
-    nd = len(module.kernel_size)  # type: ignore[arg-type]
-    pads = conv_padding(module)
-    if module.padding_mode != "zeros":
-        return F.pad(x, pads, mode=str(module.padding_mode)), nd
+    nd = len(conv.kernel_size)
+    pads = conv_padding(conv)
+    if conv.padding_mode != "zeros":
+        return F.pad(x, pads, mode=conv.padding_mode), nd
     return (F.pad(x, pads) if any(pads) else x), nd
 
 
@@ -140,6 +143,7 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
 
     Rows are ordered as the flattened weight ``(C_in, *k)``, columns as the flattened output.
     """
+    module = _as_conv(module)
     x, nd = _conv_padding(module, x)
     for dim in range(nd):
         span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
@@ -165,7 +169,7 @@ def conv_block_stats(
     workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``sum_i`` of block outer products of each example's conv weight (and bias) gradient."""
-    _check_conv(module)
+    module = _as_conv(module)
     n = inputs.shape[0]
     groups = module.groups
     c_out = grad_outputs.shape[1]
@@ -180,7 +184,7 @@ def conv_block_stats(
     grouped = (
         inputs.device.type == "cpu"
         and spatial >= GROUPED_MIN_POSITIONS
-        and conv_weight_grad(len(module.kernel_size)) is not None  # type: ignore[arg-type]
+        and conv_weight_grad(len(module.kernel_size)) is not None
     )
     per = inputs[0].numel() * k + c_out * spatial + layout.numel
     for sl in _chunks(n, per, chunk_elems):
@@ -202,7 +206,7 @@ def conv_block_stats(
     return w_out, b_out
 
 
-def _grouped_weight_grads(module: nn.Module, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+def _grouped_weight_grads(module: _Conv, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
     """Each example's weight gradient, ``(n, C_out, C_in / groups * prod(k))``.
 
     The ``n`` examples become ``n * groups`` groups of a single convolution, whose weight

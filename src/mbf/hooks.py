@@ -42,7 +42,7 @@ from torch.utils.hooks import RemovableHandle
 from ._compat import functorch_active, queue_engine_callback
 from .amp import ScalerSignal
 from .curvature import Workspace
-from .layers import StatsFn, StatsContext, rule_for
+from .layers import StatsContext, StatsFn, rule_for
 from .units import Unit
 
 __all__ = ["PerExampleHooks"]

@@ -178,7 +178,8 @@ def _check_rule(module_type: Any, rule: Any) -> None:
         args = "(module, layouts, inputs, grad_outputs, context)"
         _check_callable(module_type, "block_stats", rule.block_stats, 5, args)
     if rule.applied_functionally is not None:
-        _check_callable(module_type, "applied_functionally", rule.applied_functionally, 1, "(module)")
+        fn = rule.applied_functionally
+        _check_callable(module_type, "applied_functionally", fn, 1, "(module)")
 
 
 class LayerRegistration:
