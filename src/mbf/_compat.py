@@ -32,19 +32,25 @@ class TorchFeatureMissing(RuntimeError):
 # ``_NormBase`` is the common base of BatchNorm1d/2d/3d, SyncBatchNorm, the lazy BatchNorms and
 # InstanceNorm1d/2d/3d: one entry of the layer registry then serves all of them (and user
 # subclasses). Without it, the public classes are listed one by one.
+PUBLIC_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
+"""The public classes derived from ``_NormBase`` (the fallback; a test keeps it complete)."""
 _norm_base: Any = getattr(getattr(nn.modules, "batchnorm", None), "_NormBase", None)
 NORM_BASES: tuple[type[nn.Module], ...] = (
-    (_norm_base,)
-    if isinstance(_norm_base, type)
-    else (
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-        nn.InstanceNorm1d,
-        nn.InstanceNorm2d,
-        nn.InstanceNorm3d,
-    )
+    (_norm_base,) if isinstance(_norm_base, type) else PUBLIC_NORMS
 )
 """Base classes of the BatchNorm / InstanceNorm family (torch's private ``_NormBase``)."""
 
