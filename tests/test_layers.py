@@ -210,7 +210,7 @@ def _rule_giving(make: Any) -> LayerRule:
         (
             lambda m: [UnitSpec((m.weight, m.extra), linear_layout(m.weight, m.extra, 8))],
             ValueError,
-            "tensors that are not the module's own parameters",
+            "tensors that are not the module's parameters",
         ),
         (
             lambda m: [UnitSpec((m.weight,), linear_layout(m.weight, None, 8), ".w")],

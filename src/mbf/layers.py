@@ -47,8 +47,8 @@ class UnitSpec:
     """One unit that a rule cuts from its module's own parameters.
 
     Attributes:
-        params: the unit's tensors, in the order of ``layout.shapes``; parameters of the module
-            itself, stepped by the optimizer, all in one param group.
+        params: the unit's tensors, in the order of ``layout.shapes``: parameters of the module
+            (normally its own), stepped by the optimizer, all in one param group.
         layout: how the tensors form mini-blocks (built with the functions of
             [`mbf.blocks`][mbf.blocks], e.g. [`row_layout`][mbf.blocks.row_layout]).
         suffix: appended to the module's label to name the unit (``".bias"`` for a conv bias).

@@ -99,9 +99,10 @@ def _check_spec(spec: object, module: nn.Module, params: ModuleParams, label: st
     culprit = f"MBF: the layer rule for {type(module).__name__} (mbf.register_layer) gave {label}"
     if not isinstance(spec, UnitSpec):
         raise TypeError(f"{culprit} a {type(spec).__name__}, not a mbf.UnitSpec")
-    own = {id(p) for p in module.parameters(recurse=False)}
+    # Its own parameters, or (as a parent whose property exposes a child's tensor) its children's.
+    own = {id(p) for p in module.parameters()}
     if not spec.params or any(id(p) not in own for p in spec.params):
-        raise ValueError(f"{culprit}{spec.suffix} tensors that are not the module's own parameters")
+        raise ValueError(f"{culprit}{spec.suffix} tensors that are not the module's parameters")
     g = params.group(*spec.params)
     if g is None:
         raise ValueError(
