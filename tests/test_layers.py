@@ -248,3 +248,22 @@ def test_statistics_of_the_wrong_shape_fail_at_the_first_backward(stats: Any, ma
         paper_mbf(model, lr=0.1, estimator="per_example", max_block_size=32)
     with pytest.raises(RuntimeError, match=f"per-example statistics of ScaledLinear.*{match}"):
         model(torch.randn(N, 5, dtype=torch.float64)).sum().backward()
+
+
+def test_units_built_under_a_registration_keep_their_rule_after_it_ends() -> None:
+    # A load_state_dict that fails restores the old units and hooks them again, after the
+    # registration's scope: they keep the per-example statistics of the rule they were built by.
+    model = _model()
+    with mbf.register_layer(ScaledLinear, RULE):
+        opt = paper_mbf(model, lr=0.0, estimator="per_example", max_block_size=32)
+    other = paper_mbf(nn.Linear(2, 2).double(), lr=0.0)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(other.state_dict())
+    x = torch.randn(N, 5, dtype=torch.float64)
+    _loss_of_output(model(x)).mean().backward()
+    opt.step()
+    per = per_example_grads(model, lambda out: _loss_of_output(out).sum(), x)
+    first = opt.blocks()[0]
+    v = unit_vectors([per["0.weight"], per["0.bias"]])
+    for got, want in zip(first.fisher, dense_blocks(first.layout, v.T @ v / N), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)

@@ -55,7 +55,10 @@ class PerExampleHooks:
         self.loss_reduction = loss_reduction
         self.chunk_elements = chunk_elements
         self._by_module: dict[nn.Module, list[Unit]] = {}
-        self._stats_of: dict[nn.Module, StatsFn] = {}  # each module's rule's block_stats
+        # The block_stats of each hooked module's rule, as found when it was hooked; kept by
+        # remove(), so units built under a registration that has since ended keep their rule
+        # when hooked again (a failed load_state_dict restoring the old units).
+        self._stats_of: dict[nn.Module, StatsFn] = {}
         self._handles: list[RemovableHandle] = []
         self._warned_reuse = False
         # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), the
@@ -73,17 +76,17 @@ class PerExampleHooks:
         self.add(units)
 
     def add(self, units: list[Unit]) -> None:
-        """Hook the modules of the units that use the per-example estimator (by the rule of the
-        module's type, ``mbf.layers``; a module whose type lost its rule is not hooked, and
-        the optimizer then falls back to the batch estimator for its units)."""
+        """Hook the modules of the units that use the per-example estimator, with the
+        ``block_stats`` of the rule of the module's type (``mbf.layers``)."""
         for unit in units:
             if not unit.per_example or unit.module is None:
                 continue
             if unit.module not in self._by_module:
                 rule = rule_for(type(unit.module))
-                if rule is None or rule.block_stats is None:
+                if rule is not None and rule.block_stats is not None:
+                    self._stats_of[unit.module] = rule.block_stats
+                if unit.module not in self._stats_of:
                     continue
-                self._stats_of[unit.module] = rule.block_stats
                 self._by_module[unit.module] = []
                 self._handles.append(unit.module.register_forward_hook(self._forward))
             self._by_module[unit.module].append(unit)
@@ -98,7 +101,6 @@ class PerExampleHooks:
             handle.remove()
         self._handles.clear()
         self._by_module.clear()
-        self._stats_of.clear()
 
     def new_step(self) -> None:
         """Forget the passes of the last step (their statistics were consumed or dropped)."""

@@ -219,9 +219,10 @@ def register_layer(
     """Tell MBF how to cut a module type's parameters into mini-blocks (and, optionally, how to
     compute their per-example statistics).
 
-    The rule applies to ``module_type`` and its subclasses without a rule of their own, in every
-    ``MBF`` built (or rebuilt by ``add_param_group``) while it is registered. See the example in
-    the API reference.
+    The rule applies to ``module_type`` and its subclasses without a rule of their own. It is
+    read when an ``MBF`` builds its units (at construction, and again at ``add_param_group``), so
+    keep it registered while optimizers that use it may add param groups. See the example in
+    [Layer types](layers.md) (docs/layers.md).
 
     Args:
         module_type: an ``nn.Module`` subclass.
