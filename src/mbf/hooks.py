@@ -72,7 +72,7 @@ class PerExampleHooks:
         self._pass = 0
         self._in_pass = False
         self._pass_of: dict[nn.Module, int] = {}
-        self._context = StatsContext(chunk_elements, Workspace())
+        self._workspace = Workspace()
         self.add(units)
 
     def add(self, units: list[Unit]) -> None:
@@ -190,7 +190,8 @@ class PerExampleHooks:
         x, grad = x.to(dtype), grad.detach().to(dtype)
         n = x.shape[0]
         layouts = [u.layout for u in hooked]
-        stats = self._stats_of[module](module, layouts, x, grad, self._context)
+        context = StatsContext(self.chunk_elements, self._workspace)
+        stats = self._stats_of[module](module, layouts, x, grad, context)
         _check_stats(module, layouts, stats)
         for unit, value in zip(hooked, stats, strict=True):
             if not unit.collect:
