@@ -405,7 +405,9 @@ class ShardedEngine(LocalEngine):
     # -------------------------------------------------------------- checkpoints
     def whole_curvature(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
         """Gather every rank's statistics and inverses (upper triangles, one all-gather) into
-        whole copies on every rank; every rank must call it."""
+        whole copies on every rank, the queues folded first (they do not travel); every rank
+        must call it."""
+        store.fold_all()
         buckets = store.buckets
         if not buckets:
             return {}
@@ -449,7 +451,6 @@ class ShardedEngine(LocalEngine):
     def consolidate(self, store: CurvatureStore) -> None:
         """Fold the queues and gather the whole curvature, kept for the state dict of the
         current state (until the next step); every rank must call it."""
-        store.fold_all()
         self._snapshot = self.whole_curvature(store)
 
     def consolidated(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:

@@ -101,8 +101,8 @@ class LocalEngine:
 
     def whole_curvature(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
         """``{id(bucket): (statistics, inverses)}`` of every block (views of the store's
-        tensors here; a gathered copy with several ranks). Queued estimates are not in them:
-        the caller folds them first or saves them beside."""
+        tensors here, with the queues beside them in the units; a gathered copy with several
+        ranks, whose queues are folded in first)."""
         return {id(b): (b.fisher, b.inverse) for b in store.buckets}
 
     def consolidate(self, store: CurvatureStore) -> None:

@@ -21,13 +21,19 @@ from .hooks import PerExampleHooks
 from .storage import storage_named
 from .store import CurvatureStore, Kept
 from .units import Unit, build_units, state_dtype
-from .validation import GRAFTS, check_group, check_params, positive_int
+from .validation import (
+    ESTIMATORS,
+    GRAFTS,
+    NONFINITE_POLICIES,
+    REDUCTIONS,
+    check_choice,
+    check_group,
+    check_params,
+    positive_int,
+)
 
 __all__ = ["DEFAULTS", "GRAFTS", "MBF", "PAPER", "UnitState"]
 
-ESTIMATORS = ("batch", "per_example")
-REDUCTIONS = ("mean", "sum")
-NONFINITE_POLICIES = ("skip", "raise")
 
 DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
@@ -218,16 +224,9 @@ class MBF(torch.optim.Optimizer):
         storage: str = "full",
         process_group: Any = None,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"MBF: estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if loss_reduction not in REDUCTIONS:
-            raise ValueError(
-                f"MBF: loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}"
-            )
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"MBF: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
-            )
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("loss_reduction", loss_reduction, REDUCTIONS)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         chunk_elements = positive_int("chunk_elements", chunk_elements)
         stat_buffer = positive_int("stat_buffer", stat_buffer)
         if max_state_bytes is not None:
@@ -315,12 +314,9 @@ class MBF(torch.optim.Optimizer):
         """Every unit's whole curvature, keyed by its parameters, to carry across a rebuild.
 
         In one process these are views and the queues travel along, so nothing changes; with
-        several ranks it is a collective (every rank rebuilds alike) and the queues are folded
-        first, since they do not travel.
+        several ranks it is a collective (every rank rebuilds alike) that folds the queues.
         """
         store = self._store
-        if self.distributed is not None:
-            store.fold_all()
         whole = self._engine.whole_curvature(store)
         kept = {}
         for bucket in store.buckets:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .linalg import FactorReport, damped_inverse, solve_blocks
 from .packed import CHUNK_BLOCKS, SymmetricPacking, packed_size
+from .validation import check_choice
 
 __all__ = ["STORAGES", "FullStorage", "PackedStorage", "Storage", "fold_rows", "storage_named"]
 
@@ -236,6 +237,5 @@ STORAGES: dict[str, Storage] = {"full": FullStorage(), "packed": PackedStorage()
 
 def storage_named(name: str) -> Storage:
     """The storage strategy called ``name`` (``"full"`` or ``"packed"``)."""
-    if name not in STORAGES:
-        raise ValueError(f"MBF: storage must be one of {tuple(STORAGES)}, got {name!r}")
+    check_choice("storage", name, tuple(STORAGES))
     return STORAGES[name]

@@ -17,10 +17,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GRAFTS", "check_group", "check_params", "format_bytes", "positive_int"]
+__all__ = [
+    "ESTIMATORS",
+    "GRAFTS",
+    "NONFINITE_POLICIES",
+    "REDUCTIONS",
+    "check_choice",
+    "check_group",
+    "check_params",
+    "format_bytes",
+    "positive_int",
+]
 
 #: Step lengths a block's direction can be grafted onto (MBF's ``graft``): Adam's or SGD-m's.
 GRAFTS = (None, "adam", "sgd")
+#: MBF's ``estimator``, ``loss_reduction`` and ``nonfinite`` choices.
+ESTIMATORS = ("batch", "per_example")
+REDUCTIONS = ("mean", "sum")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"MBF: {name} must be one of {choices}, got {value!r}")
 
 
 def _real(name: str, value: Any) -> float:
