@@ -11,7 +11,7 @@ for round in 1 2; do
   for version in before after; do
     if [ "$version" = before ]; then path=$before; else path=src; fi
     PYTHONPATH=$path .venv/bin/python -m mbf_bench.cli speed --tasks mnist-ae,cifar10-resnet32 \
-      --optimizers adam,mbf,mbf-packed --repeats 5 --warmup 1 \
+      --optimizers adam,mbf,mbf-paper,mbf-packed --repeats 5 --warmup 1 \
       --json "$out/${version}_round${round}.json" > "$out/${version}_round${round}.md"
   done
 done

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from mbf_bench.report import TARGETS_FILE, first_reaching, fmt
+
 sys.path.insert(0, str(Path(__file__).parent))
 from protocol import SPACES, _load, tail_loss  # noqa: E402
 
 ROOT = Path(__file__).parent / "protocol"
 # Frozen targets live with the benchmark package, where `mbf-bench report` reads them.
-TARGETS = Path(__file__).parent.parent / "src" / "mbf_bench" / "targets.json"
+TARGETS = TARGETS_FILE
 IMG = Path(__file__).parent.parent / "docs" / "img"
 WINDOW = 10
 FIRST_ORDER = ("adam", "sgdm")
@@ -51,33 +53,27 @@ def _higher_is_better(family: str) -> bool:
 
 
 def _time_to(r: dict[str, Any], target: float) -> tuple[float, float]:
-    """(CPU seconds, steps) at which the run first reaches ``target``; inf when it never does."""
+    """(CPU seconds, steps) at which the run first reaches ``target``; inf when it never does:
+    autoencoders by the mean loss of the last ``WINDOW`` steps, classifiers by evaluations."""
     if r["status"] != "finished" or not math.isfinite(target):
         return math.inf, math.inf
     if r["family"] == "autoencoder":
         losses = [c[2] for c in r["curve"]]
-        for i in range(WINDOW - 1, len(losses)):
-            if np.mean(losses[i - WINDOW + 1 : i + 1]) <= target:
-                return r["curve"][i][1], r["curve"][i][0]
-        return math.inf, math.inf
-    for e in r["evals"]:
-        acc = next((v for k, v in e.items() if k.endswith("accuracy")), None)
-        if acc is not None and acc >= target:
-            return e["seconds"], e["step"]
-    return math.inf, math.inf
+        windows = (
+            (float(np.mean(losses[i - WINDOW + 1 : i + 1])), r["curve"][i][1], r["curve"][i][0])
+            for i in range(WINDOW - 1, len(losses))
+        )
+        return first_reaching(windows, target, higher=False)
+    accuracies = (
+        (next((v for k, v in e.items() if k.endswith("accuracy")), None), e["seconds"], e["step"])
+        for e in r["evals"]
+    )
+    return first_reaching(accuracies, target, higher=True)
 
 
 def _median(values: list[float]) -> float:
     finite_or_inf = [v for v in values if not math.isnan(v)]
     return float(np.median(finite_or_inf)) if finite_or_inf else math.nan
-
-
-def _fmt(x: float, spec: str = ".4g") -> str:
-    if math.isnan(x):
-        return "-"
-    if math.isinf(x):
-        return "miss"
-    return format(x, spec)
 
 
 def freeze_targets(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,10 +178,10 @@ def ablation_markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
         lines += [f"| {task}: MBF variant | train loss (seeds) | steps | CPU s to target "
                   "(seeds) | steps to target (seeds) |", "|---|---|---|---|---|"]
         for name, row in variants.items():
-            losses = " / ".join(_fmt(v) for v in row["losses"])
-            steps = _fmt(float(np.mean(row["steps"])), ".0f")
-            secs = " / ".join(_fmt(t[0], ".3g") for t in row["to_target"])
-            stps = " / ".join(_fmt(t[1], ".0f") for t in row["to_target"])
+            losses = " / ".join(fmt(v) for v in row["losses"])
+            steps = fmt(float(np.mean(row["steps"])), ".0f")
+            secs = " / ".join(fmt(t[0], ".3g") for t in row["to_target"])
+            stps = " / ".join(fmt(t[1], ".0f") for t in row["to_target"])
             lines.append(f"| {name} | {losses} | {steps} | {secs} | {stps} |")
         lines.append("")
     return "\n".join(lines)
@@ -196,14 +192,14 @@ def markdown(summary: dict[str, Any]) -> str:
     for task, info in summary.items():
         family = info["family"]
         metric = "test accuracy" if _higher_is_better(family) else "train loss"
-        lines += [f"## {task}", "", f"Frozen target ({metric}): {_fmt(info['target'])}", "",
+        lines += [f"## {task}", "", f"Frozen target ({metric}): {fmt(info['target'])}", "",
                   "Tuning (equal trials, selection on training loss / validation accuracy):", "",
                   "| optimizer | trials | diverged | best score | selected |",
                   "|---|---|---|---|---|"]
         for name, row in info["tuned"].items():
             sel = ", ".join(f"{k}={v:.3g}" for k, v in row["hparams"].items())
             lines.append(f"| {name} | {row['trials']} | {row['diverged']} | "
-                         f"{_fmt(row['best'])} | {sel} |")
+                         f"{fmt(row['best'])} | {sel} |")
         for phase, title in (("final", "Tuned settings, seeds 0-2"),
                              ("defaults", "Library defaults (no per-task values)")):
             if not info[phase]:
@@ -217,10 +213,10 @@ def markdown(summary: dict[str, Any]) -> str:
                              else (-math.inf if _higher_is_better(family) else math.inf)))
             for name, row in rows:
                 lines.append(
-                    f"| {name} | {_fmt(row['metric_median'])} [{_fmt(row['metric_min'])}, "
-                    f"{_fmt(row['metric_max'])}] | {_fmt(row['seconds_to_target'], '.3g')} | "
-                    f"{_fmt(row['steps_to_target'], '.0f')} | {_fmt(row['steps'], '.0f')} | "
-                    f"{_fmt(row['seconds_per_step'], '.3g')} | {row['diverged']}/{row['seeds']} |")
+                    f"| {name} | {fmt(row['metric_median'])} [{fmt(row['metric_min'])}, "
+                    f"{fmt(row['metric_max'])}] | {fmt(row['seconds_to_target'], '.3g')} | "
+                    f"{fmt(row['steps_to_target'], '.0f')} | {fmt(row['steps'], '.0f')} | "
+                    f"{fmt(row['seconds_per_step'], '.3g')} | {row['diverged']}/{row['seeds']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -28,13 +28,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["TARGETS_FILE", "Run", "load_runs", "load_targets", "summarize", "write_report"]
+__all__ = [
+    "TARGETS_FILE",
+    "Run",
+    "first_reaching",
+    "fmt",
+    "load_runs",
+    "load_targets",
+    "summarize",
+    "write_report",
+]
 
 BASELINE = "sgdm"
 #: The frozen per-task targets shipped with the benchmark (versioned in the repository).
@@ -206,19 +216,29 @@ def _median_with_misses(values: list[float]) -> float:
     return float(np.median(values)) if values else math.nan
 
 
-def _time_to(run: Run, key: str, target: float) -> tuple[float, float]:
-    """(seconds, step) of the first evaluation line that reaches ``target`` in ``key``."""
-    higher = _higher_is_better(key)
-    for line in run.evals:
-        value = line.get(key)
+def first_reaching(
+    points: Iterable[tuple[float | None, float, float]], target: float, higher: bool
+) -> tuple[float, float]:
+    """``(seconds, step)`` of the first ``(value, seconds, step)`` point whose value reaches
+    ``target`` (at least it when ``higher``, else at most); ``(inf, inf)`` when none does.
+    Missing and non-finite values never reach it. The one rule of "time to target" for
+    ``mbf-bench report`` and ``benchmarks/protocol_report.py``."""
+    for value, seconds, step in points:
         if value is None or not math.isfinite(value):
             continue
         if (value >= target) if higher else (value <= target):
-            return float(line["seconds"]), float(line.get("step", math.nan))
+            return float(seconds), float(step)
     return math.inf, math.inf
 
 
-def _fmt(value: float, spec: str = ".4g") -> str:
+def _time_to(run: Run, key: str, target: float) -> tuple[float, float]:
+    """(seconds, step) of the first evaluation line that reaches ``target`` in ``key``."""
+    points = ((line.get(key), line["seconds"], line.get("step", math.nan)) for line in run.evals)
+    return first_reaching(points, target, _higher_is_better(key))
+
+
+def fmt(value: float, spec: str = ".4g") -> str:
+    """A table cell: ``miss`` for a target never reached (``inf``), ``-`` for no value."""
     if math.isinf(value) and value > 0:
         return "miss"
     return "-" if not math.isfinite(value) else format(value, spec)
@@ -230,10 +250,10 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
     for task, info in summary.items():
         metric = info["metric"]
         target = (
-            f"Frozen target: {info['target_metric']} {_fmt(info['target'])} "
+            f"Frozen target: {info['target_metric']} {fmt(info['target'])} "
             f"(`{TARGETS_FILE.name}`, set from tuned adam and sgdm; a miss is a miss). "
             if info["target_kind"] == "frozen"
-            else f"Relative target: train loss {_fmt(info['target'])} = {target_factor} x the "
+            else f"Relative target: train loss {fmt(info['target'])} = {target_factor} x the "
             "worst of the optimizers' best losses (finished runs; no frozen target for this "
             "task). "
         )
@@ -253,11 +273,11 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
         ]
         for opt, row in info["rows"].items():
             out.append(
-                f"| {opt} | {row['runs']} | {_fmt(row['final_loss'])} | {_fmt(row['best_loss'])} "
-                f"| {_fmt(row['final_metric'])} | {_fmt(row['best_metric'])} "
-                f"| {_fmt(row['time_to_target'], '.3g')} ({row['reached']}) "
-                f"| {_fmt(row['steps_to_target'], '.0f')} "
-                f"| {_fmt(row['step_seconds'], '.3g')} | {_fmt(row['relative_step'], '.2f')} |"
+                f"| {opt} | {row['runs']} | {fmt(row['final_loss'])} | {fmt(row['best_loss'])} "
+                f"| {fmt(row['final_metric'])} | {fmt(row['best_metric'])} "
+                f"| {fmt(row['time_to_target'], '.3g')} ({row['reached']}) "
+                f"| {fmt(row['steps_to_target'], '.0f')} "
+                f"| {fmt(row['step_seconds'], '.3g')} | {fmt(row['relative_step'], '.2f')} |"
             )
         out.append("")
     return "\n".join(out)
