@@ -159,8 +159,9 @@ class CurvatureStore:
                 unit.queue, unit.queue_weights = None, []
                 unit.stat_updates, unit.stat_mass, unit.inverse_scale = 0, 0.0, 1.0
                 saved = kept.get(tuple(id(p) for p in unit.params))
-                if saved is not None and saved.fisher.shape[0] == unit.layout.num_blocks:
-                    self.restore(unit, saved)
+                shape = (unit.layout.num_blocks, *self.storage.block_shape(bucket.block_size))
+                if saved is not None and tuple(saved.fisher.shape) == shape:
+                    self.restore(unit, saved)  # the same blocks as before the rebuild
             bucket.factored = all(u.stat_updates > 0 for u in members)
             buckets.append(bucket)
         self.units, self.buckets = units, buckets
