@@ -31,7 +31,7 @@ import distributed_workers as W
 from ranks import run_ranks
 
 #: Steps of a run unless a config says otherwise.
-STEPS = W.STEPS
+STEPS = 8
 #: Keyword arguments that may change across a resume: the others (the param groups'
 #: hyperparameters) are restored from the checkpoint, so a change would be silently undone.
 RESUMABLE_CHANGES = frozenset({"storage", "stat_buffer"})
