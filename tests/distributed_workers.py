@@ -263,9 +263,8 @@ def run_plan(plan: dict, rank: int, outdir: Path, groups: dict[int, Any]) -> dic
                 if not last and rank == 0:
                     state = {"model": model.state_dict(), "opt": opt.state_dict()}
                     torch.save(state, checkpoint)
-                    saved_queues.append(
-                        [len(u["queued_weights"]) for u in state["opt"]["mbf"]["units"]]
-                    )
+                    saved = state["opt"]["mbf"]["units"]  # the checkpoint's queue lengths
+                    saved_queues.append([len(u.get("queued_weights", ())) for u in saved])
                 if last:
                     units = opt.blocks()
                     result = {

@@ -41,7 +41,7 @@ RESUMABLE_CHANGES = frozenset({"storage", "stat_buffer"})
 #: the summands, not with the entry: a small entry that is a difference of large ones carries
 #: their rounding. The rtol are those of the hand-written comparisons these replace; their
 #: absolute atol (1e-12 / 1e-14 / 1e-12) became relative: tighter for parameters (1e-13 of ~1)
-#: and inverses (1e-14 of ~1e2 to 1e3), and for statistics 1e-13 of their largest entry (~1 to
+#: and inverses (1e-14 of ~1e1 to 1e3), and for statistics 1e-13 of their largest entry (~1 to
 #: 10 here): per-example statistics on 3 ranks differ from one process's by up to 3.3e-14 of it
 #: (measured), which an absolute 1e-14 refused for a few small entries.
 TOLERANCES: dict[str, dict[str, float]] = {
