@@ -33,7 +33,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mbf import MBF
-from mbf.distributed import shard_plan
 from mbf.linalg import damped_inverse, solve_blocks
 from mbf_bench.models import MNIST_AE_SIZES, autoencoder, resnet_cifar
 
@@ -87,10 +86,9 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
                 k: v for k, v in traffic.items() if not k.startswith("config")
             }
     assert opt is not None
-    buckets = opt._buckets
-    plan = shard_plan([b.fisher.shape[0] for b in buckets], world)
+    buckets = opt._store.buckets  # this rank's blocks of every bucket (mbf.store)
     damping = float(opt.param_groups[0]["damping"])
-    rhs = [torch.randn(b.fisher.shape[:2]) for b in buckets]
+    rhs = [torch.randn(b.hi - b.lo, b.block_size) for b in buckets]
 
     def timed(work: str) -> tuple[float, float]:
         """Median wall seconds (slowest rank) and this rank's median CPU seconds."""
@@ -99,14 +97,13 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
             if world > 1:
                 dist.barrier()
             start, cpu_start = time.perf_counter(), time.process_time()
-            for b, ranges, r in zip(buckets, plan, rhs, strict=True):
-                lo, hi = ranges[rank]
-                if hi == lo:
+            for b, r in zip(buckets, rhs, strict=True):
+                if b.hi == b.lo:
                     continue
                 if work == "factor":
-                    damped_inverse(b.fisher[lo:hi], damping)
+                    damped_inverse(b.fisher, damping)
                 else:
-                    solve_blocks(b.inverse[lo:hi], r[lo:hi])
+                    solve_blocks(b.inverse, r)
             cpu.append(time.process_time() - cpu_start)
             if world > 1:
                 dist.barrier()  # the slowest rank sets the time
@@ -115,9 +112,9 @@ def measure(args: argparse.Namespace, rank: int, world: int) -> dict[str, Any]:
 
     result["factor_s"] = timed("factor")
     result["solve_s"] = timed("solve")
-    result["blocks"] = {str(b.block_size): b.fisher.shape[0] for b in buckets}
+    result["blocks"] = {str(b.block_size): b.total for b in buckets}
     result["numel"] = sum(p.numel() for p in model.parameters())
-    result["padded"] = sum(b.fisher.shape[0] * b.block_size for b in buckets)
+    result["padded"] = sum(b.total * b.block_size for b in buckets)
     result["stat_elems"] = sum(
         u.layout.num_blocks * u.layout.block_size * (u.layout.block_size + 1) // 2
         for u in opt._units

@@ -16,12 +16,13 @@ import time
 
 import torch
 
-from mbf_bench.speed import SHAPES, _Runner
+from mbf_bench.speed import _Runner, workload
+from mbf_bench.tasks import TASKS
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="mnist-ae", choices=sorted(SHAPES))
+    parser.add_argument("--task", default="mnist-ae", choices=sorted(TASKS))
     parser.add_argument("--optimizers", default="adam,mbf,kfac,shampoo")
     parser.add_argument("--steps", type=int, default=20, help="steps per round (a whole cycle)")
     parser.add_argument("--rounds", type=int, default=2)
@@ -30,12 +31,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    shape = SHAPES[args.task]
+    cpu = torch.device("cpu")
+    work = workload(args.task, cpu)  # the task registry's model, batch and loss; random data
     torch.manual_seed(0)
-    state = shape.make_model().state_dict()
-    batch = shape.make_batch(torch.Generator().manual_seed(0))
+    state = work.make_model().state_dict()
+    batch = work.batch
     names = args.optimizers.split(",")
-    runners = [_Runner(name, shape, state, torch.device("cpu")) for name in names]
+    runners = [_Runner(name, work, state, cpu) for name in names]
     for runner in runners:
         for _ in range(args.warmup):
             runner.step(batch)

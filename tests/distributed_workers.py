@@ -205,6 +205,21 @@ def scenario_accumulate(rank: int, world: int, outdir: Path) -> dict:
     return {"params": flat_params(model), "counters": opt.counters}
 
 
+def scenario_storage(rank: int, world: int, outdir: Path) -> dict:
+    """Both storages with queued statistics on K ranks: each rank's memory, the parameters."""
+    out: dict[str, Any] = {}
+    for storage in ("full", "packed"):
+        model = DDP(make_model())
+        opt = make_optimizer(model, "batch", storage=storage, stat_buffer=2)
+        out[f"memory_{storage}"] = opt.memory_report(detail=True)
+        out[f"allocated_{storage}"] = sum(  # what the report counts is what is allocated
+            t.numel() * t.element_size() for b in opt._store.buckets for t in (b.fisher, b.inverse)
+        )
+        train(model, opt, range(STEPS), rank, world)
+        out[storage] = flat_params(model)
+    return out
+
+
 def scenario_configs(rank: int, world: int, outdir: Path, plans: list[dict]) -> dict:
     """The equivalence harness's configurations (``tests/equivalence.py``), all in this spawn.
 
@@ -283,6 +298,7 @@ def run_plan(plan: dict, rank: int, outdir: Path, groups: dict[int, Any]) -> dic
 
 SCENARIOS: dict[str, Callable[..., dict]] = {
     "train": scenario_train,
+    "storage": scenario_storage,
     "accumulate": scenario_accumulate,
     "failures": scenario_failures,
     "configs": scenario_configs,

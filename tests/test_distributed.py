@@ -14,7 +14,8 @@ from torch import nn
 
 import distributed_workers as W
 from mbf import MBF
-from mbf.distributed import pack_upper, plan_costs, shard_plan, unpack_symmetric
+from mbf.distributed import plan_costs, shard_plan
+from mbf.packed import SymmetricPacking
 from ranks import run_ranks
 
 pytestmark = [
@@ -29,7 +30,7 @@ PARAM_TOL = {"rtol": 1e-10, "atol": 1e-13}  # measured: 1e-13 and 4e-16
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, dict]]]:
     """Two ranks train from scratch, checkpointing midway."""
     outdir = tmp_path_factory.mktemp("two_ranks")
-    return outdir, run_ranks([("train", {}), ("accumulate", {})], 2, outdir)
+    return outdir, run_ranks([("train", {}), ("accumulate", {}), ("storage", {})], 2, outdir)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,11 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[di
     then meet the failure scenarios."""
     outdir = tmp_path_factory.mktemp("three_ranks")
     references = {e: single_process(e, save_at=outdir) for e in ("batch", "per_example")}
-    scenarios = [("train", {"resume": str(outdir), "native": True}), ("failures", {})]
+    scenarios = [
+        ("train", {"resume": str(outdir), "native": True}),
+        ("storage", {}),
+        ("failures", {}),  # last: it kills a rank
+    ]
     return references, run_ranks(scenarios, 3, outdir, dies=((2, "failures"),))
 
 
@@ -90,17 +95,19 @@ def test_plan_splits_every_bucket_evenly_and_rotates_spares() -> None:
 
 
 def test_triangle_packing_round_trips() -> None:
+    """The one triangle packing (mbf.packed) as the collectives use it: into flat buffers."""
+    packing = SymmetricPacking.of(5, torch.device("cpu"))
     a = torch.randn(4, 5, 5, dtype=torch.float64)
     sym = a @ a.transpose(1, 2)
-    assert pack_upper(sym).numel() == 4 * 15
-    assert torch.equal(unpack_symmetric(pack_upper(sym), 4, 5), sym)
+    assert packing.pack(sym).numel() == 4 * 15
+    assert torch.equal(packing.unpack(packing.pack(sym)), sym)
     out = torch.empty(4 * 15, dtype=torch.float64)
-    assert pack_upper(sym, out=out) is out and torch.equal(out, pack_upper(sym))
+    assert packing.pack(sym, out=out) is out and torch.equal(out, packing.pack(sym).reshape(-1))
     back = torch.empty_like(sym)
-    assert unpack_symmetric(out, 4, 5, out=back) is back and torch.equal(back, sym)
+    assert packing.unpack(out.view(4, 15), out=back) is back and torch.equal(back, sym)
     empty = torch.empty(0, 5, 5, dtype=torch.float64)  # a rank may own no block of a unit
-    assert pack_upper(empty, out=torch.empty(0, dtype=torch.float64)).numel() == 0
-    assert unpack_symmetric(torch.empty(0, dtype=torch.float64), 0, 5, out=empty) is empty
+    assert packing.pack(empty, out=torch.empty(0, dtype=torch.float64)).numel() == 0
+    assert packing.unpack(torch.empty(0, 15, dtype=torch.float64), out=empty) is empty
 
 
 def test_single_process_needs_no_process_group() -> None:
@@ -190,3 +197,51 @@ def test_mismatch_stall_and_death_are_detected(three_ranks: tuple) -> None:
         message, seconds = result["dead"]
         assert f"MBF (rank {r} of 3)" in message and "died or stalled" in message
         assert seconds < 15.0
+
+
+@pytest.mark.parametrize("fixture", ["two_ranks", "three_ranks"])
+def test_each_rank_allocates_only_its_share_of_the_curvature(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Statistics, inverses and queues: the ranks' bytes add up to one process's, each rank
+    holds 1/K of them (within one block per bucket), and every rank keeps all the momentum."""
+    results = request.getfixturevalue(fixture)[1]
+    world = len(results)
+    for storage in ("full", "packed"):
+        single = W.make_optimizer(W.make_model(), "batch", storage=storage, stat_buffer=2)
+        alone = single.memory_report(detail=True)
+        ranks = [r["storage"][f"memory_{storage}"] for r in results]
+        curvature = ("statistics", "inverse", "queue")
+        for name, parts in alone.items():
+            for kind in curvature:
+                assert sum(rank[name][kind] for rank in ranks) == parts[kind], (name, kind)
+            assert all(rank[name]["momentum"] == parts["momentum"] for rank in ranks)
+        total = sum(p[k] for p in alone.values() for k in curvature)
+        # One block per bucket is the most a near-equal split can add to a rank's share.
+        store = single._store
+        slack = 0
+        for b in store.buckets:
+            item = b.fisher.element_size()
+            queue = max(u.queue_capacity for u in b.units) * b.block_size * item
+            slack += 2 * store.storage.block_bytes(b.block_size, item) + queue
+        for result, rank in zip(results, ranks, strict=True):
+            allocated = sum(p["statistics"] + p["inverse"] for p in rank.values())
+            assert result["storage"][f"allocated_{storage}"] == allocated
+            mine = sum(p[k] for p in rank.values() for k in curvature)
+            assert mine <= total / world + slack
+            assert mine < 0.75 * total
+
+
+@pytest.mark.parametrize("fixture", ["two_ranks", "three_ranks"])
+def test_packed_storage_and_queued_statistics_on_ranks_match_one_process(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    results = request.getfixturevalue(fixture)[1]
+    for storage in ("full", "packed"):
+        model = W.make_model()
+        opt = W.make_optimizer(model, "batch", storage=storage, stat_buffer=2)
+        W.train(model, opt, range(W.STEPS))
+        got = [r["storage"][storage] for r in results]
+        for other in got[1:]:
+            assert torch.equal(got[0], other), storage
+        torch.testing.assert_close(got[0], W.flat_params(model), **PARAM_TOL)

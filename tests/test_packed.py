@@ -33,7 +33,7 @@ def test_pack_unpack_outer_solve_and_inverse_agree_with_whole_blocks(monkeypatch
 
     blocks[5] = float("nan")  # a poisoned block in the second-to-last chunk
     out = torch.empty_like(stored)
-    report = packing.damped_inverse(packing.pack(blocks), 0.5, out=out)
+    report = packing.invert_into(packing.pack(blocks), 0.5, out=out)
     assert (report.blocks, report.nonfinite, report.fallback) == (7, 1, 1)
     eye = torch.eye(5, dtype=torch.float64)
     want = torch.linalg.inv(blocks + 0.5 * eye)

@@ -15,6 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from mbf import MBF, PAPER
+from mbf.diagnostics import Diagnostics
+from mbf.storage import STORAGES
+from mbf.store import CurvatureStore
 
 # Everything the references below depend on, spelled out (never the library defaults).
 BASE = dict(
@@ -341,3 +344,23 @@ def test_per_block_damping_in_the_batched_inverse_and_its_retries() -> None:
     assert report.retried == 1 and report.fallback == 0
     product = inverse[2] @ fisher[2]
     assert torch.isfinite(product).all()
+
+
+def test_relative_damping_of_a_block_does_not_depend_on_its_neighbours() -> None:
+    """damping * tr(F_b) / s per block; a block without statistics gets damping on the
+    corrected scale. Factoring blocks in any split (one run, or a rank's slice) gives each
+    block the same damping."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 4, 7, dtype=torch.float64, generator=gen)
+    fisher = a @ a.mT
+    fisher[2] = 0.0  # no statistics yet (e.g. a unit that has had no gradient)
+    for name, storage in STORAGES.items():
+        store = CurvatureStore(storage, 1, Diagnostics())
+        stored = storage.from_blocks(fisher.clone())
+        whole = store.relative_damping(stored, 4, 0.1, scale=0.3)
+        want = 0.1 * fisher.diagonal(dim1=-2, dim2=-1).sum(-1) / 4
+        want[2] = 0.1 * 0.3
+        torch.testing.assert_close(whole, want, rtol=1e-14, atol=0.0, msg=name)
+        for lo, hi in ((0, 3), (2, 3), (3, 6)):
+            part = store.relative_damping(stored[lo:hi], 4, 0.1, scale=0.3)
+            assert torch.equal(part, whole[lo:hi]), (name, lo, hi)

@@ -5,26 +5,27 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import amp as _amp
-from . import distributed as _distributed
+from . import checkpoint
 from .blocks import BlockLayout
 from .diagnostics import Diagnostics
+from .direction import finish, form_vector, kl_term
+from .distributed import ShardedEngine, fingerprint, make_engine
+from .engine import Work
 from .hooks import PerExampleHooks
-from .linalg import FactorReport, damped_inverse, solve_blocks
-from .packed import SymmetricPacking, packed_size
+from .storage import storage_named
+from .store import CurvatureStore, Kept
 from .units import Unit, build_units, state_dtype
-from .validation import GRAFTS, check_group, check_params, format_bytes, positive_int
+from .validation import GRAFTS, check_group, check_params, positive_int
 
 __all__ = ["DEFAULTS", "GRAFTS", "MBF", "PAPER", "UnitState"]
 
 ESTIMATORS = ("batch", "per_example")
-STORAGES = ("full", "packed")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -89,42 +90,8 @@ class UnitState(NamedTuple):
     inverse: Tensor
 
 
-@dataclass(eq=False)
-class _Bucket:
-    """Blocks of equal size from the units of one param group, factored in one batched call."""
-
-    group: int
-    block_size: int
-    units: list[Unit]
-    fisher: Tensor
-    inverse: Tensor
-    factored: bool = False
-    sharded: bool = False  # curvature only partly valid on this rank (see mbf.distributed)
-
-
 def _check_group(group: dict[str, Any]) -> None:
     check_group(group)  # mbf.validation: one home for every rule
-
-
-def _fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
-    """``F <- (1 - a_k) ... (F (1 - a_1) + a_1 g_1 g_1^T) ... + a_k g_k g_k^T`` in one product.
-
-    ``fisher``: ``(B, s, s)`` statistics, updated in place; ``rows``: the ``(B, k, s)`` queued
-    estimates ``g_i`` (spent: scaled in place); ``weights``: their running-average weights
-    ``a_i``. Expanded: ``F * prod_i (1 - a_i) + sum_i c_i g_i g_i^T`` with
-    ``c_i = a_i prod_{j > i} (1 - a_j)``, i.e. ``(sqrt(c) G)^T (sqrt(c) G)``.
-    """
-    coeffs, keep = [], 1.0
-    for a in reversed(weights):
-        coeffs.append(a * keep)
-        keep *= 1.0 - a
-    coeffs.reverse()
-    # Scale the spent rows in place by sqrt(c) (c >= 0), so that both factors carry half the
-    # weight and no temporary of the queue's size is allocated.
-    roots = torch.tensor(coeffs, dtype=rows.dtype, device=rows.device).sqrt_()
-    rows.mul_(roots[:, None])
-    # beta = 0 (a first estimate in the queue) ignores the old statistics, NaN included.
-    fisher.baddbmm_(rows.mT, rows, beta=keep, alpha=1.0)
 
 
 class MBF(torch.optim.Optimizer):
@@ -265,9 +232,10 @@ class MBF(torch.optim.Optimizer):
         if max_state_bytes is not None:
             max_state_bytes = positive_int("max_state_bytes", max_state_bytes)
         self.stat_buffer = stat_buffer
-        if storage not in STORAGES:
-            raise ValueError(f"MBF: storage must be one of {STORAGES}, got {storage!r}")
         self.storage = storage
+        self._diag = Diagnostics()
+        self._store = CurvatureStore(storage_named(storage), stat_buffer, self._diag)
+        self._counters = self._store.counters
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("MBF: pass the model either as params or as model=, not both")
@@ -282,25 +250,10 @@ class MBF(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.max_state_bytes = max_state_bytes
         self._model = model
-        self._units: list[Unit] = []
-        self._buckets: list[_Bucket] = []
         self._ready = False
         self._step_count = 0
-        self._counters = {
-            "steps": 0,
-            "skipped_steps": 0,
-            "scaler_skipped_steps": 0,
-            "factorizations": 0,
-            "factored_blocks": 0,
-            "retried_blocks": 0,
-            "fallback_blocks": 0,
-            "nonfinite_blocks": 0,
-            "overflowed_updates": 0,
-        }
         self._warned: set[str] = set()
-        self._diag = Diagnostics()
         self._consecutive_skips = 0  # steps skipped in a row (warnings), not saved
-        self._dist: _distributed.ShardedMBF | None = None
         defaults = dict(
             DEFAULTS,
             lr=lr,
@@ -323,15 +276,12 @@ class MBF(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_group(group)
+        # One process or K ranks (mbf.engine, mbf.distributed): who owns which blocks.
+        self._engine = make_engine(process_group, model)
         self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
         self._rebuild()
         self._ready = True
-        # Data parallelism (mbf.distributed): None in a single process.
-        self._dist = _distributed.setup(self, process_group, model)
-        if self._dist is not None and storage == "packed":
-            raise ValueError(
-                "MBF: storage='packed' runs in a single process; use storage='full' with ranks"
-            )
+        self._engine.check_config(self._fingerprint())
 
     # ------------------------------------------------------------------ construction
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -340,68 +290,71 @@ class MBF(torch.optim.Optimizer):
         The group's hyperparameters are checked like the constructor's; the curvature of units
         already there is kept. With several ranks, every rank must add the same group.
         """
-        engine = getattr(self, "_dist", None)
-        if engine is not None:  # mbf.distributed: rebuild from the full curvature
-            engine.consolidate(self)
         if not getattr(self, "_ready", False):  # construction: __init__ checks every group
             super().add_param_group(param_group)
             return
         count, rebuilt = len(self.param_groups), False
+        kept = self._kept()
         try:
             super().add_param_group(param_group)
             _check_group(self.param_groups[-1])
             check_params(self.param_groups)
             rebuilt = True
-            self._rebuild()
-            if self._dist is not None:  # mbf.distributed: every rank must add the same group
-                self._dist.check_config(self)
+            self._rebuild(kept)
+            self._engine.check_config(self._fingerprint())  # every rank adds the same group
         except Exception:
             # A refused group leaves the optimizer as before (no half-added group; the units
             # are rebuilt only if they were touched).
             del self.param_groups[count:]
             if rebuilt:
-                self._rebuild()
+                self._rebuild(kept)
             raise
 
-    def _rebuild(self) -> None:
-        """(Re)build units and buckets; existing curvature of unchanged units is kept."""
+    def _kept(self) -> dict[tuple[int, ...], Kept]:
+        """Every unit's whole curvature, keyed by its parameters, to carry across a rebuild.
+
+        In one process these are views and the queues travel along, so nothing changes; with
+        several ranks it is a collective (every rank rebuilds alike) and the queues are folded
+        first, since they do not travel.
+        """
+        store = self._store
+        if self.distributed is not None:
+            store.fold_all()
+        whole = self._engine.whole_curvature(store)
+        kept = {}
+        for bucket in store.buckets:
+            fisher, inverse = whole[id(bucket)]
+            for u in bucket.units:
+                nb = u.layout.num_blocks
+                record = checkpoint.record(
+                    u, fisher[u.offset : u.offset + nb], inverse[u.offset : u.offset + nb]
+                )
+                kept[tuple(id(p) for p in u.params)] = checkpoint.kept(record)
+        return kept
+
+    def _rebuild(self, kept: dict[tuple[int, ...], Kept] | None = None) -> None:
+        """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
-        for unit in self._units:
-            self._fold_queue(unit)
-        old = {tuple(id(p) for p in u.params): u for u in self._units}
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
-        for unit in units:
-            unit.packed = self.storage == "packed"
-            queued = not unit.per_example and self.stat_buffer > 1 and not unit.packed
-            unit.queue_capacity = self.stat_buffer if queued else 0
-        self._check_budget(units)
         self._warn_fallbacks(units)
-        for unit in units:
-            prev = old.get(tuple(id(p) for p in unit.params))
-            if prev is not None and prev.layout.num_blocks == unit.layout.num_blocks:
-                unit.fisher, unit.inverse = prev.fisher, prev.inverse
-                unit.stat_updates, unit.stat_mass = prev.stat_updates, prev.stat_mass
-                unit.inverse_scale = prev.inverse_scale
-        self._units = units
-        self._buckets = self._make_buckets(units)
+        self._store.build(
+            units, self._engine.plan, self._engine.rank, kept or {}, self.max_state_bytes
+        )
+        self._engine.invalidate()
         self._hooks.remove()
         self._hooks.add(units)
         self._schedule_collection()
 
-    def _check_budget(self, units: list[Unit]) -> None:
-        if self.max_state_bytes is None:
-            return
-        total = sum(u.state_bytes() for u in units)
-        if total <= self.max_state_bytes:
-            return
-        worst = max(units, key=lambda u: u.state_bytes())
-        raise ValueError(
-            f"MBF: curvature state would take {format_bytes(total)}, over max_state_bytes="
-            f"{format_bytes(self.max_state_bytes)}; the largest unit is {worst.name} "
-            f"({format_bytes(worst.state_bytes())} in blocks of {worst.layout.block_size}). "
-            "Lower max_block_size (state grows linearly with it) or raise max_state_bytes."
-        )
-
+    def _fingerprint(self) -> dict[str, Any]:
+        """What every rank must agree on (:meth:`mbf.distributed.ShardedEngine.check_config`)."""
+        settings = {
+            "estimator": self.estimator,
+            "loss_reduction": self.loss_reduction,
+            "nonfinite": self.nonfinite,
+            "storage": self.storage,
+            "stat_buffer": self.stat_buffer,
+        }
+        return fingerprint(self.param_groups, self._store.units, settings)
     def _warn_fallbacks(self, units: list[Unit]) -> None:
         if self.estimator != "per_example":
             return
@@ -416,37 +369,15 @@ class MBF(torch.optim.Optimizer):
                 stacklevel=3,
             )
 
-    def _make_buckets(self, units: list[Unit]) -> list[_Bucket]:
-        keyed: dict[tuple, list[Unit]] = {}
-        for unit in units:
-            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype)
-            keyed.setdefault(key, []).append(unit)
-        buckets = []
-        for (group, size, device, dtype), members in keyed.items():
-            total = sum(u.layout.num_blocks for u in members)
-            per_block = (packed_size(size),) if self.storage == "packed" else (size, size)
-            fisher = torch.zeros(total, *per_block, dtype=dtype, device=device)
-            inverse = torch.zeros_like(fisher)
-            offset = 0
-            for unit in members:
-                nb = unit.layout.num_blocks
-                if unit.fisher.shape == (nb, *per_block):
-                    fisher[offset : offset + nb].copy_(unit.fisher)
-                    inverse[offset : offset + nb].copy_(unit.inverse)
-                unit.fisher = fisher[offset : offset + nb]
-                unit.inverse = inverse[offset : offset + nb]
-                unit.offset = offset
-                offset += nb
-            bucket = _Bucket(group, size, members, fisher, inverse)
-            bucket.factored = all(u.stat_updates > 0 for u in members)
-            buckets.append(bucket)
-        return buckets
-
     # ------------------------------------------------------------------ introspection
     @property
-    def distributed(self) -> _distributed.ShardedMBF | None:
+    def _units(self) -> list[Unit]:
+        return self._store.units
+
+    @property
+    def distributed(self) -> ShardedEngine | None:
         """The data-parallel engine (process group, rank, traffic), or ``None`` in one process."""
-        return self._dist
+        return self._engine if isinstance(self._engine, ShardedEngine) else None
 
     @property
     def counters(self) -> dict[str, int]:
@@ -468,33 +399,43 @@ class MBF(torch.optim.Optimizer):
         the preconditioned direction's norm to the gradient's (:mod:`mbf.diagnostics`)."""
         return self._diag.report(self._counters, self.param_groups)
 
-    def memory_report(self) -> dict[str, int]:
-        """Bytes of curvature state (statistics, factors, momentum) for each unit, by name."""
-        return {u.name: u.state_bytes() for u in self._units}
+    def memory_report(self, detail: bool = False) -> dict[str, Any]:
+        """Bytes of this process's state for each unit, by name: statistics, inverses and queued
+        statistics of the blocks this rank owns (all of them in one process, about ``1/K`` of
+        them on each of ``K`` ranks) and the momentum (every rank keeps all of it).
+
+        ``detail=True`` gives ``{name: {"statistics", "inverse", "queue", "momentum"}}``.
+        """
+        parts = {u.name: self._store.unit_bytes(u) for u in self._store.units}
+        if detail:
+            return parts
+        return {name: sum(p.values()) for name, p in parts.items()}
 
     def blocks(self) -> list[UnitState]:
         """Every unit's name, layout, parameters, running-average blocks and damped inverses.
 
         The tensors are live views of the optimizer's state (read them, do not keep them), or
-        unpacked copies with ``storage="packed"``; queued statistics (see ``stat_buffer``) are
-        folded in first.
+        whole copies with ``storage="packed"`` (unpacked) and with several ranks (call
+        [`consolidate_state_dict`][mbf.MBF.consolidate_state_dict] on every rank first);
+        queued statistics (see ``stat_buffer``) are folded in first.
         """
-        for unit in self._units:
-            self._fold_queue(unit)
-        if self.storage == "packed":  # whole blocks, as copies
-            return [
-                UnitState(u.name, u.layout, list(u.params), *self._unpacked(u))
-                for u in self._units
-            ]
-        return [
-            UnitState(u.name, u.layout, list(u.params), u.fisher, u.inverse) for u in self._units
-        ]
-
-    @staticmethod
-    def _unpacked(unit: Unit) -> tuple[Tensor, Tensor]:
-        packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
-        return packing.unpack(unit.fisher), packing.unpack(unit.inverse)
-
+        store = self._store
+        store.fold_all()
+        whole = self._engine.consolidated(store)
+        states: dict[int, UnitState] = {}
+        for bucket in store.buckets:
+            fisher, inverse = whole[id(bucket)]
+            for u in bucket.units:
+                view = slice(u.offset, u.offset + u.layout.num_blocks)
+                size = u.layout.block_size
+                states[id(u)] = UnitState(
+                    u.name,
+                    u.layout,
+                    list(u.params),
+                    store.storage.to_blocks(fisher[view], size),
+                    store.storage.to_blocks(inverse[view], size),
+                )
+        return [states[id(u)] for u in store.units]
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """torch.amp.GradScaler's protocol (:mod:`mbf.amp`): ``step()`` unscales gradients and
@@ -519,8 +460,7 @@ class MBF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ stepping
     def _is_stat_step(self, unit: Unit) -> bool:
-        every = self.param_groups[unit.group]["stat_every"]
-        return self._step_count % every == 0 or unit.stat_updates == 0
+        return self._store.is_stat_step(unit, self._step_count, self.param_groups[unit.group])
 
     def _schedule_collection(self) -> None:
         for unit in self._units:
@@ -547,12 +487,16 @@ class MBF(torch.optim.Optimizer):
         ]
         return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
-    def _estimate(self, unit: Unit, grads: list[Tensor]) -> Tensor | None:
+    def _estimate(self, unit: Unit, grads: list[Tensor]) -> Tensor:
+        """This step's estimate for the unit (see ``CurvatureStore.absorb``); consumes the
+        per-example sums the hooks collected."""
         if unit.per_example:
-            if unit.pending is None or unit.pending_count == 0:
+            pending, count = unit.pending, unit.pending_count
+            unit.clear_pending()
+            if pending is None or count == 0:
                 self._hooks_missed(unit)
                 return unit.layout.to_blocks(grads)
-            return unit.pending.div_(unit.pending_count)
+            return pending.div_(count)
         return unit.layout.to_blocks(grads)
 
     def _hooks_missed(self, unit: Unit) -> None:
@@ -569,125 +513,6 @@ class MBF(torch.optim.Optimizer):
                 "per-example statistics.",
                 stacklevel=7,  # the caller of step()
             )
-
-    def _update_stats(self, unit: Unit, grads: list[Tensor], blocks: slice = slice(None)) -> bool:
-        """Blend this step's estimate into the unit's statistics (``blocks``: only those blocks,
-        as a data-parallel rank does; its per-example ``pending`` then holds just those)."""
-        estimate = self._estimate(unit, grads)
-        unit.clear_pending()
-        if estimate is None:
-            return False
-        fisher = unit.fisher[blocks]
-        # The first estimate is taken as it is (or, with bias correction, enters a running
-        # average that starts from zero); later ones enter the running average.
-        group = self.param_groups[unit.group]
-        first = unit.stat_updates == 0 and not group["bias_correction"]
-        weight = 1.0 if first else 1.0 - group["stat_decay"]
-        unit.stat_mass = (1.0 - weight) * unit.stat_mass + weight
-        if unit.packed:
-            packing = SymmetricPacking.of(unit.layout.block_size, unit.device)
-            if estimate.dim() == 2:
-                packing.lerp_outer_(fisher, estimate[blocks], weight)
-            else:
-                fisher.lerp_(packing.pack(estimate), weight)
-        elif estimate.dim() == 2 and unit.queue_capacity and self._dist is None:
-            self._enqueue(unit, estimate, weight)
-        elif estimate.dim() == 2:  # batch estimator: g_b g_b^T, fused so no (B, s, s) temporary
-            # (unsqueeze(1) rather than a transposed view: CPU bmm is ~2.4x faster on it)
-            vectors = estimate[blocks]
-            fisher.baddbmm_(
-                vectors.unsqueeze(-1), vectors.unsqueeze(1), beta=1.0 - weight, alpha=weight
-            )
-        else:
-            fisher.lerp_(estimate, weight)
-        unit.stat_updates += 1
-        return True
-
-    def _enqueue(self, unit: Unit, estimate: Tensor, weight: float) -> None:
-        """Queue one batch estimate; fold the queue into the statistics when it is full."""
-        if unit.queue is None:
-            unit.queue = estimate.new_empty(
-                unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
-            )
-        unit.queue[:, len(unit.queue_weights)].copy_(estimate)
-        unit.queue_weights.append(weight)
-        if len(unit.queue_weights) == unit.queue_capacity:
-            self._fold_queue(unit)
-
-    @staticmethod
-    def _fold_queue(unit: Unit) -> None:
-        """Fold the unit's queued estimates into its statistics (see :func:`_fold_rows`)."""
-        if unit.queue_weights and unit.queue is not None:
-            _fold_rows(unit.fisher, unit.queue[:, : len(unit.queue_weights)], unit.queue_weights)
-            unit.queue_weights.clear()
-
-    def _factor_range(self, bucket: _Bucket, lo: int, hi: int) -> FactorReport:
-        """Factor the bucket's blocks ``lo:hi`` into its inverses (all of it, or a rank's share).
-
-        The inverse of the corrected statistics ``(F / c + damping I)^-1`` is
-        ``c (F + c damping I)^-1``, with ``c`` the unit's ``stat_mass``: blocks are factored
-        with damping ``c * damping`` in runs of units of equal ``c`` (one run as a rule), and
-        ``c`` is kept as the unit's ``inverse_scale`` for the solve.
-        """
-        report = FactorReport()
-        damping = self.param_groups[bucket.group]["damping"]
-        runs: list[tuple[int, int, float]] = []
-        for unit in bucket.units:
-            # Every rank sets every unit's scale: all of them apply all directions.
-            scale = unit.inverse_scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
-            a, b = max(lo, unit.offset), min(hi, unit.offset + unit.layout.num_blocks)
-            if a >= b:
-                continue
-            self._fold_queue(unit)
-            if runs and runs[-1][1] == a and runs[-1][2] == scale:
-                runs[-1] = (runs[-1][0], b, scale)
-            else:
-                runs.append((a, b, scale))
-        packing = SymmetricPacking.of(bucket.block_size, bucket.fisher.device)
-        packed = self.storage == "packed"
-        for a, b, scale in runs:
-            fisher, out = bucket.fisher[a:b], bucket.inverse[a:b]
-            block_damping: float | Tensor = damping * scale
-            if self.param_groups[bucket.group]["relative_damping"]:
-                block_damping = self._relative_damping(fisher, damping, packing if packed else None)
-            if packed:
-                part = packing.damped_inverse(fisher, block_damping, out=out)
-            else:
-                _, part = damped_inverse(fisher, block_damping, out=out)
-            if part.nonfinite:
-                # A poisoned statistic would poison every later step: start that block afresh.
-                per_block = tuple(range(1, fisher.dim()))
-                fisher[~torch.isfinite(fisher).all(dim=per_block)] = 0.0
-            report.add(part)
-        return report
-
-    @staticmethod
-    def _relative_damping(
-        fisher: Tensor, damping: float, packing: SymmetricPacking | None
-    ) -> Tensor:
-        """Per block ``damping * tr(F_b) / s``: damping in units of the block's mean eigenvalue.
-
-        Scale-free: the same for statistics ``F`` and ``c F`` (bias correction's ``c``
-        included). Blocks with no statistics yet take the run's mean scale (or ``damping``).
-        """
-        size = fisher.shape[-1] if packing is None else packing.size
-        trace = fisher.diagonal(dim1=-2, dim2=-1).sum(-1) if packing is None else (
-            packing.trace(fisher))
-        per_block = trace.abs() / size
-        positive = per_block > 0
-        fill = per_block[positive].mean() if bool(positive.any()) else per_block.new_ones(())
-        return damping * torch.where(positive, per_block, fill)
-
-    def _factor(self, bucket: _Bucket) -> None:
-        with self._diag.timed("factorization"):
-            report = self._factor_range(bucket, 0, bucket.fisher.shape[0])
-        bucket.factored = True
-        c = self._counters
-        c["factorizations"] += 1
-        c["factored_blocks"] += report.blocks
-        c["retried_blocks"] += report.retried
-        c["fallback_blocks"] += report.fallback
-        c["nonfinite_blocks"] += report.nonfinite
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -724,23 +549,38 @@ class MBF(torch.optim.Optimizer):
                 )
             return loss
 
-        live_ids = {id(u) for u, _ in live}
-        refreshed: set[int] = set()
+        self._engine.invalidate()
+        store, groups = self._store, self.param_groups
+        due = [(u, g) for u, g in live if self._is_stat_step(u)]
         with self._diag.timed("statistics"):
-            if self._dist is not None:  # mbf.distributed: each rank updates the blocks it owns
-                refreshed = self._dist.update_statistics(self, live)
-            else:
-                for unit, grads in live:
-                    if self._is_stat_step(unit) and self._update_stats(unit, grads):
-                        refreshed.add(id(unit))
-
-        if self._dist is not None:  # mbf.distributed: owners invert and solve, then share
-            directions = self._dist.precondition(self, live_ids, refreshed)
-        else:
-            directions = self._precondition(live_ids, refreshed)
+            refreshed = self._engine.update_statistics(store, due, self._estimate, groups)
+        # The vector to precondition, formed once: solved by the engine, and the KL clip's
+        # reference vector.
+        live_ids = {id(u) for u, _ in live}
+        work: list[Work] = []
+        graft_norms: dict[int, Tensor | None] = {}
+        for bucket in store.buckets:
+            members = [u for u in bucket.units if id(u) in live_ids]
+            if not members:
+                continue
+            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size)
+            if len(members) < len(bucket.units):  # blocks without gradients: zero
+                rhs.zero_()
+            for u in members:
+                out = rhs[u.offset : u.offset + u.layout.num_blocks]
+                graft_norms[id(u)] = form_vector(u, groups[u.group], self.state, out)
+            work.append(Work(bucket, rhs, members))
+        solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
+        directions: dict[int, list[Tensor]] = {}
+        vectors: dict[int, Tensor] = {}
+        for item, whole in zip(work, solved, strict=True):
+            for u in item.members:
+                view = slice(u.offset, u.offset + u.layout.num_blocks)
+                directions[id(u)] = [finish(whole[view], graft_norms[id(u)], u.inverse_scale)]
+                vectors[id(u)] = item.rhs[view]
         self._diag.record_step(live, directions)
         if self._all_finite(list(directions.values())):
-            self._apply(live, directions)
+            self._apply(live, directions, vectors)
             self._consecutive_skips = 0
         else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
             self._note_overflow()
@@ -748,7 +588,6 @@ class MBF(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._schedule_collection()
         return loss
-
     def _note_skip(self) -> None:
         """Warn when steps start being skipped, and again at 10, 100, ... skips in a row."""
         self._consecutive_skips += 1
@@ -779,145 +618,23 @@ class MBF(torch.optim.Optimizer):
                 stacklevel=5,  # past the torch wrappers of step(): the caller
             )
 
-    def _factor_due(self, bucket: _Bucket, members: list[Unit], refreshed: set[int]) -> bool:
-        """Whether the bucket is factored this step: on schedule, on first statistics, or never."""
-        group = self.param_groups[bucket.group]
-        due = self._step_count % group["inv_every"] == 0
-        first = any(id(u) in refreshed and self._early(u.stat_updates, group) for u in members)
-        return due or first or not bucket.factored
-
-    @staticmethod
-    def _early(updates: int, group: dict[str, Any]) -> bool:
-        """Whether a unit's ``updates``-th statistics update calls for a factorization now."""
-        if updates == 1:
-            return True
-        power_of_two = updates & (updates - 1) == 0
-        return bool(group["early_refresh"]) and power_of_two and updates < group["inv_every"]
-
-    def _precondition(self, live_ids: set[int], refreshed: set[int]) -> dict[int, list[Tensor]]:
-        """Factor what is due and solve every live unit's blocks; ``{id(unit): [d, ...]}``."""
-        directions: dict[int, list[Tensor]] = {}
-        for bucket in self._buckets:
-            members = [u for u in bucket.units if id(u) in live_ids]
-            if not members:
-                continue
-            group = self.param_groups[bucket.group]
-            if self._factor_due(bucket, members, refreshed):
-                self._factor(bucket)
-            rhs = bucket.fisher.new_empty(bucket.fisher.shape[0], bucket.block_size)
-            for u in members:
-                self._momentum_blocks(u, group, rhs[u.offset : u.offset + u.layout.num_blocks])
-            solve = (
-                SymmetricPacking.of(bucket.block_size, rhs.device).solve
-                if self.storage == "packed"
-                else solve_blocks
-            )
-            if len(members) == len(bucket.units):
-                solved = solve(bucket.inverse, rhs)
-                parts = [solved[u.offset : u.offset + u.layout.num_blocks] for u in members]
-            else:
-                parts = [
-                    solve(u.inverse, rhs[u.offset : u.offset + u.layout.num_blocks])
-                    for u in members
-                ]
-            for unit, part in zip(members, parts, strict=True):
-                directions[id(unit)] = self._finish_direction(unit, part)
-        return directions
-
-    def _finish_direction(self, unit: Unit, solved: Tensor) -> list[Tensor]:
-        """The unit's solved blocks as parameter-shaped directions, corrected and grafted.
-
-        ``solved`` (the unit's ``(num_blocks, s)`` ``inverse`` times momentum) is scaled in place
-        by the inverse's bias correction, or, with ``graft``, to the grafted step's block lengths.
-        """
-        if unit.graft_norms is not None:
-            lengths = torch.linalg.vector_norm(solved, dim=1, keepdim=True)
-            tiny = torch.finfo(solved.dtype).tiny
-            solved.mul_(unit.graft_norms.unsqueeze(1) / lengths.clamp_min_(tiny))
-            unit.graft_norms = None
-        elif unit.inverse_scale != 1.0:
-            solved.mul_(unit.inverse_scale)
-        return unit.layout.from_blocks(solved)
-
-    def _momentum_blocks(self, unit: Unit, group: dict[str, Any], out: Tensor) -> None:
-        """Update the momentum of the unit's parameters and write it, as blocks, into ``out``.
-
-        With ``graft``, also leave the per-block lengths of the grafted step (Adam's
-        ``m_hat / (sqrt(v_hat) + eps)``, or the momentum itself) in ``unit.graft_norms``.
-        """
-        mu, wd = group["momentum"], group["weight_decay"]
-        l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
-        graft = group["graft"]
-        bufs, adam_steps = [], []
-        for p in unit.params:
-            g = p.grad
-            d = (
-                torch.zeros(p.shape, dtype=unit.dtype, device=p.device)
-                if g is None
-                else g.to(unit.dtype)
-            )
-            if l2:
-                d = d.add(p.to(unit.dtype), alpha=l2)
-            state = self.state[p]
-            if graft == "adam":
-                sq = state.get("graft_sq")
-                if sq is None:
-                    sq = state["graft_sq"] = torch.zeros_like(d)
-                    state["graft_steps"] = 0
-                beta2 = group["graft_beta2"]
-                sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
-                state["graft_steps"] += 1
-                denom = (sq / (1.0 - beta2 ** state["graft_steps"])).sqrt_()
-                denom.add_(group["graft_eps"])
-            if mu:
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.clone()
-                    state["momentum_steps"] = 1
-                else:
-                    buf.mul_(mu).add_(d)
-                    state["momentum_steps"] = state.get("momentum_steps", 0) + 1
-                d = buf
-            if graft == "adam":
-                # Adam's bias-corrected first moment is (1 - mu) m / (1 - mu^t) of our heavy ball.
-                first = (1.0 - mu) / (1.0 - mu ** state["momentum_steps"]) if mu else 1.0
-                adam_steps.append(d.mul(first).div_(denom))
-            bufs.append(d)
-        unit.layout.to_blocks(bufs, out=out)
-        if graft == "adam":
-            steps = unit.layout.to_blocks(adam_steps)
-            unit.graft_norms = torch.linalg.vector_norm(steps, dim=1)
-        elif graft == "sgd":
-            unit.graft_norms = torch.linalg.vector_norm(out, dim=1)
-        else:
-            unit.graft_norms = None
-
     def _apply(
-        self, live: list[tuple[Unit, list[Tensor]]], directions: dict[int, list[Tensor]]
+        self,
+        live: list[tuple[Unit, list[Tensor]]],
+        directions: dict[int, list[Tensor]],
+        vectors: dict[int, Tensor],
     ) -> None:
+        """``theta <- theta - lr * scale * d`` (and decoupled decay); ``scale`` is the KL clip's,
+        from the directions' blocks and the ``vectors`` they preconditioned."""
         scale_of_group: dict[int, float] = {}
         for g, group in enumerate(self.param_groups):
             clip = group["kl_clip"]
             if clip is None:
                 continue
             lr = float(group["lr"])
-            wd = group["weight_decay"]
-            l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
-            terms = []
-            for unit, _ in live:
-                if unit.group != g:
-                    continue
-                for p, d in zip(unit.params, directions[id(unit)], strict=True):
-                    # The vector that was preconditioned: the momentum buffer, or without
-                    # momentum the gradient with its L2 term (as _momentum_blocks formed it).
-                    # A buffer left from before momentum was set to 0 is stale: not used.
-                    ref = self.state[p].get("momentum_buffer") if group["momentum"] else None
-                    if ref is None and p.grad is not None:
-                        ref = p.grad.to(d.dtype)
-                        if l2:
-                            ref = ref.add(p.to(d.dtype), alpha=l2)
-                    if ref is not None:
-                        terms.append(torch.vdot(d.reshape(-1), ref.to(d.dtype).reshape(-1)))
+            terms = [
+                kl_term(directions[id(u)][0], vectors[id(u)]) for u, _ in live if u.group == g
+            ]
             # One host sync per group (a model may span devices: gather the terms on one).
             vg = float(torch.stack([t.to(terms[0].device) for t in terms]).sum()) if terms else 0.0
             scale_of_group[g] = (
@@ -929,7 +646,8 @@ class MBF(torch.optim.Optimizer):
             lr = group["lr"]
             wd = group["weight_decay"]
             scale = scale_of_group.get(unit.group, 1.0)
-            for p, d in zip(unit.params, directions[id(unit)], strict=True):
+            shaped = unit.layout.from_blocks(directions[id(unit)][0])
+            for p, d in zip(unit.params, shaped, strict=True):
                 if p.grad is None:
                     continue
                 if wd and group["decoupled_weight_decay"]:
@@ -941,34 +659,24 @@ class MBF(torch.optim.Optimizer):
         """The usual optimizer state plus curvature (statistics, inverses) and counters.
 
         With several ranks, call [`consolidate_state_dict`][mbf.MBF.consolidate_state_dict] on
-        every rank first.
+        every rank first. The curvature's schema is versioned (:mod:`mbf.checkpoint`).
         """
-        if self._dist is not None:  # mbf.distributed: refuse a state dict with others' shares
-            self._dist.check_consolidated(self)
+        store = self._store
+        whole = self._engine.consolidated(store)  # refuses a state dict of one rank's share
         sd = super().state_dict()
+        records = {}
+        for bucket in store.buckets:
+            fisher, inverse = whole[id(bucket)]
+            for u in bucket.units:
+                view = slice(u.offset, u.offset + u.layout.num_blocks)
+                records[id(u)] = checkpoint.record(u, fisher[view], inverse[view])
         sd["mbf"] = {
-            "version": 2,
+            "version": checkpoint.VERSION,
             "storage": self.storage,
             "step": self._step_count,
             "counters": dict(self._counters),
-            "units": [
-                {
-                    "name": u.name,
-                    "num_blocks": u.layout.num_blocks,
-                    "block_size": u.layout.block_size,
-                    "fisher": u.fisher,
-                    "inverse": u.inverse,
-                    "stat_updates": u.stat_updates,
-                    "stat_mass": u.stat_mass,
-                    "inverse_scale": u.inverse_scale,
-                    "queued": None
-                    if u.queue is None or not u.queue_weights
-                    else u.queue[:, : len(u.queue_weights)],
-                    "queued_weights": list(u.queue_weights),
-                }
-                for u in self._units
-            ],
-            "factored": [b.factored for b in self._buckets],
+            "units": [records[id(u)] for u in store.units],
+            "factored": [b.factored for b in store.buckets],
         }
         return sd
 
@@ -983,7 +691,7 @@ class MBF(torch.optim.Optimizer):
         ``param_groups``). A data-parallel optimizer holds a process group and cannot be
         copied: save its :meth:`state_dict` instead.
         """
-        if self.__dict__.get("_dist") is not None:
+        if isinstance(self.__dict__.get("_engine"), ShardedEngine):
             raise TypeError(
                 "MBF: a data-parallel optimizer holds a process group and cannot be copied or "
                 "pickled; call consolidate_state_dict() and save state_dict() instead"
@@ -997,63 +705,50 @@ class MBF(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # torch's fix-ups of older states (hooks dicts, defaults)
         # Units view their bucket's tensors; pickle stores each view's storage apart, so the
-        # buckets are rebuilt from the units' (equal) values and the views made again.
-        factored = [b.factored for b in self._buckets]
-        self._buckets = self._make_buckets(self._units)
-        for bucket, was in zip(self._buckets, factored, strict=True):
-            bucket.factored = was
+        # buckets are made again from the units' (equal) values.
+        self._store.rebind()
 
     def consolidate_state_dict(self) -> None:
         """Gather every rank's share of the curvature, so that ``state_dict`` is complete.
 
         Data-parallel runs only (a no-op in one process). Every rank must call it, e.g. just
         before rank 0 saves; the state dict is then the one a single process would have, and
-        loads on any number of ranks (see ``mbf.distributed``).
+        loads on any number of ranks (see ``mbf.distributed``). The gathered copy is kept
+        until the next step.
         """
-        if self._dist is not None:
-            self._dist.consolidate(self)
+        self._engine.consolidate(self._store)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by [`state_dict`][mbf.MBF.state_dict] (on any device)."""
+        """Restore a state saved by [`state_dict`][mbf.MBF.state_dict] (on any device, with
+        either storage, on any number of ranks; older schema versions are migrated)."""
         sd = dict(state_dict)
         extra = sd.pop("mbf", None)
         if extra is None:
             raise ValueError(
                 "MBF: this state dict holds no MBF curvature (saved by another optimizer?)"
             )
+        extra = checkpoint.migrate(extra)
+        store = self._store
         backup = (
             [dict(g) for g in self.param_groups],
             {p: dict(v) for p, v in self.state.items()},
-            self._units,
-            self._buckets,
+            store.units,
+            store.buckets,
         )
         try:
             self._load(sd, extra)
         except Exception:
             # A state dict that does not fit leaves the optimizer exactly as it was.
-            groups, state, self._units, self._buckets = backup
+            groups, state, store.units, store.buckets = backup
             for group, saved in zip(self.param_groups, groups, strict=True):
                 group.clear()
                 group.update(saved)
             self.state.clear()
             self.state.update(state)
             self._hooks.remove()
-            self._hooks.add(self._units)
+            self._hooks.add(store.units)
             self._schedule_collection()
             raise
-
-    @staticmethod
-    def _in_storage(unit: Unit, fisher: Tensor, inverse: Tensor) -> tuple[Tensor, Tensor]:
-        """Saved curvature converted to this optimizer's storage (full <-> packed)."""
-        size = unit.layout.block_size
-        full_shape = fisher.dim() == 3 and fisher.shape[1:] == (size, size)
-        packed_shape = fisher.dim() == 2 and fisher.shape[1] == packed_size(size)
-        packing = SymmetricPacking.of(size, fisher.device)
-        if unit.packed and full_shape:
-            return packing.pack(fisher), packing.pack(inverse)
-        if not unit.packed and packed_shape:
-            return packing.unpack(fisher), packing.unpack(inverse)
-        return fisher, inverse
 
     def _load(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
         saved_state = sd.get("state", {})
@@ -1070,43 +765,14 @@ class MBF(torch.optim.Optimizer):
                         value = value.to(device=p.device, dtype=state_dtype(p.dtype))
                         self.state[p][key] = value.clone()
                 index += 1
-        units = extra["units"]
-        if len(units) != len(self._units):
-            raise ValueError(
-                f"MBF: the state dict has {len(units)} units, this optimizer {len(self._units)}: "
-                "was it saved for another model or param grouping?"
-            )
-        for unit, saved in zip(self._units, units, strict=True):
-            fisher, inverse = saved["fisher"], saved["inverse"]
-            queued = saved.get("queued")
-            weights = [float(w) for w in saved.get("queued_weights", [])]
-            # A queue this optimizer cannot keep (shorter queue, packed storage, several ranks
-            # that update statistics at once) is folded into the saved statistics first.
-            keeps = self._dist is None and len(weights) <= unit.queue_capacity
-            if queued is not None and not keeps:
-                fisher = fisher.clone()
-                _fold_rows(fisher, queued.clone(), weights)
-                queued, weights = None, []
-            fisher, inverse = self._in_storage(unit, fisher, inverse)
-            if fisher.shape != unit.fisher.shape:
-                raise ValueError(
-                    f"MBF: unit {unit.name} was saved with blocks {tuple(saved['fisher'].shape)} "
-                    f"but has {tuple(unit.fisher.shape)} here (saved for another model?)"
-                )
-            unit.fisher.copy_(fisher)
-            unit.inverse.copy_(inverse)
-            unit.stat_updates = int(saved["stat_updates"])
-            # Saved before bias correction existed: the first estimate was taken as it is.
-            unit.stat_mass = float(saved.get("stat_mass", 1.0 if unit.stat_updates else 0.0))
-            unit.inverse_scale = float(saved.get("inverse_scale", 1.0))
-            unit.queue_weights = []
-            if queued is not None:
-                unit.queue = unit.fisher.new_empty(
-                    unit.layout.num_blocks, unit.queue_capacity, unit.layout.block_size
-                )
-                unit.queue[:, : len(weights)].copy_(queued)
-                unit.queue_weights = weights
-        for bucket, factored in zip(self._buckets, extra.get("factored", []), strict=False):
+        units = self._store.units
+        for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
+            device = unit.fisher.device
+            saved.fisher, saved.inverse = saved.fisher.to(device), saved.inverse.to(device)
+            if saved.queued is not None:
+                saved.queued = saved.queued.to(device)
+            self._store.restore(unit, saved)
+        for bucket, factored in zip(self._store.buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])

@@ -48,9 +48,15 @@ class SymmetricPacking:
         """The (cached) packing for blocks of ``size`` on ``device``."""
         return SymmetricPacking(size, device)
 
-    def pack(self, blocks: Tensor) -> Tensor:
-        """Upper triangles of ``(B, s, s)`` symmetric blocks, ``(B, s(s+1)/2)``."""
-        return blocks.reshape(blocks.shape[0], -1).index_select(1, self.triangle)
+    def pack(self, blocks: Tensor, out: Tensor | None = None) -> Tensor:
+        """Upper triangles of ``(B, s, s)`` symmetric blocks, ``(B, s(s+1)/2)`` (written into
+        ``out``, any contiguous tensor of that many entries, when given)."""
+        flat = blocks.reshape(blocks.shape[0], self.size * self.size)
+        if out is None:
+            return flat.index_select(1, self.triangle)
+        rows = out.view(flat.shape[0], self.triangle.numel())
+        torch.index_select(flat, 1, self.triangle, out=rows)
+        return out
 
     def unpack(self, packed: Tensor, out: Tensor | None = None) -> Tensor:
         """Whole symmetric blocks ``(B, s, s)`` from their packed triangles."""
@@ -87,10 +93,9 @@ class SymmetricPacking:
         self._chunked(inverse, work, solve_chunk)
         return out
 
-    def damped_inverse(
-        self, fisher: Tensor, damping: float | Tensor, out: Tensor
-    ) -> FactorReport:
-        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report.
+    def invert_into(self, fisher: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
+        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report of
+        :func:`mbf.linalg.damped_inverse` over the chunks.
 
         ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
         report = FactorReport()

@@ -42,9 +42,11 @@ class Unit:
     module: nn.Module | None = None
     role: str = "other"  # "linear" | "conv_weight" | "conv_bias" | "other"
     per_example: bool = False
+    # Curvature (mbf.store): views of this rank's blocks of the unit in its bucket's tensors.
     fisher: Tensor = field(default_factory=lambda: torch.empty(0))
     inverse: Tensor = field(default_factory=lambda: torch.empty(0))
-    offset: int = 0
+    offset: int = 0  # the unit's first block in its bucket
+    own: tuple[int, int] = (0, 0)  # the unit's blocks [a, b) this rank owns (all in one process)
     stat_updates: int = 0
     # Total running-average weight in ``fisher``: 1 once the first estimate is taken as it is,
     # ``1 - stat_decay^n`` with bias correction; statistics are ``fisher / stat_mass``.
@@ -52,16 +54,13 @@ class Unit:
     # ``stat_mass`` when ``inverse`` was factored: the inverse of the corrected statistics is
     # ``inverse_scale * inverse`` (``inverse`` holds ``(fisher + stat_mass damping I)^-1``).
     inverse_scale: float = 1.0
-    # This step's per-block lengths of the step the direction is grafted onto (``graft``).
-    graft_norms: Tensor | None = None
     collect: bool = False
     pending: Tensor | None = None
     pending_count: int = 0  # rows seen by the hooks since the last step (a row per call)
     pending_examples: int = 0  # examples since the last step (one count per backward pass)
     # Batch estimator: this step's and earlier gradients' blocks not yet folded into ``fisher``,
-    # ``(num_blocks, queue_capacity, block_size)``, with the running-average weight of each.
+    # ``(owned blocks, queue_capacity, block_size)``, with the running-average weight of each.
     queue_capacity: int = 0
-    packed: bool = False  # statistics and inverses kept as upper triangles (storage="packed")
     queue: Tensor | None = None
     queue_weights: list[float] = field(default_factory=list)
 
@@ -72,15 +71,6 @@ class Unit:
     @property
     def device(self) -> torch.device:
         return self.params[0].device
-
-    def state_bytes(self) -> int:
-        """Bytes of curvature (statistics, queued statistics, inverse) and momentum."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        size = self.layout.block_size
-        per_block = size * (size + 1) // 2 if self.packed else size * size
-        blocks = self.layout.num_blocks * per_block
-        queue = self.layout.num_blocks * self.queue_capacity * size
-        return item * (2 * blocks + queue + self.layout.numel)
 
     def clear_pending(self) -> None:
         self.pending = None

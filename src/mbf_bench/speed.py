@@ -1,16 +1,18 @@
 """``mbf-bench speed``: the cost of a training step with each optimizer, side by side.
 
-For every task shape (the paper's models and batch sizes, on random data of the right shape, so no
-dataset is needed) and every optimizer, one process measures, interleaving the optimizers after
-warm-up, the median time of a full training step (forward, backward, optimizer step) in three
-modes: statistics and factorization every step (``t_all``), statistics only (``t_stat``) and
-neither (``t_plain``). The amortized step for statistics every ``a`` and factorization every ``b``
-steps is then ``t_plain + (t_stat - t_plain) / a + (t_all - t_stat) / b``, reported for the
-optimizer's own defaults and for the paper's CNN setting (``a = 10, b = 100``). Measuring the
-phases and amortizing them, rather than timing 100 real steps, keeps a CPU run to minutes.
-First-order optimizers have one mode. MBF queues its batch statistics and folds them into the
-running average every ``stat_buffer`` updates, so its statistics-mode sample is the mean over that
-many steps (one fold each); in the every-step mode each factorization folds a queue of one, which
+For every task (its model, batch size and loss from the task registry, :mod:`mbf_bench.tasks`,
+on random data of the task's shape, so no dataset is needed) and every optimizer (with the
+hyperparameters ``mbf-bench run`` would train it with on that task), one process measures,
+interleaving the optimizers after warm-up, the median time of a full training step (forward,
+backward, optimizer step) in three modes: statistics and factorization every step (``t_all``),
+statistics only (``t_stat``) and neither (``t_plain``). The amortized step for statistics every
+``a`` and factorization every ``b`` steps is then
+``t_plain + (t_stat - t_plain) / a + (t_all - t_stat) / b``, reported for the optimizer's own
+defaults and for the paper's CNN setting (``a = 10, b = 100``). Measuring the phases and
+amortizing them, rather than timing 100 real steps, keeps a CPU run to minutes. First-order
+optimizers have one mode. MBF queues its batch statistics and folds them into the running
+average every ``stat_buffer`` updates, so its statistics-mode sample is the mean over that many
+steps (one fold each); in the every-step mode each factorization folds a queue of one, which
 charges the factorization a little more than it costs at the real frequency (conservative).
 Optimizer state is counted from ``state_dict()`` (or the optimizer's ``memory_report()``).
 """
@@ -22,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,83 +32,48 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import DIGITS_AE_SIZES, GCN, MNIST_AE_SIZES, autoencoder, resnet_cifar, vgg16_bn
-from .optimizers import OPTIMIZERS, build_optimizer, defaults_for
+from .optimizers import OPTIMIZERS, build_optimizer
+from .problems import Problem
+from .tasks import TASKS, Data, Task, get_task, make_problem, stand_in_data
+from .train import resolve_hparams
 
-__all__ = ["SHAPES", "SpeedRecord", "main", "measure"]
+__all__ = ["SpeedRecord", "Workload", "main", "measure", "workload"]
 
 PAPER_CNN = {"stat_every": 10, "inv_every": 100}
 HUGE = 10**9
 
 
 @dataclass(frozen=True)
-class Shape:
-    """A task's model and a batch of random data of the paper's size."""
+class Workload:
+    """One task's training step on random data of its shape: the model, the batch and the loss
+    are the task registry's own (:mod:`mbf_bench.tasks`), so they cannot drift from training."""
 
-    family: str
-    make_model: Callable[[], nn.Module]
-    make_batch: Callable[[torch.Generator], tuple[Any, ...]]
-    loss: Callable[[nn.Module, tuple[Any, ...]], Tensor]
+    task: Task
+    data: Data
+    problem: Problem
+    batch: Any
 
+    @property
+    def family(self) -> str:
+        """The task family, which selects the optimizers' defaults."""
+        return self.task.family
 
-def _ae_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
-    (x,) = batch
-    out = model(x)
-    return nn.functional.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
+    def make_model(self) -> nn.Module:
+        """A fresh model of the task (initialized from torch's global generator)."""
+        return self.task.model(self.data)
 
-
-def _clf_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
-    x, y = batch
-    return nn.functional.cross_entropy(model(x), y)
-
-
-def _gcn_loss(model: nn.Module, batch: tuple[Any, ...]) -> Tensor:
-    x, adjacency, y = batch
-    return nn.functional.cross_entropy(model(x, adjacency)[:140], y[:140])
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """The task's training loss (penalty included) on ``batch``."""
+        return self.problem.loss(model, batch)
 
 
-def _ae_batch(dim: int, n: int) -> Callable[[torch.Generator], tuple[Any, ...]]:
-    return lambda g: (torch.rand(n, dim, generator=g),)
-
-
-def _image_batch(classes: int, n: int) -> Callable[[torch.Generator], tuple[Any, ...]]:
-    return lambda g: (
-        torch.randn(n, 3, 32, 32, generator=g),
-        torch.randint(0, classes, (n,), generator=g),
-    )
-
-
-def _graph_batch(g: torch.Generator) -> tuple[Any, ...]:
-    """A Cora-sized random graph: 2708 nodes, 1433 sparse binary features, ~5 edges a node."""
-    nodes, feats = 2708, 1433
-    x = (torch.rand(nodes, feats, generator=g) < 0.013).float()
-    x = x / x.sum(1, keepdim=True).clamp_min(1.0)
-    src = torch.randint(0, nodes, (nodes * 5,), generator=g)
-    dst = torch.randint(0, nodes, (nodes * 5,), generator=g)
-    loops = torch.arange(nodes)
-    idx = torch.stack([torch.cat([src, dst, loops]), torch.cat([dst, src, loops])])
-    adj = torch.sparse_coo_tensor(idx, torch.ones(idx.shape[1]), (nodes, nodes)).coalesce()
-    deg = torch.sparse.sum(adj, 1).to_dense()
-    scale = deg.rsqrt()
-    values = adj.values() * scale[adj.indices()[0]] * scale[adj.indices()[1]]
-    adj = torch.sparse_coo_tensor(adj.indices(), values, adj.shape).coalesce()
-    return x, adj, torch.randint(0, 7, (nodes,), generator=g)
-
-
-SHAPES: dict[str, Shape] = {
-    "mnist-ae": Shape(
-        "autoencoder", lambda: autoencoder(MNIST_AE_SIZES), _ae_batch(784, 1000), _ae_loss
-    ),
-    "digits-ae": Shape(
-        "autoencoder", lambda: autoencoder(DIGITS_AE_SIZES), _ae_batch(64, 128), _ae_loss
-    ),
-    "cifar10-resnet32": Shape(
-        "cnn", lambda: resnet_cifar(32, 10), _image_batch(10, 128), _clf_loss
-    ),
-    "cifar10-resnet8": Shape("cnn", lambda: resnet_cifar(8, 10), _image_batch(10, 128), _clf_loss),
-    "cifar100-vgg16": Shape("cnn", lambda: vgg16_bn(100), _image_batch(100, 128), _clf_loss),
-    "planetoid-gcn": Shape("gcn", lambda: GCN(1433, 16, 7), _graph_batch, _gcn_loss),
-}
+def workload(task: str, device: torch.device, seed: int = 0) -> Workload:
+    """Task ``task``'s step on random stand-in data (:func:`mbf_bench.tasks.stand_in_data`): one
+    batch of the task's batch size (the whole graph for the GCN), on ``device``."""
+    spec = get_task(task)
+    data = stand_in_data(spec, torch.Generator().manual_seed(seed))
+    problem = make_problem(spec, data, seed=seed, device=device)
+    return Workload(spec, data, problem, problem.batch(0, 0))
 
 
 @dataclass
@@ -168,13 +135,13 @@ def _sync(device: torch.device) -> None:
 class _Runner:
     """One optimizer on its own copy of the model, able to time one step in a given mode."""
 
-    def __init__(self, name: str, shape: Shape, state: dict, device: torch.device) -> None:
+    def __init__(self, name: str, work: Workload, state: dict, device: torch.device) -> None:
         self.name = name
-        self.model = shape.make_model().to(device)
+        self.model = work.make_model().to(device)
         self.model.load_state_dict(state)
-        self.shape = shape
+        self.work = work
         self.device = device
-        params = defaults_for(name, shape.family) if name in OPTIMIZERS else {}
+        params = resolve_hparams(name, work.task, {})  # what `mbf-bench run` would train with
         self.freq = {k: params[k] for k in ("stat_every", "inv_every") if k in params}
         if "invert_early" in OPTIMIZERS[name].defaults:
             params["invert_early"] = False
@@ -196,16 +163,12 @@ class _Runner:
         _sync(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad()
-        self.shape.loss(self.model, batch).backward()
+        self.work.loss(self.model, batch).backward()
         _sync(self.device)
         middle = time.perf_counter()
         self.optimizer.step()
         _sync(self.device)
         return middle - start, time.perf_counter() - middle
-
-
-def _to(batch: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
-    return tuple(t.to(device) for t in batch)
 
 
 def measure(
@@ -216,12 +179,11 @@ def measure(
     warmup: int = 2,
 ) -> list[SpeedRecord]:
     """Time every optimizer on one task shape; see the module docstring for the method."""
-    shape = SHAPES[task]
-    g = torch.Generator().manual_seed(0)
+    work = workload(task, device)
     torch.manual_seed(0)
-    state = shape.make_model().state_dict()
-    batch = _to(shape.make_batch(g), device)
-    runners = [_Runner(name, shape, state, device) for name in optimizers]
+    state = work.make_model().state_dict()
+    batch = work.batch
+    runners = [_Runner(name, work, state, device) for name in optimizers]
     modes = {"all": (True, True), "stat": (True, False), "plain": (False, False)}
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for mode, (stats, factor) in modes.items():
@@ -317,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     names = [o for o in args.optimizers.split(",") if o]
     for t in tasks:
-        if t not in SHAPES:
-            parser.error(f"unknown task {t!r}; choose from {', '.join(SHAPES)}")
+        if t not in TASKS:
+            parser.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     for o in names:
         if o not in OPTIMIZERS:
             parser.error(f"unknown optimizer {o!r}; choose from {', '.join(OPTIMIZERS)}")

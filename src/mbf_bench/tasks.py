@@ -1,8 +1,10 @@
 """The task registry: each benchmark problem of the paper (and CPU-sized stand-ins) by name.
 
-A :class:`Task` names its data, model, loss, batch size, default length and learning-rate
-schedule; :func:`load_data` reads (and caches) its data and :func:`make_problem` turns the data
-into the :mod:`mbf_bench.problems` object the training loop drives.
+A :class:`Task` names its data (and their shape), model, loss, batch size, default length and
+learning-rate schedule; :func:`load_data` reads (and caches) its data, :func:`stand_in_data`
+makes random data of the same shape (``mbf-bench speed``), and :func:`make_problem` turns either
+into the :mod:`mbf_bench.problems` object the training loop drives. This registry is the one home
+of each task's settings: training, tuning and ``mbf-bench speed`` all read them from here.
 
 Data directory: tasks that read files take ``data_dir`` (CLI ``--data-dir``); without one they
 use ``$MBF_BENCH_DATA`` if set, else ``./data`` (see :func:`default_data_dir`). The layout
@@ -36,6 +38,7 @@ from mbf_bench.data import (
     load_planetoid,
     make_curves,
 )
+from mbf_bench.data.stand_in import DataShape, GraphShape, SplitShape
 from mbf_bench.models import (
     CURVES_AE_SIZES,
     DIGITS_AE_SIZES,
@@ -56,6 +59,7 @@ __all__ = [
     "get_task",
     "load_data",
     "make_problem",
+    "stand_in_data",
 ]
 
 #: Environment variable naming the default data directory.
@@ -84,6 +88,7 @@ class Task:
         batch_size: training minibatch size; None means the full graph.
         epochs: default length of a run.
         loss: a key of :data:`mbf_bench.problems.LOSSES`.
+        shape: the shape of the data (with the default ``options``), for random stand-ins.
         augment: random crop + flip on training batches (CIFAR).
         lr_milestones: fractions of the planned epochs at which the learning rate is
             multiplied by ``lr_gamma`` (step decay).
@@ -105,6 +110,7 @@ class Task:
     batch_size: int | None
     epochs: int
     loss: str
+    shape: DataShape
     augment: bool = False
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
@@ -212,6 +218,9 @@ def _gcn(data: Data) -> nn.Module:
 
 
 _CIFAR_SCHEDULE = (0.5, 0.75)
+_CIFAR10 = SplitShape((3, 32, 32), num_classes=10)
+#: Cora as Kipf & Welling's preprocessing leaves it (tests/bench/test_data.py checks the files).
+_CORA = GraphShape(nodes=2708, features=1433, num_classes=7, edges=5278, train_nodes=140)
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -220,52 +229,57 @@ TASKS: dict[str, Task] = {
             "mnist-ae", "autoencoder", "MNIST autoencoder 784-1000-500-250-30-... (paper)",
             "MNIST (mnist_hinton_mat/ or IDX files)", _load_mnist, _ae(MNIST_AE_SIZES),
             batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
+            shape=SplitShape((784,)),
         ),
         Task(
             "curves-ae", "autoencoder", "CURVES autoencoder 784-400-200-100-50-25-6-... (paper)",
             "digs3pts_1.mat if present, else generated curves", _load_curves,
             _ae(CURVES_AE_SIZES), batch_size=1000, epochs=100, loss="sigmoid_cross_entropy",
+            shape=SplitShape((784,)),
         ),
         Task(
             "faces-ae", "autoencoder", "FACES autoencoder 625-2000-1000-500-30-... (paper)",
             "newfaces_rot_single.mat", _load_faces, _ae(FACES_AE_SIZES),
             batch_size=1000, epochs=100, loss="half_squared_error",
+            shape=SplitShape((625,)),
         ),
         Task(
             "digits-ae", "autoencoder",
             "8x8 digits autoencoder 64-128-64-16-... (CPU-sized, data shipped)",
             "scikit-learn digits (shipped)", _load_digits, _ae(DIGITS_AE_SIZES),
             batch_size=100, epochs=30, loss="sigmoid_cross_entropy",
+            shape=SplitShape((64,)),
         ),
         Task(
             "cifar10-resnet32", "cnn", "CIFAR-10 ResNet-32 (paper)", "CIFAR-10",
             _cifar_loader(10), lambda data: resnet_cifar(32, num_classes=10),
-            batch_size=128, epochs=200, loss="cross_entropy", augment=True,
+            batch_size=128, epochs=200, loss="cross_entropy", shape=_CIFAR10, augment=True,
             lr_milestones=_CIFAR_SCHEDULE,
         ),
         Task(
             "cifar100-vgg16", "cnn", "CIFAR-100 VGG-16-BN, FC 512-4096-4096 (paper)",
             "CIFAR-100", _cifar_loader(100), lambda data: vgg16_bn(num_classes=100),
-            batch_size=128, epochs=200, loss="cross_entropy", augment=True,
+            batch_size=128, epochs=200, loss="cross_entropy",
+            shape=SplitShape((3, 32, 32), num_classes=100), augment=True,
             lr_milestones=_CIFAR_SCHEDULE,
         ),
         Task(
             "cifar10-resnet8", "cnn", "CIFAR-10 ResNet-8, one block per stage (CPU-sized)",
             "CIFAR-10", _cifar_loader(10), lambda data: resnet_cifar(8, num_classes=10),
-            batch_size=128, epochs=20, loss="cross_entropy", augment=True,
+            batch_size=128, epochs=20, loss="cross_entropy", shape=_CIFAR10, augment=True,
             lr_milestones=_CIFAR_SCHEDULE,
         ),
         Task(
             "cifar10-vgg16-small", "cnn", "CIFAR-10 VGG-16-BN at 1/8 width, FC 128-128 (CPU-sized)",
             "CIFAR-10", _cifar_loader(10),
             lambda data: vgg16_bn(num_classes=10, fc=(128, 128), width_mult=0.125),
-            batch_size=128, epochs=20, loss="cross_entropy", augment=True,
+            batch_size=128, epochs=20, loss="cross_entropy", shape=_CIFAR10, augment=True,
             lr_milestones=_CIFAR_SCHEDULE,
         ),
         Task(
             "planetoid-gcn", "gcn", "2-layer GCN, Kipf & Welling setup (hidden 16, dropout 0.5)",
             "Planetoid ind.<dataset>.* files", _load_planetoid, _gcn,
-            batch_size=None, epochs=200, loss="cross_entropy",
+            batch_size=None, epochs=200, loss="cross_entropy", shape=_CORA,
             options={"dataset": ("cora", "citeseer", "pubmed")},
             penalty=_gcn_penalty, hparam_defaults={"weight_decay": 0.0},
             tune_epochs=200,  # full batch: a whole run is 200 cheap steps
@@ -303,6 +317,16 @@ def load_data(
     resolved = task.resolve_options(options or {})
     directory = str(data_dir if data_dir is not None else default_data_dir())
     return _load_cached(task.name, directory, tuple(sorted(resolved.items())), subset)
+
+
+def stand_in_data(task: Task, generator: torch.Generator) -> Data:
+    """Random data of the task's shape (no files read): one batch of ``task.batch_size``
+    training examples (and as many test examples), or the whole graph of a full-batch task."""
+    if isinstance(task.shape, GraphShape):
+        return task.shape.random(generator)
+    if task.batch_size is None:
+        raise ValueError(f"task {task.name}: a minibatch shape needs a batch size")
+    return task.shape.random(generator, task.batch_size)
 
 
 def _augmenter(split: Split) -> Callable[[Tensor, torch.Generator], Tensor]:

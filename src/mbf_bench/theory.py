@@ -52,6 +52,7 @@ from .small_data import DataError, digits_images, mnist_test_images
 from .tasks import default_data_dir
 
 __all__ = [
+    "RegressionProblem",
     "Snapshot",
     "TwoLayerReLU",
     "fit_rate",
@@ -84,8 +85,10 @@ LABELS = {
 
 # --- problem -----------------------------------------------------------------------------------
 @dataclass
-class Problem:
-    """Inputs ``x`` ``(n, d)`` with unit-norm rows and scalar targets ``y`` ``(n,)``."""
+class RegressionProblem:
+    """Inputs ``x`` ``(n, d)`` with unit-norm rows and scalar targets ``y`` ``(n,)``: the
+    full-batch least-squares problem of the theory run (not a training
+    :class:`mbf_bench.problems.Problem`)."""
 
     name: str
     x: Tensor
@@ -94,7 +97,7 @@ class Problem:
 
 def load_problem(
     data: str, n: int, *, dim: int = 64, data_dir: str | Path | None = None, seed: int = 0
-) -> Problem:
+) -> RegressionProblem:
     """``n`` examples of ``digits``, ``mnist`` (test images) or ``random`` Gaussian inputs.
 
     MNIST is read from ``data_dir`` (default: :func:`mbf_bench.tasks.default_data_dir`).
@@ -126,7 +129,7 @@ def load_problem(
             f"{data}: the {n} x {xt.shape[1]} input matrix has rank {rank}; the theory needs full "
             "row rank (n <= d): use a smaller --n"
         )
-    return Problem(data, xt, torch.as_tensor(y, dtype=DTYPE))
+    return RegressionProblem(data, xt, torch.as_tensor(y, dtype=DTYPE))
 
 
 class TwoLayerReLU(nn.Module):
@@ -176,7 +179,7 @@ class Snapshot:
         return (self.pre > 0).sum(dim=1).to(DTYPE)
 
 
-def snapshot(model: TwoLayerReLU, problem: Problem) -> Snapshot:
+def snapshot(model: TwoLayerReLU, problem: RegressionProblem) -> Snapshot:
     """Outputs, output gradients ``delta_i = df/dh`` and per-example output Jacobians.
 
     The examples do not interact, so one backward pass of ``sum_i f(x_i)`` with respect to the
@@ -320,7 +323,13 @@ def fit_rate(losses: list[float], stop: int | None = None) -> dict[str, float]:
 
 
 def _run_method(
-    name: str, problem: Problem, width: int, iters: int, alpha: float, eps: float, seed: int
+    name: str,
+    problem: RegressionProblem,
+    width: int,
+    iters: int,
+    alpha: float,
+    eps: float,
+    seed: int,
 ) -> dict[str, Any]:
     """Train one method from the shared initialization; compare with its linearized prediction."""
     model = TwoLayerReLU(problem.x.shape[1], width, seed)
@@ -385,7 +394,9 @@ def _run_method(
     return result
 
 
-def block_mass(problem: Problem, width: int, seed: int, max_block_size: int) -> float:
+def block_mass(
+    problem: RegressionProblem, width: int, seed: int, max_block_size: int
+) -> float:
     """Fraction of the Gauss-Newton matrix's squared Frobenius norm inside the mini-blocks."""
     model = TwoLayerReLU(problem.x.shape[1], width, seed)
     snap = snapshot(model, problem)

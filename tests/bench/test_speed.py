@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mbf_bench import cli
-from mbf_bench.speed import SHAPES, measure, state_bytes
+from mbf_bench.data import DataError, Graph, Split
+from mbf_bench.data.stand_in import GraphShape, SplitShape
+from mbf_bench.optimizers import OPTIMIZERS
+from mbf_bench.problems import LOSSES
+from mbf_bench.speed import _Runner, measure, state_bytes, workload
+from mbf_bench.tasks import TASKS, load_data
+from mbf_bench.train import resolve_hparams
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+CPU = torch.device("cpu")
 
 
 def test_speed_command_writes_records_with_the_documented_fields(tmp_path: Path) -> None:
@@ -39,7 +50,7 @@ def test_speed_command_writes_records_with_the_documented_fields(tmp_path: Path)
 
 
 def test_every_shape_builds_and_state_bytes_counts_shared_storage_once() -> None:
-    assert set(SHAPES) >= {"mnist-ae", "cifar10-resnet32", "cifar100-vgg16", "planetoid-gcn"}
+    assert set(TASKS) >= {"mnist-ae", "cifar10-resnet32", "cifar100-vgg16", "planetoid-gcn"}
     weight = torch.nn.Parameter(torch.zeros(3, 4))
     opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9)
     weight.grad = torch.ones_like(weight)
@@ -53,3 +64,74 @@ def test_unknown_names_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["speed", "--tasks", "nope"])
     assert "unknown task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_speed_times_the_task_registrys_batch_size_and_loss(name: str) -> None:
+    """Speed's batch is the registry's batch size (the whole graph for the GCN), and its loss
+    is the registry's loss (GCN: training nodes only, plus the weight-decay penalty), compared
+    with a float64 reference built from the registry's entries alone."""
+    task = TASKS[name]
+    work = workload(name, CPU)
+    model = work.make_model().eval()  # dropout off, batch-norm running statistics: deterministic
+    model64 = copy.deepcopy(model).double()
+    if isinstance(task.shape, GraphShape):
+        assert task.batch_size is None and work.batch is None
+        graph = work.data
+        assert isinstance(graph, Graph)
+        assert graph.features.shape == (task.shape.nodes, task.shape.features)
+        train = torch.arange(task.shape.nodes) < task.shape.train_nodes
+        assert torch.equal(graph.train_mask, train)
+        out = model64(graph.features.double(), graph.adjacency.double())
+        reference = F.cross_entropy(out[train], graph.labels[train])
+        if task.penalty is not None:
+            reference = reference + task.penalty(model64)
+        got = work.loss(model, work.batch)
+    else:
+        inputs, targets = work.batch
+        assert inputs.shape == (task.batch_size, *task.shape.example)
+        if task.family == "autoencoder":
+            assert torch.equal(targets, inputs)
+        few = inputs[:4], targets[:4]  # the loss is a mean over the batch; 4 keep it cheap
+        x64 = few[0].double()
+        target64 = x64 if task.family == "autoencoder" else few[1]
+        reference = LOSSES[task.loss](model64(x64), target64)
+        got = work.loss(model, few)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_declared_data_shapes_match_the_loaded_data(name: str) -> None:
+    """The registry's data shape (what speed's random stand-ins are made of) is the shape of the
+    real data wherever the data can be read (digits and curves always; the rest when
+    ../shared/data holds them)."""
+    task = TASKS[name]
+    try:
+        data = load_data(task, SHARED_DATA, subset=8)
+    except DataError as error:
+        pytest.skip(f"no {name} data here: {error}")
+    if isinstance(task.shape, GraphShape):
+        assert isinstance(data, Graph)
+        assert data.features.shape == (task.shape.nodes, task.shape.features)
+        assert data.num_classes == task.shape.num_classes
+        assert int(data.train_mask.sum()) == task.shape.train_nodes
+        assert data.adjacency._nnz() == 2 * task.shape.edges + task.shape.nodes
+    else:
+        assert isinstance(task.shape, SplitShape) and isinstance(data, Split)
+        assert tuple(data.x_train.shape[1:]) == task.shape.example
+        if task.family != "autoencoder":
+            assert data.num_classes == task.shape.num_classes
+
+
+def test_speed_builds_each_optimizer_with_the_hyperparameters_training_uses() -> None:
+    """The GCN fixes weight_decay (its decay is in the loss): speed's optimizers must see the
+    same settings as ``mbf-bench run`` (bar ``invert_early``, switched off to time phases)."""
+    work = workload("planetoid-gcn", CPU)
+    state = work.make_model().state_dict()
+    for name in OPTIMIZERS:
+        runner = _Runner(name, work, state, CPU)
+        expected = resolve_hparams(name, work.task, {})
+        group = runner.optimizer.param_groups[0]
+        shared = sorted(set(expected) & set(group) - {"invert_early"})
+        assert "lr" in shared, name
+        assert {k: group[k] for k in shared} == {k: expected[k] for k in shared}, name

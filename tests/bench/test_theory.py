@@ -23,7 +23,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # --- theory: the two-layer network ---------------------------------------------------------------
-def _tiny(n: int = 4, d: int = 5, m: int = 7, seed: int = 0) -> tuple[th.TwoLayerReLU, th.Problem]:
+def _tiny(
+    n: int = 4, d: int = 5, m: int = 7, seed: int = 0
+) -> tuple[th.TwoLayerReLU, th.RegressionProblem]:
     problem = th.load_problem("random", n, dim=d, seed=seed)
     return th.TwoLayerReLU(d, m, seed), problem
 

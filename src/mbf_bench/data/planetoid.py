@@ -141,6 +141,12 @@ def _adjacency(graph: Any, num_nodes: int, path: Path) -> Tensor:
             f"{path}: node ids outside 0..{num_nodes - 1} (the number of feature rows); the "
             "files do not belong together."
         )
+    return normalized_adjacency(src, dst, num_nodes)
+
+
+def normalized_adjacency(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> Tensor:
+    """``D^-1/2 (A + I) D^-1/2``, sparse COO float32, for the edges ``src[k] - dst[k]`` (node ids
+    in ``range(num_nodes)``) taken as undirected and unweighted: duplicates collapse."""
     ones = np.ones(len(src), dtype=np.float64)
     a = sp.coo_matrix((ones, (src, dst)), shape=(num_nodes, num_nodes)).tocsr()
     a = ((a + a.T) > 0).astype(np.float64) + sp.identity(num_nodes, format="csr")

@@ -72,8 +72,11 @@ def all_finite(*tensors: Tensor) -> bool:
     return all(bool(torch.isfinite(t.sum())) for t in tensors)
 
 
-def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
-    """``(matrix + damping * I)^-1`` of a symmetric PSD matrix, never NaN.
+def inverse_with_damping(matrix: Tensor, damping: float) -> Tensor:
+    """``(matrix + damping * I)^-1`` of a symmetric PSD matrix, never NaN: the inverse alone.
+
+    (Unlike :func:`mbf.linalg.damped_inverse`, which returns the inverse with a factorization
+    report, the baselines need only the matrix; hence the different name.)
 
     Cholesky first; if it fails (indefinite from rounding, or zero damping), an eigendecomposition
     in float64 with eigenvalues clamped at zero; a matrix with non-finite entries gives

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._common import all_finite, apply_update, check_common, damped_inverse, momentum_of
+from ._common import all_finite, apply_update, check_common, inverse_with_damping, momentum_of
 
 __all__ = ["KFAC"]
 
@@ -303,8 +303,8 @@ class KFAC(torch.optim.Optimizer):
             if ta > 0 and tg > 0:
                 pi = (ta / tg) ** 0.5
         root = group["damping"] ** 0.5
-        st["kfac_A_inv"] = damped_inverse(a, pi * root)
-        st["kfac_G_inv"] = damped_inverse(g, root / pi)
+        st["kfac_A_inv"] = inverse_with_damping(a, pi * root)
+        st["kfac_G_inv"] = inverse_with_damping(g, root / pi)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

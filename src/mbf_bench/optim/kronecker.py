@@ -37,8 +37,8 @@ from ._common import (
     all_finite,
     apply_update,
     check_common,
-    damped_inverse,
     damped_power,
+    inverse_with_damping,
     momentum_of,
 )
 
@@ -200,7 +200,7 @@ class KroneckerFactored(torch.optim.Optimizer):
                 continue
             others = total // shape[i]
             u = h / (c ** (k - 1) * others) if c > 0 else torch.zeros_like(h)
-            st[f"precond_{i}"] = damped_inverse(u, eps)
+            st[f"precond_{i}"] = inverse_with_damping(u, eps)
 
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()

@@ -1,0 +1,101 @@
+"""Per-rank curvature memory of MBF on 1, 2 and 4 gloo ranks (issue 10's target).
+
+Every rank builds ``MBF`` on the paper's mnist-ae autoencoder and CIFAR ResNet-32 (random
+weights: the allocation does not depend on data) and reports ``memory_report(detail=True)``;
+curvature bytes are statistics + inverses + queued statistics (momentum is kept in full on every
+rank, as are parameters and gradients). The target: each rank's curvature bytes are at most
+``1/K`` of one process's plus 5 %.
+
+    python benchmarks/memory_ranks.py --json benchmarks/memory_ranks.json
+
+prints a table and writes the records. Runs on CPU in about a minute (allocation only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mbf import MBF
+from mbf_bench.models import MNIST_AE_SIZES, autoencoder, resnet_cifar
+
+MODELS = {
+    "mnist-ae": lambda: autoencoder(MNIST_AE_SIZES),
+    "cifar10-resnet32": lambda: resnet_cifar(32, 10),
+}
+CURVATURE = ("statistics", "inverse", "queue")
+
+
+def measure() -> dict[str, Any]:
+    """``{model: {storage: (curvature bytes, momentum bytes)}}`` on this rank."""
+    out: dict[str, Any] = {}
+    for name, build in MODELS.items():
+        torch.manual_seed(0)
+        model = build()
+        out[name] = {}
+        for storage in ("full", "packed"):
+            opt = MBF(model, storage=storage, max_state_bytes=None)
+            parts = opt.memory_report(detail=True).values()
+            curvature = sum(p[k] for p in parts for k in CURVATURE)
+            out[name][storage] = (curvature, sum(p["momentum"] for p in parts))
+            del opt
+    return out
+
+
+def _rank(rank: int, world: int, init: str, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.save(measure(), Path(results) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(world: int) -> list[dict[str, Any]]:
+    """Every rank's :func:`measure` with ``world`` ranks (one process: no process group)."""
+    if world == 1:
+        return [measure()]
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'store')}"
+        mp.spawn(_rank, args=(world, init, tmp), nprocs=world, join=True)
+        return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    worlds = [int(w) for w in args.worlds.split(",")]
+    per_world = {w: run(w) for w in worlds}
+    single = per_world[1][0] if 1 in per_world else run(1)[0]
+    records = []
+    print("| model | storage | ranks | largest rank's curvature (MB) | one process's / K (MB) "
+          "| ratio to 1/K | momentum per rank (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        for storage in ("full", "packed"):
+            alone = single[name][storage][0]
+            for world, ranks in per_world.items():
+                largest = max(r[name][storage][0] for r in ranks)
+                momentum = ranks[0][name][storage][1]
+                ratio = largest / (alone / world)
+                records.append({"model": name, "storage": storage, "ranks": world,
+                                "largest_rank_bytes": largest, "single_process_bytes": alone,
+                                "ratio_to_1_over_k": ratio, "momentum_bytes": momentum,
+                                "total_over_ranks": sum(r[name][storage][0] for r in ranks)})
+                print(f"| {name} | {storage} | {world} | {largest / 1e6:.2f} | "
+                      f"{alone / world / 1e6:.2f} | {ratio:.4f} | {momentum / 1e6:.2f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The vector MBF preconditions, and the step it makes of the solved blocks.
+
+Per unit and step: :func:`form_vector` updates the momentum (with the L2 term) and writes it, as
+blocks, into the right-hand side that the curvature store solves; with ``graft`` it also returns
+the per-block lengths of the step the direction is grafted onto. :func:`finish` turns the solved
+blocks into the step's direction: rescaled to the grafted lengths, or by the inverse's bias
+correction. The right-hand side is formed once per step and is also the reference vector of the
+KL clip (:func:`kl_term`), so both always see the same vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .units import Unit
+
+__all__ = ["finish", "form_vector", "kl_term"]
+
+
+def form_vector(
+    unit: Unit, group: dict[str, Any], state: MutableMapping[Tensor, Any], out: Tensor
+) -> Tensor | None:
+    """Update the momentum of the unit's parameters and write it, as blocks, into ``out``.
+
+    ``state``: the optimizer's per-parameter state (momentum and Adam's second moment live
+    there, so they checkpoint with ``torch.optim``'s state). Returns, with ``graft``, the
+    ``(num_blocks,)`` lengths of the grafted step per block (Adam's
+    ``m_hat / (sqrt(v_hat) + eps)``, or the momentum itself), else ``None``.
+    """
+    mu, wd = group["momentum"], group["weight_decay"]
+    l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
+    graft = group["graft"]
+    bufs, adam_steps = [], []
+    for p in unit.params:
+        g = p.grad
+        d = (
+            torch.zeros(p.shape, dtype=unit.dtype, device=p.device)
+            if g is None
+            else g.to(unit.dtype)
+        )
+        if l2:
+            d = d.add(p.to(unit.dtype), alpha=l2)
+        st = state[p]
+        if graft == "adam":
+            sq = st.get("graft_sq")
+            if sq is None:
+                sq = st["graft_sq"] = torch.zeros_like(d)
+                st["graft_steps"] = 0
+            beta2 = group["graft_beta2"]
+            sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
+            st["graft_steps"] += 1
+            denom = (sq / (1.0 - beta2 ** st["graft_steps"])).sqrt_()
+            denom.add_(group["graft_eps"])
+        if mu:
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = d.clone()
+                st["momentum_steps"] = 1
+            else:
+                buf.mul_(mu).add_(d)
+                st["momentum_steps"] = st.get("momentum_steps", 0) + 1
+            d = buf
+        if graft == "adam":
+            # Adam's bias-corrected first moment is (1 - mu) m / (1 - mu^t) of our heavy ball.
+            first = (1.0 - mu) / (1.0 - mu ** st["momentum_steps"]) if mu else 1.0
+            adam_steps.append(d.mul(first).div_(denom))
+        bufs.append(d)
+    unit.layout.to_blocks(bufs, out=out)
+    if graft == "adam":
+        return torch.linalg.vector_norm(unit.layout.to_blocks(adam_steps), dim=1)
+    if graft == "sgd":
+        return torch.linalg.vector_norm(out, dim=1)
+    return None
+
+
+def finish(solved: Tensor, graft_norms: Tensor | None, inverse_scale: float) -> Tensor:
+    """The unit's direction blocks from its solved ``(num_blocks, s)`` blocks, in place.
+
+    With ``graft_norms`` every block is rescaled to that length; otherwise multiplied by
+    ``inverse_scale`` (the bias correction of the inverse, see :mod:`mbf.store`).
+    """
+    if graft_norms is not None:
+        lengths = torch.linalg.vector_norm(solved, dim=1, keepdim=True)
+        tiny = torch.finfo(solved.dtype).tiny
+        solved.mul_(graft_norms.unsqueeze(1) / lengths.clamp_min_(tiny))
+    elif inverse_scale != 1.0:
+        solved.mul_(inverse_scale)
+    return solved
+
+
+def kl_term(direction: Tensor, vector: Tensor) -> Tensor:
+    """``d . m`` of a unit's direction blocks and the vector that was preconditioned (padding
+    is zero in the vector, so the blocks give the parameters' dot product)."""
+    return torch.vdot(direction.reshape(-1), vector.reshape(-1))
