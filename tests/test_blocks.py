@@ -7,12 +7,14 @@ import torch
 from torch import nn
 
 from mbf.blocks import (
+    BlockLayout,
     chunk_plan,
     conv_layout,
     embedding_layout,
     flat_layout,
     linear_layout,
     norm_layout,
+    row_layout,
     shape_layout,
 )
 
@@ -134,3 +136,46 @@ def test_strided_packing_matches_the_gather_route(mbs: int, bias: bool) -> None:
         assert torch.equal(packed, layout.rows_to_blocks(layout.to_rows(tensors)))
         for back, original in zip(layout.from_blocks(packed), tensors, strict=True):
             assert torch.equal(back, original)
+
+
+def test_kind_is_a_label_only() -> None:
+    # The same structure under another label cuts and restores tensors identically: no code
+    # depends on ``kind``.
+    w, b = torch.randn(4, 10), torch.randn(4)
+    named = linear_layout(w, b, max_block_size=4)
+    other = BlockLayout("anything", named.shapes, named.rows, named.row_length, 3, 4)
+    assert other.widths == named.widths == (10, 1)
+    assert torch.equal(other.to_rows([w, b]), named.to_rows([w, b]))
+    assert torch.equal(other.to_blocks([w, b]), named.to_blocks([w, b]))
+    for x, y in zip(other.from_blocks(named.to_blocks([w, b])), [w, b], strict=True):
+        assert torch.equal(x, y)
+    assert [i.tolist() for i in other.dense_indices()] == [
+        i.tolist() for i in named.dense_indices()
+    ]
+    norm = norm_layout(torch.randn(6), torch.randn(6))
+    assert norm.widths == (1, 1)
+
+
+def test_row_layout_puts_each_tensors_rows_side_by_side() -> None:
+    # Three tensors of 3 rows: a (3, 2) matrix, a (3,) vector and a (3, 2, 2) stack.
+    a, v, s = torch.randn(3, 2), torch.randn(3), torch.randn(3, 2, 2)
+    layout = row_layout([a.shape, v.shape, s.shape], 3, max_block_size=3)
+    assert (layout.widths, layout.chunks, layout.block_size) == ((2, 1, 4), 3, 3)
+    rows = layout.to_rows([a, v, s])
+    assert torch.equal(rows, torch.cat([a, v[:, None], s.reshape(3, 4)], 1))
+    _check_partition(layout, [a, v, s])
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("x", (), 2, 3, 1, 3), "at least one tensor shape"),
+        (("x", (torch.Size([5]),), 2, 3, 1, 3), r"shape \(5,\) does not fill 2 rows"),
+        (("x", (torch.Size([4]),), 2, 3, 1, 3), "rows of 2 entries, not row_length=3"),
+        (("x", (torch.Size([4, 3]),), 4, 3, 1, 5), "not blocks of 5"),
+        (("x", (torch.Size([4, 3]),), 4, 3, 0, 3), "must be positive"),
+    ],
+)
+def test_inconsistent_layouts_are_refused(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        BlockLayout(*args)

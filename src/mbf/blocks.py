@@ -3,7 +3,10 @@
 Every layout first arranges the parameters of one *unit* (a Linear weight with its bias, one conv
 weight, the affine pair of a norm layer, one arbitrary tensor) into a row matrix of shape
 ``(rows, row_length)``: a row is the natural mini-block (one output unit of a Linear layer, one
-(output, input) kernel of a convolution, one channel's ``(gamma, beta)``). Rows longer than
+(output, input) kernel of a convolution, one channel's ``(gamma, beta)``). The arrangement is the
+same for every layout: tensor ``k``, read row-major as ``(rows, widths[k])``, fills the next
+``widths[k]`` columns of every row (a Linear weight the first ``in`` columns, its bias the last
+one; a norm layer's gamma column 0, beta column 1). Rows longer than
 ``max_block_size`` are cut into ``chunks`` near-equal contiguous pieces, each zero-padded to the
 same ``block_size``, so that a whole unit is a single ``(num_blocks, block_size)`` tensor and all
 its blocks can be factored in one batched call.
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 __all__ = [
     "BlockLayout",
@@ -30,14 +33,9 @@ __all__ = [
     "flat_layout",
     "linear_layout",
     "norm_layout",
+    "row_layout",
     "shape_layout",
 ]
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-)
 
 
 @dataclass
@@ -67,14 +65,20 @@ def chunk_plan(length: int, max_block_size: int) -> tuple[int, int]:
 class BlockLayout:
     """The block structure of one unit.
 
+    The structure is given by ``shapes`` and ``rows`` alone: tensor ``k`` is read row-major as
+    ``(rows, widths[k])`` and fills the next ``widths[k]`` columns of every row.
+
     Attributes:
-        kind: which rule produced the layout (``"linear"``, ``"conv"``, ``"norm"``,
-            ``"embedding"``, ``"flat"``, ``"rows"``); informative only.
+        kind: a label naming the rule that made the layout (``"linear"``, ``"conv"``,
+            ``"norm"``, ``"embedding"``, ``"flat"``, ``"rows"``, or a user rule's own); for
+            messages and tests only: no code depends on it.
         shapes: the shapes of the unit's tensors, in order.
         rows: number of rows of the unit's row matrix.
-        row_length: length of one row before chunking.
+        row_length: length of one row before chunking (the sum of ``widths``).
         chunks: pieces each row is cut into.
         block_size: size of every (padded) block.
+        widths: columns of a row that each tensor fills, in order (``numel(shapes[k]) / rows``;
+            derived, not passed).
     """
 
     kind: str
@@ -83,6 +87,7 @@ class BlockLayout:
     row_length: int
     chunks: int
     block_size: int
+    widths: tuple[int, ...] = field(init=False)
     _gather: Tensor | None = field(default=None, repr=False)
     _scatter: Tensor | None = field(default=None, repr=False)
     _slots: list[Tensor] = field(default_factory=list, repr=False)
@@ -93,6 +98,7 @@ class BlockLayout:
     )
 
     def __post_init__(self) -> None:
+        self.widths = self._check_structure()
         padded = self.chunks * self.block_size
         if padded != self.row_length:
             # Column j of a row goes to chunk c at offset o; the slot index row_length is a zero.
@@ -112,7 +118,7 @@ class BlockLayout:
         # Where each tensor's columns sit in a padded row of chunks * block_size slots.
         columns = torch.arange(self.row_length)
         start = 0
-        for width in self._widths():
+        for width in self.widths:
             cols = columns[start : start + width]
             self._slots.append(cols if self._scatter is None else self._scatter[cols])
             self._pieces.append(self._plan_pieces(start, start + width))
@@ -142,12 +148,36 @@ class BlockLayout:
             chunk_start += size
         return pieces
 
-    def _widths(self) -> list[int]:
-        if self.kind == "linear" and len(self.shapes) == 2:
-            return [self.row_length - 1, 1]
-        if self.kind == "norm":
-            return [1, 1]
-        return [self.row_length]
+    def _check_structure(self) -> tuple[int, ...]:
+        """Each tensor's columns in a row; a clear error when the numbers do not fit together."""
+        name = f"BlockLayout({self.kind!r}, shapes={[tuple(s) for s in self.shapes]})"
+        if not self.shapes:
+            raise ValueError(f"{name}: a layout needs at least one tensor shape")
+        if self.rows <= 0 or self.chunks <= 0 or self.block_size <= 0:
+            raise ValueError(
+                f"{name}: rows, chunks and block_size must be positive, got {self.rows}, "
+                f"{self.chunks}, {self.block_size}"
+            )
+        widths = []
+        for shape in self.shapes:
+            numel = math.prod(shape)
+            if numel == 0 or numel % self.rows:
+                raise ValueError(
+                    f"{name}: a tensor of shape {tuple(shape)} does not fill {self.rows} rows"
+                )
+            widths.append(numel // self.rows)
+        if sum(widths) != self.row_length:
+            raise ValueError(
+                f"{name}: the tensors fill rows of {sum(widths)} entries, not "
+                f"row_length={self.row_length}"
+            )
+        if self.chunks > self.row_length or self.block_size != -(-self.row_length // self.chunks):
+            raise ValueError(
+                f"{name}: rows of {self.row_length} are cut into {self.chunks} near-equal chunks "
+                f"of at most {-(-self.row_length // max(self.chunks, 1))}, not blocks of "
+                f"{self.block_size} (use chunk_plan)"
+            )
+        return tuple(widths)
 
     @property
     def num_blocks(self) -> int:
@@ -171,23 +201,15 @@ class BlockLayout:
         ``tensors[k]`` has shape ``(*batch, *shapes[k])``.
         """
         lead = tensors[0].shape[: tensors[0].dim() - len(self.shapes[0])]
-        if self.kind == "linear" and len(tensors) == 2:
-            weight, bias = tensors
-            return torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
-        if self.kind == "norm":
-            gamma, beta = tensors
-            return torch.stack(
-                [gamma.reshape(*lead, self.rows), beta.reshape(*lead, self.rows)], dim=-1
-            )
-        return tensors[0].reshape(*lead, self.rows, self.row_length)
+        parts = [
+            t.reshape(*lead, self.rows, w) for t, w in zip(tensors, self.widths, strict=True)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def from_rows(self, rows: Tensor) -> list[Tensor]:
         """Inverse of [`to_rows`][mbf.BlockLayout.to_rows] for tensors without batch dims."""
-        if self.kind == "linear" and len(self.shapes) == 2:
-            return [rows[:, :-1].reshape(self.shapes[0]), rows[:, -1].reshape(self.shapes[1])]
-        if self.kind == "norm":
-            return [rows[:, 0].reshape(self.shapes[0]), rows[:, 1].reshape(self.shapes[1])]
-        return [rows.reshape(self.shapes[0])]
+        parts = torch.split(rows, list(self.widths), dim=-1)
+        return [p.reshape(s) for p, s in zip(parts, self.shapes, strict=True)]
 
     # --- row matrix <-> blocks --------------------------------------------------------------
     def rows_to_blocks(self, rows: Tensor) -> Tensor:
@@ -269,26 +291,40 @@ class BlockLayout:
         return [b[b >= 0].long() for b in blocks]
 
 
-def _layout(
-    kind: str, shapes: Sequence[torch.Size], rows: int, length: int, mbs: int
+def row_layout(
+    shapes: Sequence[Sequence[int]], rows: int, max_block_size: int, kind: str = "rows"
 ) -> BlockLayout:
-    chunks, size = chunk_plan(length, mbs)
+    """The general layout: ``rows`` rows, each made of every tensor's next columns.
+
+    Tensor ``k`` (of shape ``shapes[k]``) is read row-major as ``(rows, numel_k / rows)`` and its
+    columns follow those of the tensors before it, so row ``j`` is the concatenation of every
+    tensor's ``j``-th row; rows longer than ``max_block_size`` are cut by
+    [`chunk_plan`][mbf.blocks.chunk_plan]. Every built-in layout except the norm pairs is one of
+    these; a rule for a new module type (``mbf.register_layer``) usually is too.
+
+    Args:
+        shapes: the unit's tensor shapes, in the order of its parameters.
+        rows: number of rows (mini-blocks before chunking), dividing every tensor's size.
+        max_block_size: the param group's largest block.
+        kind: a label for messages and tests.
+    """
+    sizes = [math.prod(s) for s in shapes]
+    if rows <= 0 or any(n % rows for n in sizes):
+        raise ValueError(f"row_layout: {rows} rows do not divide tensors of sizes {sizes}")
+    chunks, size = chunk_plan(sum(sizes) // rows, max_block_size)
+    length = sum(sizes) // rows
     return BlockLayout(kind, tuple(torch.Size(s) for s in shapes), rows, length, chunks, size)
 
 
 def linear_layout(weight: Tensor, bias: Tensor | None, max_block_size: int) -> BlockLayout:
     """Unit-wise blocks: row ``W[j, :]`` with ``b[j]`` appended, one block per output unit."""
-    out_features, in_features = weight.shape
     shapes = [weight.shape] if bias is None else [weight.shape, bias.shape]
-    length = in_features + (0 if bias is None else 1)
-    return _layout("linear", shapes, out_features, length, max_block_size)
+    return row_layout(shapes, weight.shape[0], max_block_size, "linear")
 
 
 def conv_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
     """One block per (output channel, input channel) kernel: ``prod(kernel_size)`` entries."""
-    rows = weight.shape[0] * weight.shape[1]
-    length = math.prod(weight.shape[2:])
-    return _layout("conv", [weight.shape], rows, length, max_block_size)
+    return row_layout([weight.shape], weight.shape[0] * weight.shape[1], max_block_size, "conv")
 
 
 def norm_layout(weight: Tensor, bias: Tensor) -> BlockLayout:
@@ -298,12 +334,12 @@ def norm_layout(weight: Tensor, bias: Tensor) -> BlockLayout:
 
 def embedding_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
     """One block per embedding row (chunked when longer than ``max_block_size``)."""
-    return _layout("embedding", [weight.shape], weight.shape[0], weight.shape[1], max_block_size)
+    return row_layout([weight.shape], weight.shape[0], max_block_size, "embedding")
 
 
 def flat_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
     """Contiguous near-equal chunks of the flattened tensor."""
-    return _layout("flat", [tensor.shape], 1, tensor.numel(), max_block_size)
+    return row_layout([tensor.shape], 1, max_block_size, "flat")
 
 
 def shape_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
@@ -316,5 +352,5 @@ def shape_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
     if tensor.dim() >= 3:
         return conv_layout(tensor, max_block_size)
     if tensor.dim() == 2:
-        return _layout("rows", [tensor.shape], tensor.shape[0], tensor.shape[1], max_block_size)
+        return row_layout([tensor.shape], tensor.shape[0], max_block_size, "rows")
     return flat_layout(tensor, max_block_size)

@@ -5,7 +5,8 @@ batch loss) the per-example contribution to the weight gradient is ``G_i = delta
 summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution). The functions here
 return ``sum_i blocks(G_i) blocks(G_i)^T`` for a whole batch, processing at most ``chunk_elems``
 per-example gradient entries at a time, so the ``N`` per-example gradients of a layer are never
-held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``).
+held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``); the
+layer registry (``mbf.layers``) says which function serves which module type.
 """
 
 from __future__ import annotations
@@ -16,17 +17,29 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn import grad as nn_grad
 
+from ._compat import conv_padding, conv_weight_grad
 from .blocks import BlockLayout
 
 __all__ = [
+    "CONV_TYPES",
+    "Workspace",
     "conv_block_stats",
     "linear_block_stats",
     "unfold_input",
 ]
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The convolutions whose per-example statistics :func:`conv_block_stats` computes."""
+
+
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _as_conv(module: nn.Module) -> _Conv:
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"MBF: expected a Conv1d/2d/3d, got {type(module).__name__}")
+    return module
 
 
 def _chunks(batch: int, per_example: int, chunk_elems: int) -> Iterator[slice]:
@@ -116,22 +129,12 @@ def linear_block_stats(
     return out
 
 
-def _conv_padding(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+def _conv_padding(conv: _Conv, x: Tensor) -> tuple[Tensor, int]:
     """Pad ``x`` as the convolution does; returns the padded input and ``nd``."""
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    nd = len(module.kernel_size)
-    if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), nd
-    pads: list[int] = []
-    for dim in reversed(range(nd)):
-        if module.padding == "valid":
-            lo = hi = 0
-        elif module.padding == "same":
-            total = module.dilation[dim] * (module.kernel_size[dim] - 1)
-            lo, hi = total // 2, total - total // 2
-        else:
-            lo = hi = int(module.padding[dim])
-        pads += [lo, hi]
+    nd = len(conv.kernel_size)
+    pads = conv_padding(conv)
+    if conv.padding_mode != "zeros":
+        return F.pad(x, pads, mode=conv.padding_mode), nd
     return (F.pad(x, pads) if any(pads) else x), nd
 
 
@@ -140,7 +143,7 @@ def unfold_input(module: nn.Module, x: Tensor) -> Tensor:
 
     Rows are ordered as the flattened weight ``(C_in, *k)``, columns as the flattened output.
     """
-    assert isinstance(module, nn.modules.conv._ConvNd)
+    module = _as_conv(module)
     x, nd = _conv_padding(module, x)
     for dim in range(nd):
         span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
@@ -166,7 +169,7 @@ def conv_block_stats(
     workspace: Workspace | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``sum_i`` of block outer products of each example's conv weight (and bias) gradient."""
-    assert isinstance(module, nn.modules.conv._ConvNd)
+    module = _as_conv(module)
     n = inputs.shape[0]
     groups = module.groups
     c_out = grad_outputs.shape[1]
@@ -178,7 +181,11 @@ def conv_block_stats(
         bs = bias_layout.block_size
         b_out = inputs.new_zeros(bias_layout.num_blocks, bs, bs)
     spatial = math.prod(grad_outputs.shape[2:])
-    grouped = inputs.device.type == "cpu" and spatial >= GROUPED_MIN_POSITIONS
+    grouped = (
+        inputs.device.type == "cpu"
+        and spatial >= GROUPED_MIN_POSITIONS
+        and conv_weight_grad(len(module.kernel_size)) is not None
+    )
     per = inputs[0].numel() * k + c_out * spatial + layout.numel
     for sl in _chunks(n, per, chunk_elems):
         d = grad_outputs[sl].reshape(-1, groups, c_out // groups, spatial)
@@ -199,25 +206,19 @@ def conv_block_stats(
     return w_out, b_out
 
 
-_WEIGHT_GRAD = {
-    1: nn_grad.conv1d_weight,
-    2: nn_grad.conv2d_weight,
-    3: nn_grad.conv3d_weight,
-}
-
-
-def _grouped_weight_grads(module: nn.Module, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
+def _grouped_weight_grads(module: _Conv, inputs: Tensor, grad_outputs: Tensor) -> Tensor:
     """Each example's weight gradient, ``(n, C_out, C_in / groups * prod(k))``.
 
     The ``n`` examples become ``n * groups`` groups of a single convolution, whose weight
     gradient is then exactly the stack of the per-example ones: one library call instead of
     im2col (``prod(k)`` times the input) and ``n`` small products.
     """
-    assert isinstance(module, nn.modules.conv._ConvNd)
     x, nd = _conv_padding(module, inputs)  # padding applied here, so the call pads nothing
+    weight_grad = conv_weight_grad(nd)
+    assert weight_grad is not None  # checked by the caller
     n, c_out = x.shape[0], grad_outputs.shape[1]
     weight_size = (n * c_out, *module.weight.shape[1:])
-    grads = _WEIGHT_GRAD[nd](
+    grads = weight_grad(
         x.reshape(1, -1, *x.shape[2:]),
         weight_size,
         grad_outputs.reshape(1, -1, *grad_outputs.shape[2:]),

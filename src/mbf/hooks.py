@@ -37,19 +37,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from ._compat import functorch_active, queue_engine_callback
 from .amp import ScalerSignal
-from .curvature import CONV_TYPES, Workspace, conv_block_stats, linear_block_stats
+from .curvature import Workspace
+from .layers import StatsContext, StatsFn, rule_for
 from .units import Unit
 
 __all__ = ["PerExampleHooks"]
-
-
-def _functorch_active() -> bool:
-    probe = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(probe()) if probe is not None else False
 
 
 class PerExampleHooks:
@@ -59,6 +55,10 @@ class PerExampleHooks:
         self.loss_reduction = loss_reduction
         self.chunk_elements = chunk_elements
         self._by_module: dict[nn.Module, list[Unit]] = {}
+        # The block_stats of each hooked module's rule, as found when it was hooked; kept by
+        # remove(), so units built under a registration that has since ended keep their rule
+        # when hooked again (a failed load_state_dict restoring the old units).
+        self._stats_of: dict[nn.Module, StatsFn] = {}
         self._handles: list[RemovableHandle] = []
         self._warned_reuse = False
         # A torch.amp.GradScaler attached with MBF.use_grad_scaler (see mbf.amp), the
@@ -76,10 +76,17 @@ class PerExampleHooks:
         self.add(units)
 
     def add(self, units: list[Unit]) -> None:
+        """Hook the modules of the units that use the per-example estimator, with the
+        ``block_stats`` of the rule of the module's type (``mbf.layers``)."""
         for unit in units:
             if not unit.per_example or unit.module is None:
                 continue
             if unit.module not in self._by_module:
+                rule = rule_for(type(unit.module))
+                if rule is not None and rule.block_stats is not None:
+                    self._stats_of[unit.module] = rule.block_stats
+                if unit.module not in self._stats_of:
+                    continue
                 self._by_module[unit.module] = []
                 self._handles.append(unit.module.register_forward_hook(self._forward))
             self._by_module[unit.module].append(unit)
@@ -137,11 +144,8 @@ class PerExampleHooks:
                 self.scaler_skips += 1
             self._pending_scale = scale
             self._pass_unscale = 1.0 / scale**2
-            try:
-                Variable._execution_engine.queue_callback(self._leave_pass)
-                self._in_pass = True
-            except RuntimeError:  # not inside the engine: every call is a pass of its own
-                pass
+            # Outside the engine (False), every call is a pass of its own.
+            self._in_pass = queue_engine_callback(self._leave_pass)
         return self._pass
 
     def _drop_pending(self) -> None:
@@ -157,7 +161,7 @@ class PerExampleHooks:
         units = self._by_module.get(module, [])
         if not any(u.collect for u in units) or not torch.is_grad_enabled():
             return
-        if _functorch_active():  # e.g. the user's own vmap/grad over the model: not a training pass
+        if functorch_active():  # e.g. the user's own vmap/grad over the model: not a training pass
             return
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
@@ -167,7 +171,8 @@ class PerExampleHooks:
         output.register_hook(partial(self._backward, module, x.detach()))
 
     def _backward(self, module: nn.Module, x: Tensor, grad: Tensor) -> None:
-        units = [u for u in self._by_module.get(module, []) if u.collect]
+        hooked = self._by_module.get(module, [])
+        units = [u for u in hooked if u.collect]
         if not units:
             return
         current = self._enter_pass()
@@ -184,29 +189,13 @@ class PerExampleHooks:
         dtype = units[0].dtype
         x, grad = x.to(dtype), grad.detach().to(dtype)
         n = x.shape[0]
-        if isinstance(module, nn.Linear):
-            stats = {
-                units[0].role: linear_block_stats(
-                    units[0].layout, x, grad, self.chunk_elements, self._workspace
-                )
-            }
-        elif isinstance(module, CONV_TYPES):
-            weight_unit = next(u for u in units if u.role == "conv_weight")
-            bias_unit = next((u for u in units if u.role == "conv_bias"), None)
-            w, b = conv_block_stats(
-                module,
-                weight_unit.layout,
-                None if bias_unit is None else bias_unit.layout,
-                x,
-                grad,
-                self.chunk_elements,
-                self._workspace,
-            )
-            stats = {"conv_weight": w} if b is None else {"conv_weight": w, "conv_bias": b}
-        else:  # pragma: no cover - only served types are hooked
-            return
-        for unit in units:
-            value = stats[unit.role]
+        layouts = [u.layout for u in hooked]
+        context = StatsContext(self.chunk_elements, self._workspace)
+        stats = self._stats_of[module](module, layouts, x, grad, context)
+        _check_stats(module, layouts, stats)
+        for unit, value in zip(hooked, stats, strict=True):
+            if not unit.collect:
+                continue
             if self._pass_unscale != 1.0:
                 value.mul_(self._pass_unscale)
             if unit.pending is None:
@@ -216,3 +205,15 @@ class PerExampleHooks:
             unit.pending_count += n
             if new_examples:
                 unit.pending_examples += n
+
+
+def _check_stats(module: nn.Module, layouts: list, stats: object) -> None:
+    """A clear error when a rule's ``block_stats`` returns what the units cannot take."""
+    where = f"MBF: the per-example statistics of {type(module).__name__} (its LayerRule)"
+    if not isinstance(stats, (list, tuple)) or len(stats) != len(layouts):
+        raise RuntimeError(f"{where} must be a list of {len(layouts)} tensors, got {stats!r}")
+    for k, (value, layout) in enumerate(zip(stats, layouts, strict=True)):
+        shape = (layout.num_blocks, layout.block_size, layout.block_size)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise RuntimeError(f"{where}: entry {k} must have shape {shape}, got {got}")

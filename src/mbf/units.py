@@ -2,7 +2,8 @@
 
 A unit is what one rule of the partition covers: a Linear weight with its bias, a conv weight, a
 conv bias, a norm layer's affine pair, an embedding table, or any other tensor. Units are the
-granularity of curvature state, per-example hooks, and the memory report.
+granularity of curvature state, per-example hooks, and the memory report. Which module type
+forms which units is the layer registry's business (:mod:`mbf.layers`); this module applies it.
 """
 
 from __future__ import annotations
@@ -12,16 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .blocks import (
-    NORM_TYPES,
-    BlockLayout,
-    conv_layout,
-    embedding_layout,
-    linear_layout,
-    norm_layout,
-    shape_layout,
-)
-from .curvature import CONV_TYPES
+from .blocks import BlockLayout, shape_layout
+from .layers import ModuleParams, UnitSpec, rule_for
 
 __all__ = ["Unit", "build_units", "state_dtype"]
 
@@ -40,7 +33,6 @@ class Unit:
     layout: BlockLayout
     group: int
     module: nn.Module | None = None
-    role: str = "other"  # "linear" | "conv_weight" | "conv_bias" | "other"
     per_example: bool = False
     # Curvature (mbf.store): views of this rank's blocks of the unit in its bucket's tensors.
     fisher: Tensor = field(default_factory=lambda: torch.empty(0))
@@ -87,58 +79,56 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _module_units(
-    name: str,
-    module: nn.Module,
-    group_of: dict[int, int],
-    max_block_size: dict[int, int],
-    per_example: bool,
+    name: str, module: nn.Module, params: ModuleParams, per_example: bool
 ) -> list[Unit]:
-    """Module-aware units of one module's own parameters (those that belong to the optimizer)."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    if not isinstance(weight, Tensor) or id(weight) not in group_of:
+    """Units of one module's own parameters, by the module type's rule (``mbf.layers``)."""
+    rule = rule_for(type(module))
+    if rule is None:
         return []
-    g = group_of[id(weight)]
-    mbs = max_block_size[g]
-    bias_in_group = isinstance(bias, Tensor) and group_of.get(id(bias)) == g
     label = f"{name or '<root>'} ({type(module).__name__})"
-    if isinstance(module, nn.Linear):
-        b = bias if bias_in_group else None
-        params = [weight] if b is None else [weight, b]
-        layout = linear_layout(weight, b, mbs)
-        return [Unit(label, params, layout, g, module, "linear", per_example)]
-    if isinstance(module, CONV_TYPES):
-        units = [
-            Unit(label, [weight], conv_layout(weight, mbs), g, module, "conv_weight", per_example)
-        ]
-        if bias_in_group:
-            assert isinstance(bias, Tensor)
-            units.append(
-                Unit(
-                    f"{label}.bias",
-                    [bias],
-                    shape_layout(bias, mbs),
-                    g,
-                    module,
-                    "conv_bias",
-                    per_example,
-                )
-            )
-        return units
-    if isinstance(module, NORM_TYPES) and bias_in_group:
-        assert isinstance(bias, Tensor)
-        return [Unit(label, [weight, bias], norm_layout(weight, bias), g, module, "norm")]
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and weight.dim() == 2:
-        return [Unit(label, [weight], embedding_layout(weight, mbs), g, module, "embedding")]
-    return []
+    served = per_example and rule.per_example
+    units = []
+    for spec in rule.units(module, params):
+        g = _check_spec(spec, module, params, label)
+        units.append(Unit(label + spec.suffix, list(spec.params), spec.layout, g, module, served))
+    return units
 
 
-def _functional_linears(model: nn.Module) -> set[nn.Module]:
-    """Linear modules their parent applies functionally (``F.linear(x, m.weight, m.bias)``),
-    so a forward hook never sees them: ``nn.MultiheadAttention.out_proj``. Their units use
-    the batch estimator (the optimizer also falls back for any other unit whose hooks never
-    ran)."""
-    return {m.out_proj for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+def _check_spec(spec: object, module: nn.Module, params: ModuleParams, label: str) -> int:
+    """The unit's param group; a clear error when a rule's unit is not one MBF can hold."""
+    culprit = f"MBF: the layer rule for {type(module).__name__} (mbf.register_layer) gave {label}"
+    if not isinstance(spec, UnitSpec):
+        raise TypeError(f"{culprit} a {type(spec).__name__}, not a mbf.UnitSpec")
+    # Its own parameters, or (as a parent whose property exposes a child's tensor) its children's.
+    own = {id(p) for p in module.parameters()}
+    if not spec.params or any(id(p) not in own for p in spec.params):
+        raise ValueError(f"{culprit}{spec.suffix} tensors that are not the module's parameters")
+    g = params.group(*spec.params)
+    if g is None:
+        raise ValueError(
+            f"{culprit}{spec.suffix} parameters the optimizer does not step, or ones from "
+            "different param groups"
+        )
+    shapes = [tuple(p.shape) for p in spec.params]
+    if shapes != [tuple(s) for s in spec.layout.shapes]:
+        raise ValueError(
+            f"{culprit}{spec.suffix} a layout for shapes {[tuple(s) for s in spec.layout.shapes]}"
+            f" but parameters of shapes {shapes}"
+        )
+    return g
+
+
+def _functional_children(model: nn.Module) -> set[nn.Module]:
+    """Modules their parent applies functionally (``F.linear(x, m.weight, m.bias)``), so a
+    forward hook never sees them: ``nn.MultiheadAttention.out_proj`` (the rules'
+    ``applied_functionally``). Their units use the batch estimator (the optimizer also falls
+    back for any other unit whose hooks never ran)."""
+    found: set[nn.Module] = set()
+    for module in model.modules():
+        rule = rule_for(type(module))
+        if rule is not None and rule.applied_functionally is not None:
+            found.update(rule.applied_functionally(module))
+    return found
 
 
 def _sharing_modules(model: nn.Module) -> set[nn.Module]:
@@ -159,10 +149,12 @@ def build_units(
 ) -> list[Unit]:
     """Cut the optimizer's parameters into units.
 
-    With a model, Linear, ConvNd, affine norm and Embedding modules get their own rules (a unit
-    spans parameters of one module only when they share a param group); every other parameter is
-    cut by its shape (:func:`mbf.blocks.shape_layout`). Empty parameters (a zero in their shape)
-    belong to no unit: there is nothing to precondition, and the optimizer leaves them alone.
+    With a model, each module whose type has a rule in the layer registry (:mod:`mbf.layers`:
+    Linear, ConvNd, affine norms, Embedding, and the user's own) forms units of its own
+    parameters (a unit spans parameters of one module only when they share a param group);
+    every other parameter is cut by its shape (:func:`mbf.blocks.shape_layout`). Empty
+    parameters (a zero in their shape) belong to no unit: there is nothing to precondition, and
+    the optimizer leaves them alone.
     """
     group_of: dict[int, int] = {}
     for g, group in enumerate(groups):
@@ -170,6 +162,7 @@ def build_units(
             if p.numel() > 0:  # an empty tensor has nothing to precondition: no unit
                 group_of.setdefault(id(p), g)
     max_block_size = {g: int(group["max_block_size"]) for g, group in enumerate(groups)}
+    owned = ModuleParams(group_of, max_block_size)
     units: list[Unit] = []
     claimed: set[int] = set()
     param_names: dict[int, str] = {}
@@ -177,14 +170,19 @@ def build_units(
         model = _unwrap(model)
         for pname, p in model.named_parameters():
             param_names.setdefault(id(p), pname)
-        unhooked = _functional_linears(model) | _sharing_modules(model)
+        unhooked = _functional_children(model) | _sharing_modules(model)
         for mname, module in model.named_modules():
             served = per_example and module not in unhooked
-            for unit in _module_units(mname, module, group_of, max_block_size, served):
+            mine = _module_units(mname, module, owned, served)
+            kept = []
+            for unit in mine:
                 if any(id(p) in claimed for p in unit.params):
                     continue  # a parameter shared between modules is claimed once
                 claimed.update(id(p) for p in unit.params)
-                units.append(unit)
+                kept.append(unit)
+            for unit in kept:  # a rule's statistics cover all of its module's units or none
+                unit.per_example = unit.per_example and len(kept) == len(mine)
+            units += kept
     for g, group in enumerate(groups):
         for i, p in enumerate(group["params"]):
             if id(p) in claimed or id(p) not in group_of:
