@@ -1,4 +1,5 @@
-"""Rank programs for ``tests/test_distributed.py`` (spawned processes, gloo on loopback).
+"""Rank programs for ``tests/test_distributed.py`` and ``tests/test_equivalence.py`` (spawned
+processes, gloo on loopback; launched by ``tests/ranks.py``).
 
 Every scenario is a function ``(rank, world, outdir, **kw) -> dict`` run inside an initialized
 process group; its result is saved to ``outdir/rank{r}.pt`` (or the traceback, on failure).
@@ -219,11 +220,88 @@ def scenario_storage(rank: int, world: int, outdir: Path) -> dict:
     return out
 
 
+def scenario_configs(rank: int, world: int, outdir: Path, plans: list[dict]) -> dict:
+    """The equivalence harness's configurations (``tests/equivalence.py``), all in this spawn.
+
+    ``plans``: :func:`run_plan`'s plans. A segment on ``k < world`` ranks runs on ranks
+    ``0 .. k-1`` in a process group of their own (the others wait at the barrier), a segment on
+    one rank on rank 0 with no process group, so one spawn serves every rank count. A plan that
+    raises on a rank leaves its traceback as that rank's result and the next plan runs.
+    """
+    groups: dict[int, Any] = {1: False, world: dist.group.WORLD}
+    for k in range(2, world):  # every rank must take part in creating every group
+        groups[k] = dist.new_group(list(range(k)))
+    return {plan["key"]: run_plan(plan, rank, outdir, groups) for plan in plans}
+
+
+def run_plan(plan: dict, rank: int, outdir: Path, groups: dict[int, Any]) -> dict | None:
+    """Train one configuration of the equivalence harness; this rank's result.
+
+    ``plan``: ``{"key", "segments", "changes"}`` with ``segments`` a list of
+    ``{"options", "ranks", "start", "stop"}`` (MBF's keyword arguments, rank count, steps
+    ``start .. stop-1``) and ``changes`` ``{step: {hyperparameter: value}}`` set in every param
+    group before that step. Between segments the state is consolidated, saved by rank 0 with
+    ``torch.save`` and loaded into a freshly built model and optimizer. ``groups[k]``: the
+    process group of a ``k``-rank segment (``False``: one process). Returns ``None`` on a rank
+    outside the last segment, ``{"error": traceback}`` when this rank raised.
+    """
+    key, segments, changes = plan["key"], plan["segments"], plan["changes"]
+    failed: str | None = None
+    result: dict | None = None
+    saved_queues: list[list[int]] = []
+    for i, seg in enumerate(segments):
+        k, last = seg["ranks"], i == len(segments) - 1
+        checkpoint = outdir / f"{key}_{i}.pt"
+        if failed is None and rank < k:
+            try:
+                model = make_model()
+                if i > 0:
+                    saved = torch.load(outdir / f"{key}_{i - 1}.pt", weights_only=False)
+                    model.load_state_dict(saved["model"])
+                # find_unused_parameters: DDP then never rebuilds its buckets, so a DDP built at a
+                # resume sums the gradients in the order of the uninterrupted run (on 3 ranks
+                # gloo's sums depend on the bucket layout): resuming changes no bit.
+                net = (
+                    DDP(model, process_group=groups[k], find_unused_parameters=True)
+                    if k > 1
+                    else model
+                )
+                opt = MBF(net, process_group=groups[k], **seg["options"])
+                if i > 0:
+                    opt.load_state_dict(saved["opt"])
+                for step in range(seg["start"], seg["stop"]):
+                    for name, value in changes.get(step, {}).items():
+                        for group in opt.param_groups:
+                            group[name] = value
+                    train(net, opt, range(step, step + 1), rank, k)
+                opt.consolidate_state_dict()  # every rank of the segment
+                if not last and rank == 0:
+                    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+                    torch.save(state, checkpoint)
+                    saved = state["opt"]["mbf"]["units"]  # the checkpoint's queue lengths
+                    saved_queues.append([len(u.get("queued_weights", ())) for u in saved])
+                if last:
+                    units = opt.blocks()
+                    result = {
+                        "params": flat_params(model),
+                        "counters": dict(opt.counters),
+                        "fisher": [u.fisher.clone() for u in units],
+                        "inverse": [u.inverse.clone() for u in units],
+                        "saved_queues": saved_queues,
+                    }
+            except Exception:
+                failed = traceback.format_exc()
+        if dist.is_initialized():  # the next segment reads the checkpoint rank 0 wrote
+            dist.barrier()
+    return {"error": failed} if failed is not None else result
+
+
 SCENARIOS: dict[str, Callable[..., dict]] = {
     "train": scenario_train,
     "storage": scenario_storage,
     "accumulate": scenario_accumulate,
     "failures": scenario_failures,
+    "configs": scenario_configs,
 }
 
 

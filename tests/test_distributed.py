@@ -1,14 +1,10 @@
 """Data-parallel MBF: K gloo ranks on loopback against one process on the global batch.
 
-The rank programs are in ``distributed_workers.py``. Each launch is bounded by a join timeout,
-so a hang fails the test instead of stalling CI.
+The rank programs are in ``distributed_workers.py``, launched by ``ranks.run_ranks``.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,67 +16,14 @@ import distributed_workers as W
 from mbf import MBF
 from mbf.distributed import plan_costs, shard_plan
 from mbf.packed import SymmetricPacking
+from ranks import run_ranks
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
     pytest.mark.filterwarnings("ignore:MBF. per-example statistics serve"),  # the LayerNorm
 ]
 
-LAUNCH_TIMEOUT = 120.0
 PARAM_TOL = {"rtol": 1e-10, "atol": 1e-13}  # measured: 1e-13 and 4e-16
-
-
-def run_ranks(
-    scenarios: list[tuple[str, dict]],
-    world: int,
-    outdir: Path,
-    dies: tuple[tuple[int, str], ...] = (),
-) -> list[dict[str, dict]]:
-    """Spawn ``world`` ranks running ``scenarios``; ``results[rank][scenario]``.
-
-    ``dies`` lists ``(rank, scenario)`` pairs that must end their process (no result).
-    """
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 cores: oversubscription is 100x
-    if sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"
-    # Port 0: the system picks a free port, so parallel test runs cannot collide.
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=W.main, args=(scenarios, r, world, store.port, str(outdir)), daemon=True)
-        for r in range(world)
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)  # the children inherit the environment at start
-        for p in procs:
-            p.start()
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    del store
-    if hung:
-        pytest.fail(f"ranks {hung} did not finish in {LAUNCH_TIMEOUT} s")
-    results: list[dict[str, dict]] = []
-    for r, p in enumerate(procs):
-        results.append({})
-        for name, _ in scenarios:
-            path = outdir / f"rank{r}_{name}.pt"
-            if (r, name) in dies:
-                assert not path.exists(), f"rank {r} should have died in {name}"
-                continue
-            if not path.exists():
-                pytest.fail(f"rank {r} left no result for {name} (exit code {p.exitcode})")
-            result = torch.load(path, weights_only=False)
-            if "error" in result:
-                pytest.fail(f"rank {r} failed in {name}:\n{result['error']}")
-            results[r][name] = result
-    return results
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,15 @@
-"""The update rule, its schedules and the torch.optim.Optimizer contract."""
+"""The update rule, its schedules and the torch.optim.Optimizer contract.
+
+Comparisons of two configurations (save and resume, queued statistics, loading into another
+queue or storage) are cases of the equivalence harness (``tests/test_equivalence.py``).
+"""
 
 from __future__ import annotations
-
-import io
 
 import pytest
 import torch
 from torch import nn
 
-from mbf import MBF
 from reference import block_diagonal, dense_blocks, paper_mbf, unit_vectors
 
 
@@ -211,93 +212,6 @@ def test_kl_clip_scales_the_step_as_kfac_does(weight_decay: float) -> None:
     assert nu < 1.0
     moved = w0 - torch.cat([b.weight.detach(), b.bias.detach()[:, None]], 1)
     torch.testing.assert_close(moved, lr * nu * d)
-
-
-def test_save_and_resume_is_bitwise_identical() -> None:
-    def run(steps: int, model: nn.Module, opt: MBF, data: list) -> None:
-        for x, y in data[:steps]:
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
-
-    torch.manual_seed(3)
-    data = [_batch() for _ in range(8)]
-    for estimator in ("batch", "per_example"):
-        torch.manual_seed(4)
-        a = _net()
-        b = _net()
-        b.load_state_dict(a.state_dict())
-        kw = dict(lr=0.05, inv_every=3, stat_every=2, estimator=estimator, max_block_size=5)
-        opt_a = paper_mbf(a, **kw)
-        run(8, a, opt_a, data)
-
-        opt_b = paper_mbf(b, **kw)
-        run(5, b, opt_b, data)
-        buffer = io.BytesIO()
-        torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer)
-        c = _net()
-        c.load_state_dict(saved["model"])
-        opt_c = paper_mbf(c, **kw)
-        opt_c.load_state_dict(saved["opt"])
-        for x, y in data[5:]:
-            opt_c.zero_grad()
-            _loss(c, x, y).backward()
-            opt_c.step()
-        assert torch.equal(_flat_params(a), _flat_params(c)), estimator
-        assert opt_a.counters == opt_c.counters
-
-
-@pytest.mark.parametrize("stat_every", [1, 2])
-def test_queued_statistics_equal_folding_every_update(stat_every: int) -> None:
-    # stat_buffer only changes when the running average is formed, not what it is: parameters
-    # and statistics agree with stat_buffer=1 to float64 rounding, also when stat_decay changes
-    # mid-run and when the queue is cut short by a factorization (inv_every=7 is not a multiple).
-    torch.manual_seed(5)
-    data = [_batch() for _ in range(12)]
-    runs = []
-    for stat_buffer in (1, 2, 3, 5):
-        torch.manual_seed(6)
-        model = _net()
-        opt = paper_mbf(model, lr=0.05, inv_every=7, stat_every=stat_every, stat_buffer=stat_buffer)
-        for t, (x, y) in enumerate(data):
-            if t == 6:
-                opt.param_groups[0]["stat_decay"] = 0.5
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
-        runs.append((_flat_params(model), [u.fisher.clone() for u in opt.blocks()]))
-    for params, fishers in runs[1:]:
-        torch.testing.assert_close(params, runs[0][0], rtol=1e-12, atol=1e-12)
-        for got, want in zip(fishers, runs[0][1], strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize("loader", [{"stat_buffer": 1}, {"storage": "packed"}])
-def test_a_queue_the_loader_cannot_keep_is_folded_on_load(loader: dict) -> None:
-    # A shorter queue, or packed storage (no queue at all): the saved queue is folded into the
-    # statistics on load, and the run goes on as if uninterrupted.
-    torch.manual_seed(7)
-    data = [_batch() for _ in range(6)]
-    torch.manual_seed(8)
-    a, b = _net(), _net()
-    b.load_state_dict(a.state_dict())
-    opt_a = paper_mbf(a, lr=0.05, inv_every=50, stat_buffer=8)
-    opt_b = paper_mbf(b, lr=0.05, inv_every=50, stat_buffer=8)
-    for t, (x, y) in enumerate(data):
-        for model, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            _loss(model, x, y).backward()
-            opt.step()
-        if t == 2:  # two updates queued (the first was folded to factor at once): load them
-            saved = opt_b.state_dict()  # into an optimizer that keeps fewer
-            assert len(saved["mbf"]["units"][0]["queued_weights"]) == 2
-            opt_b = paper_mbf(b, lr=0.05, inv_every=50, **loader)
-            opt_b.load_state_dict(saved)
-    torch.testing.assert_close(_flat_params(b), _flat_params(a), rtol=1e-12, atol=1e-12)
-    for u, v in zip(opt_b.blocks(), opt_a.blocks(), strict=True):
-        torch.testing.assert_close(u.fisher, v.fisher, rtol=1e-12, atol=1e-14)
 
 
 def test_load_rejects_a_different_layout() -> None:
