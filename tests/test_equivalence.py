@@ -28,8 +28,6 @@ pytestmark = [
 #: gathering the curvature, so the checkpoint holds no queue and the resumed run folds those
 #: estimates at another time than the uninterrupted run: the same steps to rounding (2.8e-17,
 #: measured), not bit for bit as in one process, whose checkpoint keeps the queue.
-QUEUE_FOLD_REASON = "issue 10 engine: consolidate_state_dict folds the queue on several ranks"
-
 ESTIMATORS = ("batch", "per_example")
 #: The resume point of the matrix, of the 8 steps. With inv_every=3 the inverses are factored
 #: at steps 0, (1,) 3 and 6: the step after the resume uses the saved inverses, and statistics
@@ -77,16 +75,6 @@ def _register(key: str, config: Config) -> str:
     return key
 
 
-def consolidation_folds_a_queue(config: Config) -> bool:
-    """Whether a checkpoint of this configuration is consolidated on several ranks while
-    statistics are queued (full storage, ``stat_buffer > 1``): see :data:`QUEUE_FOLD_REASON`."""
-    saved = config.segments()[:-1]  # the segments that end in a checkpoint
-    return any(
-        s["ranks"] > 1 and s["options"]["storage"] == "full" and s["options"]["stat_buffer"] > 1
-        for s in saved
-    )
-
-
 def _options(form: str, estimator: str, storage: str, stat_buffer: int) -> dict[str, Any]:
     return {**FORMS[form], "estimator": estimator, "storage": storage, "stat_buffer": stat_buffer}
 
@@ -127,9 +115,7 @@ for form in FORMS:
                         MATRIX.append(_pair(run, reference))
                     resumed = run.resumed(MID_RUN)
                     MATRIX.append(_pair(resumed, reference))
-                    gap = consolidation_folds_a_queue(resumed)
-                    marks = pytest.mark.xfail(strict=True, reason=QUEUE_FOLD_REASON) if gap else ()
-                    SAME_CONFIG_RESUMES.append(_pair(resumed, run, marks))
+                    SAME_CONFIG_RESUMES.append(_pair(resumed, run))
 
 # Resumed into another rank count (N -> M), storage (full <-> packed) or stat_buffer.
 ACROSS = [

@@ -65,13 +65,11 @@ def migrate(extra: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def record(unit: Unit, fisher: Tensor, inverse: Tensor) -> dict[str, Any]:
-    """One unit's record: its whole ``fisher`` and ``inverse`` and, when this process holds
-    the whole unit, its queued estimates."""
-    queued = None
-    whole = unit.own == (0, unit.layout.num_blocks)
-    if whole and unit.queue is not None and unit.queue_weights:
-        queued = unit.queue[:, : len(unit.queue_weights)]
+def record(
+    unit: Unit, fisher: Tensor, inverse: Tensor, queued: Tensor | None, weights: list[float]
+) -> dict[str, Any]:
+    """One unit's record: its whole ``fisher``, ``inverse``, queued estimates and their
+    running-average weights (see ``mbf.engine.Whole.of``)."""
     return {
         "name": unit.name,
         "num_blocks": unit.layout.num_blocks,
@@ -82,7 +80,7 @@ def record(unit: Unit, fisher: Tensor, inverse: Tensor) -> dict[str, Any]:
         "stat_mass": unit.stat_mass,
         "inverse_scale": unit.inverse_scale,
         "queued": queued,
-        "queued_weights": list(unit.queue_weights) if queued is not None else [],
+        "queued_weights": list(weights) if queued is not None else [],
     }
 
 

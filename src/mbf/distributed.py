@@ -20,11 +20,12 @@ batch. MBF then runs as follows (``docs/distributed.md`` has the user's view):
 - **Directions** (the preconditioned momentum) are exchanged with one ``all_gather`` per step.
   Every rank then applies the same directions to the same parameters and momentum (which every
   rank keeps in full), so parameters stay bit-identical across ranks.
-- **Checkpoints.** :meth:`ShardedEngine.consolidate` (``MBF.consolidate_state_dict``) folds
-  the queues and gathers every rank's statistics and inverses into a whole copy, kept until the
-  next step, so that a ``state_dict`` is the one a single process would have, loadable on any
-  number of ranks (each loading rank copies its own slice); ``state_dict`` refuses to run
-  before that, rather than write a checkpoint holding one rank's share.
+- **Checkpoints.** :meth:`ShardedEngine.consolidate` (``MBF.consolidate_state_dict``) gathers
+  every rank's statistics, inverses and queued estimates into a whole copy, kept until the next
+  step (the run itself is not changed), so that a ``state_dict`` is the one a single process
+  would have, loadable on any number of ranks (each loading rank copies its own slice);
+  ``state_dict`` refuses to run before that, rather than write a checkpoint holding one rank's
+  share.
 
 The rank-independent part of the step (units, buckets, statistics, factorization, solve) is the
 curvature store of :mod:`mbf.store`, driven through the engine interface of :mod:`mbf.engine`;
@@ -46,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .engine import LocalEngine, Work
+from .engine import LocalEngine, Whole, Work
 from .linalg import FactorReport
 from .packed import SymmetricPacking, packed_size
 from .store import CurvatureStore, span
@@ -212,7 +213,7 @@ class ShardedEngine(LocalEngine):
         # output (docs/distributed.md), so on gloo both are done as sums of disjoint parts.
         self._sum_only = str(dist.get_backend(group)).lower() == "gloo"
         # The whole curvature gathered by consolidate(), for the state dict of this state.
-        self._snapshot: dict[int, tuple[Tensor, Tensor]] | None = None
+        self._snapshot: Whole | None = None
 
     # -------------------------------------------------------------- collectives
     def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Tensor) -> None:
@@ -403,57 +404,83 @@ class ShardedEngine(LocalEngine):
         return dtype, _comm_device(self.group, buckets[0].fisher.device)
 
     # -------------------------------------------------------------- checkpoints
-    def whole_curvature(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
-        """Gather every rank's statistics and inverses (upper triangles, one all-gather) into
-        whole copies on every rank, the queues folded first (they do not travel); every rank
-        must call it."""
-        store.fold_all()
+    def whole_curvature(self, store: CurvatureStore) -> Whole:
+        """Gather every rank's statistics and inverses (upper triangles) and queued estimates
+        into whole copies on every rank, in one all-gather; every rank must call it."""
         buckets = store.buckets
         if not buckets:
-            return {}
+            return Whole({}, {})
         dtype, device = self._wire(buckets)
         storage = store.storage
+        # Queued estimates: every rank has queued as many for a unit (one schedule).
+        depth = {id(u): len(u.queue_weights) if u.queue is not None else 0 for u in store.units}
+        weights = {id(u): u.queue_weights for u in store.units}
 
         def size(b: Any, rank: int) -> int:
             lo, hi = b.ranges[rank]
-            return 2 * (hi - lo) * packed_size(b.block_size)
+            queued = 0
+            for u in b.units:
+                a, c = span(u, lo, hi)
+                queued += (c - a) * depth[id(u)] * b.block_size
+            return 2 * (hi - lo) * packed_size(b.block_size) + queued
 
         local = torch.zeros(max(sum(size(b, r) for b in buckets)
                                 for r in range(self.world_size)), dtype=dtype, device=device)
         offset = 0
         for b in buckets:
-            for tensor in (b.fisher, b.inverse):
-                tri = storage.to_triangles(tensor, b.block_size).reshape(-1)
-                local[offset : offset + tri.numel()] = tri.to(device=device, dtype=dtype)
-                offset += tri.numel()
+            parts = [storage.to_triangles(t, b.block_size) for t in (b.fisher, b.inverse)]
+            parts += [
+                u.queue[:, : depth[id(u)]]
+                for u in b.units
+                if depth[id(u)] and u.queue is not None
+            ]
+            for part in parts:
+                flat = part.reshape(-1)
+                local[offset : offset + flat.numel()] = flat.to(device=device, dtype=dtype)
+                offset += flat.numel()
         gathered = self._all_gather("consolidate", "gathering of the curvature", local)
         offsets = [0] * self.world_size
-        whole: dict[int, tuple[Tensor, Tensor]] = {}
+        whole = Whole({}, {})
+
+        def take(r: int, n: int) -> Tensor:
+            chunk = gathered[r, offsets[r] : offsets[r] + n]
+            offsets[r] += n
+            return chunk
+
         for b in buckets:
             first = b.units[0]
-            pair = tuple(
-                storage.allocate(b.total, b.block_size, first.dtype, first.device)
-                for _ in range(2)
-            )
+            pair = [storage.allocate(b.total, b.block_size, first.dtype, first.device)
+                    for _ in range(2)]
+            queued = {
+                id(u): first.fisher.new_empty(u.layout.num_blocks, depth[id(u)], b.block_size)
+                for u in b.units if depth[id(u)]
+            }
+            t = packed_size(b.block_size)
             for r, (lo, hi) in enumerate(b.ranges):
-                t = packed_size(b.block_size)
                 for tensor in pair:
-                    n = (hi - lo) * t
-                    tri = gathered[r, offsets[r] : offsets[r] + n].view(hi - lo, t)
+                    tri = take(r, (hi - lo) * t).view(hi - lo, t)
                     storage.from_triangles(
                         tri.to(device=tensor.device, dtype=tensor.dtype), b.block_size,
                         out=tensor[lo:hi],
                     )
-                    offsets[r] += n
-            whole[id(b)] = (pair[0], pair[1])
+                for u in b.units:
+                    if depth[id(u)]:
+                        a, c = span(u, lo, hi)
+                        rows = take(r, (c - a) * depth[id(u)] * b.block_size)
+                        queue = queued[id(u)]
+                        queue[a:c] = rows.view(c - a, depth[id(u)], b.block_size).to(queue)
+            whole.buckets[id(b)] = (pair[0], pair[1])
+            whole.queues.update(
+                {key: (queue, list(weights[key])) for key, queue in queued.items()}
+            )
         return whole
 
     def consolidate(self, store: CurvatureStore) -> None:
-        """Fold the queues and gather the whole curvature, kept for the state dict of the
-        current state (until the next step); every rank must call it."""
+        """Gather the whole curvature (queued estimates included), kept for the state dict of
+        the current state (until the next step); every rank must call it."""
         self._snapshot = self.whole_curvature(store)
 
-    def consolidated(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
+    def consolidated(self, store: CurvatureStore) -> Whole:
         """The curvature :meth:`consolidate` gathered for the current state; refuses a state
         dict that would hold only this rank's share."""
         if self._snapshot is None:

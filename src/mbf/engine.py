@@ -29,7 +29,7 @@ from .linalg import FactorReport
 from .store import Bucket, CurvatureStore
 from .units import Unit
 
-__all__ = ["Estimate", "LocalEngine", "Work"]
+__all__ = ["Estimate", "LocalEngine", "Whole", "Work"]
 
 #: ``estimate(unit, grads)``: the unit's estimate for this step (see ``CurvatureStore.absorb``).
 Estimate = Callable[[Unit, list[Tensor]], Tensor]
@@ -43,6 +43,23 @@ class Work:
     bucket: Bucket
     rhs: Tensor
     members: list[Unit]
+
+
+@dataclass(eq=False)
+class Whole:
+    """Every block's curvature, as one process holds it: per bucket its ``(statistics,
+    inverses)``; per unit with queued estimates its whole ``(num_blocks, k, s)`` queue and the
+    estimates' running-average weights."""
+
+    buckets: dict[int, tuple[Tensor, Tensor]]
+    queues: dict[int, tuple[Tensor, list[float]]]
+
+    def of(self, bucket: Bucket, unit: Unit) -> tuple[Tensor, Tensor, Tensor | None, list[float]]:
+        """The unit's whole statistics, inverses, queue (``None`` if empty) and its weights."""
+        fisher, inverse = self.buckets[id(bucket)]
+        view = slice(unit.offset, unit.offset + unit.layout.num_blocks)
+        queued, weights = self.queues.get(id(unit), (None, []))
+        return fisher[view], inverse[view], queued, list(weights)
 
 
 class LocalEngine:
@@ -99,16 +116,20 @@ class LocalEngine:
         """Every bucket's whole solved blocks from this rank's owned ones."""
         return solved
 
-    def whole_curvature(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
-        """``{id(bucket): (statistics, inverses)}`` of every block (views of the store's
-        tensors here, with the queues beside them in the units; a gathered copy with several
-        ranks, whose queues are folded in first)."""
-        return {id(b): (b.fisher, b.inverse) for b in store.buckets}
+    def whole_curvature(self, store: CurvatureStore) -> Whole:
+        """Every block's statistics, inverses and queued estimates: views of the store's tensors
+        here, a gathered copy with several ranks (every rank must call it then)."""
+        queues = {
+            id(u): (u.queue[:, : len(u.queue_weights)], list(u.queue_weights))
+            for u in store.units
+            if u.queue is not None and u.queue_weights
+        }
+        return Whole({id(b): (b.fisher, b.inverse) for b in store.buckets}, queues)
 
     def consolidate(self, store: CurvatureStore) -> None:
-        """Gather every rank's curvature for :meth:`whole_curvature` (nothing to gather here)."""
+        """Gather every rank's curvature for :meth:`consolidated` (nothing to gather here)."""
 
-    def consolidated(self, store: CurvatureStore) -> dict[int, tuple[Tensor, Tensor]]:
+    def consolidated(self, store: CurvatureStore) -> Whole:
         """The whole curvature for a checkpoint: here at once; with several ranks the copy
         :meth:`consolidate` made, or an error when there is none for the current state."""
         return self.whole_curvature(store)

@@ -313,19 +313,14 @@ class MBF(torch.optim.Optimizer):
     def _kept(self) -> dict[tuple[int, ...], Kept]:
         """Every unit's whole curvature, keyed by its parameters, to carry across a rebuild.
 
-        In one process these are views and the queues travel along, so nothing changes; with
-        several ranks it is a collective (every rank rebuilds alike) that folds the queues.
+        In one process these are views; with several ranks a gathered copy (a collective:
+        every rank rebuilds alike). Queued estimates travel along, so nothing is folded early.
         """
-        store = self._store
-        whole = self._engine.whole_curvature(store)
+        whole = self._engine.whole_curvature(self._store)
         kept = {}
-        for bucket in store.buckets:
-            fisher, inverse = whole[id(bucket)]
+        for bucket in self._store.buckets:
             for u in bucket.units:
-                nb = u.layout.num_blocks
-                record = checkpoint.record(
-                    u, fisher[u.offset : u.offset + nb], inverse[u.offset : u.offset + nb]
-                )
+                record = checkpoint.record(u, *whole.of(bucket, u))
                 kept[tuple(id(p) for p in u.params)] = checkpoint.kept(record)
         return kept
 
@@ -422,18 +417,17 @@ class MBF(torch.optim.Optimizer):
         whole = self._engine.consolidated(store)
         states: dict[int, UnitState] = {}
         for bucket in store.buckets:
-            fisher, inverse = whole[id(bucket)]
             for u in bucket.units:
-                view = slice(u.offset, u.offset + u.layout.num_blocks)
+                fisher, inverse, queued, weights = whole.of(bucket, u)
                 size = u.layout.block_size
-                states[id(u)] = UnitState(
-                    u.name,
-                    u.layout,
-                    list(u.params),
-                    store.storage.to_blocks(fisher[view], size),
-                    store.storage.to_blocks(inverse[view], size),
-                )
+                fisher = store.storage.to_blocks(fisher, size)
+                if queued is not None:  # the queue of a consolidated copy (several ranks)
+                    fisher = fisher.clone()
+                    store.storage.fold_(fisher, queued.clone(), weights)
+                inverse = store.storage.to_blocks(inverse, size)
+                states[id(u)] = UnitState(u.name, u.layout, list(u.params), fisher, inverse)
         return [states[id(u)] for u in store.units]
+
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """torch.amp.GradScaler's protocol (:mod:`mbf.amp`): ``step()`` unscales gradients and
@@ -662,12 +656,11 @@ class MBF(torch.optim.Optimizer):
         store = self._store
         whole = self._engine.consolidated(store)  # refuses a state dict of one rank's share
         sd = super().state_dict()
-        records = {}
-        for bucket in store.buckets:
-            fisher, inverse = whole[id(bucket)]
-            for u in bucket.units:
-                view = slice(u.offset, u.offset + u.layout.num_blocks)
-                records[id(u)] = checkpoint.record(u, fisher[view], inverse[view])
+        records = {
+            id(u): checkpoint.record(u, *whole.of(bucket, u))
+            for bucket in store.buckets
+            for u in bucket.units
+        }
         sd["mbf"] = {
             "version": checkpoint.VERSION,
             "storage": self.storage,

@@ -313,10 +313,10 @@ class CurvatureStore:
             runs: list[tuple[int, int, float]] = []
             for unit in bucket.units:
                 scale = unit.inverse_scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
+                self.fold(unit)  # also where this rank owns none of it: one queue depth everywhere
                 a, b = unit.own
                 if a >= b:
                     continue
-                self.fold(unit)
                 start = unit.offset + a - bucket.lo
                 if runs and runs[-1][1] == start and runs[-1][2] == scale:
                     runs[-1] = (runs[-1][0], start + b - a, scale)
