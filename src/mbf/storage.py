@@ -13,6 +13,9 @@ exchange between ranks, which always travels as upper triangles). The curvature 
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -44,7 +47,7 @@ def fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
     fisher.baddbmm_(rows.mT, rows, beta=keep, alpha=1.0)
 
 
-class Storage:
+class Storage(ABC):
     """The interface of a storage strategy; ``stored`` tensors are ``(B, *block_shape(s))``."""
 
     name = ""
@@ -53,9 +56,9 @@ class Storage:
     #: trade; packed storage exists to save memory and folds every estimate at once.
     queues = True
 
+    @abstractmethod
     def block_shape(self, size: int) -> tuple[int, ...]:
         """Shape of one stored block of ``size x size``."""
-        raise NotImplementedError
 
     def allocate(self, blocks: int, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Zeroed storage for ``blocks`` blocks."""
@@ -63,54 +66,51 @@ class Storage:
 
     def block_bytes(self, size: int, itemsize: int) -> int:
         """Bytes of one stored block."""
-        numel = 1
-        for n in self.block_shape(size):
-            numel *= n
-        return numel * itemsize
+        return math.prod(self.block_shape(size)) * itemsize
 
+    @abstractmethod
     def add_outer_(self, stored: Tensor, vectors: Tensor, weight: float) -> None:
         """``F <- (1 - weight) F + weight v v^T`` for ``(B, s)`` vectors."""
-        raise NotImplementedError
 
+    @abstractmethod
     def lerp_(self, stored: Tensor, blocks: Tensor, weight: float) -> None:
         """``F <- (1 - weight) F + weight E`` for whole ``(B, s, s)`` estimates ``E``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fold_(self, stored: Tensor, rows: Tensor, weights: list[float]) -> None:
         """Fold queued ``(B, k, s)`` estimates into the statistics (:func:`fold_rows`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trace(self, stored: Tensor) -> Tensor:
         """Traces ``(B,)`` of the stored blocks."""
-        raise NotImplementedError
 
+    @abstractmethod
     def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
         """``(F + damping I)^-1`` of every block into ``out`` (same storage); the report.
 
         ``damping``: one number or a ``(B,)`` tensor. Blocks whose statistics are not finite
         are reset to zero in ``stored`` (they would poison every later step).
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
         """``inverse_b rhs_b`` for ``(B, s)`` right-hand sides."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_blocks(self, stored: Tensor, size: int) -> Tensor:
         """Whole ``(B, s, s)`` blocks (the tensor itself when already whole)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_blocks(self, blocks: Tensor) -> Tensor:
         """This storage's form of whole ``(B, s, s)`` blocks (the tensor itself if whole)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_triangles(self, stored: Tensor, size: int) -> Tensor:
         """``(B, s(s+1)/2)`` upper triangles: the form curvature travels in between ranks."""
-        raise NotImplementedError
 
+    @abstractmethod
     def from_triangles(self, triangles: Tensor, size: int, out: Tensor) -> None:
         """Write ``(B, s(s+1)/2)`` upper triangles into ``out`` (this storage's form)."""
-        raise NotImplementedError
 
     def convert(self, saved: Tensor, size: int) -> Tensor:
         """Saved blocks of either storage (``(B, s, s)`` whole, ``(B, s(s+1)/2)`` packed) in
