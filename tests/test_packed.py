@@ -12,6 +12,8 @@ from torch import nn
 
 from mbf import MBF, packed
 from mbf.packed import SymmetricPacking, packed_size
+from mbf.storage import STORAGES, FullStorage
+from test_optimizer import _batch, _flat_params, _loss, _net
 
 
 def _symmetric(n: int, s: int, gen: torch.Generator) -> torch.Tensor:
@@ -56,3 +58,39 @@ def test_packed_state_is_at_most_block_size_plus_three_floats_per_parameter() ->
 def test_unknown_storage_is_refused() -> None:
     with pytest.raises(ValueError, match="storage"):
         MBF(nn.Linear(2, 2), lr=0.1, storage="triangles")
+
+
+def test_a_storage_of_ones_own_plugs_in_by_name() -> None:
+    """The store calls only the Storage interface: a registered subclass is used for every
+    block operation, and one that changes nothing takes the steps of full storage, bitwise."""
+    calls: dict[str, int] = {}
+
+    class Counting(FullStorage):
+        name = "counting"
+
+        def __getattribute__(self, attr: str):  # count every method the store calls
+            if not attr.startswith("__") and callable(object.__getattribute__(self, attr)):
+                calls[attr] = calls.get(attr, 0) + 1
+            return object.__getattribute__(self, attr)
+
+    STORAGES["counting"] = Counting()
+    try:
+        results = []
+        for storage in ("full", "counting"):
+            torch.manual_seed(2)
+            model = _net()
+            opt = MBF(model, lr=0.05, inv_every=3, max_block_size=5, storage=storage)
+            torch.manual_seed(1)
+            for _ in range(5):
+                x, y = _batch()
+                opt.zero_grad()
+                _loss(model, x, y).backward()
+                opt.step()
+            results.append(_flat_params(model))
+        assert torch.equal(results[0], results[1])
+        for method in ("allocate", "fold_", "factor", "solve", "trace"):
+            assert calls.get(method, 0) > 0, method
+    finally:
+        del STORAGES["counting"]
+    with pytest.raises(ValueError, match="storage must be one of"):
+        MBF(_net(), storage="counting")
