@@ -94,3 +94,16 @@ def test_a_storage_of_ones_own_plugs_in_by_name() -> None:
         del STORAGES["counting"]
     with pytest.raises(ValueError, match="storage must be one of"):
         MBF(_net(), storage="counting")
+
+
+def test_packed_operations_on_no_blocks_do_nothing() -> None:
+    """A rank may own none of a bucket's blocks: every packed operation takes an empty stack."""
+    storage = STORAGES["packed"]
+    stored = storage.allocate(0, 4, torch.float64, torch.device("cpu"))
+    assert stored.shape == (0, 10)
+    rhs = torch.empty(0, 4, dtype=torch.float64)
+    assert storage.solve(stored, rhs).shape == (0, 4)
+    assert storage.factor(stored, 0.1, out=torch.empty_like(stored)).blocks == 0
+    storage.fold_(stored, torch.empty(0, 2, 4, dtype=torch.float64), [0.1, 0.1])
+    storage.add_outer_(stored, rhs, 0.1)
+    assert storage.trace(stored).shape == (0,)

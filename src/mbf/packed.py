@@ -114,7 +114,8 @@ class SymmetricPacking:
     def _chunked(
         self, packed: Tensor, work: Tensor, body: Callable[[int, int, Tensor], None]
     ) -> None:
-        """Call ``body(lo, hi, blocks)`` on unpacked slices of ``work``-sized runs of blocks."""
-        for lo in range(0, packed.shape[0], work.shape[0]):
+        """Call ``body(lo, hi, blocks)`` on unpacked slices of ``work``-sized runs of blocks
+        (never, for no blocks: a rank may own none of a bucket)."""
+        for lo in range(0, packed.shape[0], max(1, work.shape[0])):
             hi = min(lo + work.shape[0], packed.shape[0])
             body(lo, hi, self.unpack(packed[lo:hi], out=work[: hi - lo]))

@@ -201,7 +201,7 @@ class PackedStorage(Storage):
         # Whole blocks a chunk at a time: the same products as full storage, so the same bits.
         packing = self._packing(stored)
         work = stored.new_empty(min(CHUNK_BLOCKS, stored.shape[0]), packing.size, packing.size)
-        for lo in range(0, stored.shape[0], work.shape[0]):
+        for lo in range(0, stored.shape[0], max(1, work.shape[0])):  # none: a rank may own none
             hi = min(lo + work.shape[0], stored.shape[0])
             blocks = packing.unpack(stored[lo:hi], out=work[: hi - lo])
             fold_rows(blocks, rows[lo:hi], weights)

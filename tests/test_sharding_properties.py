@@ -1,0 +1,167 @@
+"""Property tests of the sharded engine: any model, any number of ranks (2-5), any split.
+
+K ranks run as K threads of this process (``threaded_ranks.py``: the real ``ShardedEngine`` with
+its all-reduce done in shared memory), so hypothesis can try many models, block sizes and rank
+counts, including buckets with fewer blocks than ranks (ranks that own none of a unit or of a
+bucket). Promised for each: every rank's parameters are bitwise the same, they equal one
+process's on the global batch, each rank allocates its share of the curvature only, and a
+consolidated checkpoint resumes in one process on the same trajectory. Profiles as in
+``tests/test_properties.py`` (``HYPOTHESIS_PROFILE``).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import test_properties  # noqa: F401 - registers and loads the hypothesis profiles
+from mbf import MBF
+from threaded_ranks import World, patch_comm_device, run_threads, threaded
+
+# The ranks average their shards' gradients (as DDP does) where one process takes the mean of
+# the whole batch: equal up to rounding, which the preconditioner amplifies by up to about
+# 1 / damping relative to the blocks' scale; hence dampings of 0.05 and up and this tolerance.
+TOL = {"rtol": 1e-7, "atol": 1e-10}
+
+
+def _model(widths: tuple[int, int], conv: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    if conv:
+        layers += [nn.Conv2d(2, widths[0], 3, padding=1), nn.Tanh(), nn.Flatten()]
+        d = widths[0] * 9
+    else:
+        layers += [nn.Flatten()]
+        d = 18
+    layers += [nn.Linear(d, widths[1]), nn.Tanh(), nn.Linear(widths[1], 3), nn.LayerNorm(3)]
+    return nn.Sequential(*layers).double()
+
+
+def _batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(size, 2, 3, 3, dtype=torch.float64, generator=gen)
+    return x, torch.randint(0, 3, (size,), generator=gen)
+
+
+def _step(model: nn.Module, opt: MBF, step: int, size: int, shard: slice,
+          average: Any = None) -> None:
+    x, y = _batch(step, size)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x[shard]), y[shard]).backward()
+    if average is not None:
+        average(model)
+    opt.step()
+
+
+def _flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> dict[str, Any]:
+    world = draw(st.integers(2, 5))
+    steps = draw(st.integers(3, 6))
+    return {
+        "world": world,
+        "widths": (draw(st.integers(1, 3)), draw(st.integers(1, 6))),
+        "conv": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+        "per_rank": draw(st.integers(1, 3)),
+        "steps": steps,
+        "save_at": draw(st.integers(1, steps - 1)),  # a checkpoint mid-run
+        "options": {
+            "lr": 0.05,
+            "momentum": 0.9,
+            "damping": draw(st.sampled_from([0.05, 0.3])),
+            "stat_decay": 0.9,
+            "inv_every": draw(st.integers(1, 3)),
+            "max_block_size": draw(st.integers(2, 7)),
+            "graft": draw(st.sampled_from([None, "adam"])),
+            "bias_correction": draw(st.booleans()),
+            "early_refresh": True,
+            "relative_damping": draw(st.booleans()),
+            "estimator": draw(st.sampled_from(["batch", "per_example"])),
+            "storage": draw(st.sampled_from(["full", "packed"])),
+            "stat_buffer": draw(st.integers(1, 3)),
+        },
+    }
+
+
+def _build(case: dict[str, Any]) -> tuple[nn.Module, MBF]:
+    model = _model(case["widths"], case["conv"], case["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the LayerNorm's batch-estimator notice
+        opt = MBF(model, process_group=False, **case["options"])
+    return model, opt
+
+
+@given(cases())
+def test_threaded_ranks_take_one_process_steps_and_resume_in_one(case: dict[str, Any]) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        patch_comm_device(mp)
+        _check(case)
+
+
+def _check(case: dict[str, Any]) -> None:
+    world, steps, save_at = case["world"], case["steps"], case["save_at"]
+    size = world * case["per_rank"]
+    model, opt = _build(case)
+    for step in range(steps):
+        _step(model, opt, step, size, slice(None))
+    reference = _flat(model)
+    single_bytes = opt.memory_report(detail=True)
+
+    shared = World(world)
+
+    def average(m: nn.Module) -> None:  # DDP: the mean of the ranks' gradients, in rank order
+        for p in m.parameters():
+            if p.grad is not None:
+                shared.all_reduce(rank_of[threading.get_ident()], p.grad)
+                p.grad /= world
+
+    rank_of: dict[int, int] = {}
+
+    # Built one after another: torch's global generator (initial weights) is not per thread.
+    built = [_build(case) for _ in range(world)]
+
+    def rank_body(rank: int) -> dict[str, Any]:
+        rank_of[threading.get_ident()] = rank
+        model, opt = built[rank]
+        threaded(opt, shared, rank)
+        shard = slice(rank * case["per_rank"], (rank + 1) * case["per_rank"])
+        saved = None
+        for step in range(steps):
+            if step == save_at:
+                opt.consolidate_state_dict()
+                if rank == 0:
+                    buffer = io.BytesIO()
+                    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+                    saved = buffer.getvalue()
+            _step(model, opt, step, size, shard, average)
+        return {"params": _flat(model), "memory": opt.memory_report(detail=True), "saved": saved}
+
+    results = run_threads(shared, rank_body)
+    for r in results[1:]:
+        assert torch.equal(r["params"], results[0]["params"])
+    torch.testing.assert_close(results[0]["params"], reference, **TOL)
+    for name, parts in single_bytes.items():
+        for kind in ("statistics", "inverse"):
+            assert sum(r["memory"][name][kind] for r in results) == parts[kind], (name, kind)
+
+    # The consolidated checkpoint resumes in one process on the same trajectory.
+    model, opt = _build(case)
+    state = torch.load(io.BytesIO(results[0]["saved"]), weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    for step in range(save_at, steps):
+        _step(model, opt, step, size, slice(None))
+    torch.testing.assert_close(_flat(model), results[0]["params"], **TOL)
+
