@@ -5,7 +5,8 @@ its all-reduce done in shared memory), so hypothesis can try many models, block 
 counts, including buckets with fewer blocks than ranks (ranks that own none of a unit or of a
 bucket). Promised for each: every rank's parameters are bitwise the same, they equal one
 process's on the global batch, each rank allocates its share of the curvature only, and a
-consolidated checkpoint resumes in one process on the same trajectory. Profiles as in
+consolidated checkpoint resumes on any number of ranks (1-4), in either storage, on the same
+trajectory. Profiles as in
 ``tests/test_properties.py`` (``HYPOTHESIS_PROFILE``).
 """
 
@@ -67,14 +68,15 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 @st.composite
 def cases(draw: st.DrawFn) -> dict[str, Any]:
-    world = draw(st.integers(2, 5))
     steps = draw(st.integers(3, 6))
     return {
-        "world": world,
+        "world": draw(st.integers(2, 5)),
+        "resume_world": draw(st.integers(1, 4)),
+        "resume_storage": draw(st.sampled_from(["full", "packed"])),
         "widths": (draw(st.integers(1, 3)), draw(st.integers(1, 6))),
         "conv": draw(st.booleans()),
         "seed": draw(st.integers(0, 2**16)),
-        "per_rank": draw(st.integers(1, 3)),
+        "per_rank": draw(st.integers(1, 2)),
         "steps": steps,
         "save_at": draw(st.integers(1, steps - 1)),  # a checkpoint mid-run
         "options": {
@@ -95,31 +97,23 @@ def cases(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-def _build(case: dict[str, Any]) -> tuple[nn.Module, MBF]:
+def _build(case: dict[str, Any], **changes: Any) -> tuple[nn.Module, MBF]:
     model = _model(case["widths"], case["conv"], case["seed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the LayerNorm's batch-estimator notice
-        opt = MBF(model, process_group=False, **case["options"])
+        opt = MBF(model, process_group=False, **{**case["options"], **changes})
     return model, opt
 
 
-@given(cases())
-def test_threaded_ranks_take_one_process_steps_and_resume_in_one(case: dict[str, Any]) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        patch_comm_device(mp)
-        _check(case)
-
-
-def _check(case: dict[str, Any]) -> None:
-    world, steps, save_at = case["world"], case["steps"], case["save_at"]
-    size = world * case["per_rank"]
-    model, opt = _build(case)
-    for step in range(steps):
-        _step(model, opt, step, size, slice(None))
-    reference = _flat(model)
-    single_bytes = opt.memory_report(detail=True)
-
+def _train(
+    case: dict[str, Any], world: int, steps: range, size: int, *, save_at: int | None = None,
+    resume: bytes | None = None, **changes: Any,
+) -> list[dict[str, Any]]:
+    """Train ``steps`` on ``world`` threaded ranks (one plain process when ``world == 1``),
+    from scratch or from the ``resume`` checkpoint; save a consolidated one before ``save_at``.
+    Every rank's parameters, memory report and (rank 0) checkpoint bytes."""
     shared = World(world)
+    rank_of: dict[int, int] = {}
 
     def average(m: nn.Module) -> None:  # DDP: the mean of the ranks' gradients, in rank order
         for p in m.parameters():
@@ -127,41 +121,60 @@ def _check(case: dict[str, Any]) -> None:
                 shared.all_reduce(rank_of[threading.get_ident()], p.grad)
                 p.grad /= world
 
-    rank_of: dict[int, int] = {}
-
     # Built one after another: torch's global generator (initial weights) is not per thread.
-    built = [_build(case) for _ in range(world)]
+    built = [_build(case, **changes) for _ in range(world)]
 
     def rank_body(rank: int) -> dict[str, Any]:
         rank_of[threading.get_ident()] = rank
         model, opt = built[rank]
-        threaded(opt, shared, rank)
-        shard = slice(rank * case["per_rank"], (rank + 1) * case["per_rank"])
+        if world > 1:
+            threaded(opt, shared, rank)
+        if resume is not None:
+            state = torch.load(io.BytesIO(resume), weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        per = size // world
+        shard = slice(rank * per, (rank + 1) * per)
         saved = None
-        for step in range(steps):
+        for step in steps:
             if step == save_at:
                 opt.consolidate_state_dict()
                 if rank == 0:
                     buffer = io.BytesIO()
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
                     saved = buffer.getvalue()
-            _step(model, opt, step, size, shard, average)
+            _step(model, opt, step, size, shard, average if world > 1 else None)
         return {"params": _flat(model), "memory": opt.memory_report(detail=True), "saved": saved}
 
-    results = run_threads(shared, rank_body)
+    if world == 1:
+        return [rank_body(0)]
+    return run_threads(shared, rank_body)
+
+
+@given(cases())
+def test_threaded_ranks_take_one_process_steps_and_resume_on_any_number(
+    case: dict[str, Any]
+) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        patch_comm_device(mp)
+        _check(case)
+
+
+def _check(case: dict[str, Any]) -> None:
+    world, resumed_on, steps, save_at = (
+        case["world"], case["resume_world"], case["steps"], case["save_at"])
+    size = case["per_rank"] * world * resumed_on  # shards of equal size on both
+    (alone,) = _train(case, 1, range(steps), size)
+    results = _train(case, world, range(steps), size, save_at=save_at)
     for r in results[1:]:
         assert torch.equal(r["params"], results[0]["params"])
-    torch.testing.assert_close(results[0]["params"], reference, **TOL)
-    for name, parts in single_bytes.items():
+    torch.testing.assert_close(results[0]["params"], alone["params"], **TOL)
+    for name, parts in alone["memory"].items():
         for kind in ("statistics", "inverse"):
             assert sum(r["memory"][name][kind] for r in results) == parts[kind], (name, kind)
 
-    # The consolidated checkpoint resumes in one process on the same trajectory.
-    model, opt = _build(case)
-    state = torch.load(io.BytesIO(results[0]["saved"]), weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    for step in range(save_at, steps):
-        _step(model, opt, step, size, slice(None))
-    torch.testing.assert_close(_flat(model), results[0]["params"], **TOL)
-
+    # The consolidated checkpoint resumes on another number of ranks, in either storage.
+    resumed = _train(case, resumed_on, range(save_at, steps), size, resume=results[0]["saved"],
+                     storage=case["resume_storage"])
+    for r in resumed:
+        torch.testing.assert_close(r["params"], results[0]["params"], **TOL)
