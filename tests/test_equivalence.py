@@ -22,12 +22,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:MBF. per-example statistics serve"),  # the LayerNorm
 ]
 
-#: A known gap of the issue-10 engine, as a strict xfail (a strict xfail fails the moment it
-#: passes, so the mark goes with the fix). On several ranks ``consolidate_state_dict()`` folds
-#: the queued statistics (full storage, ``stat_buffer > 1``) into the running average before
-#: gathering the curvature, so the checkpoint holds no queue and the resumed run folds those
-#: estimates at another time than the uninterrupted run: the same steps to rounding (2.8e-17,
-#: measured), not bit for bit as in one process, whose checkpoint keeps the queue.
 ESTIMATORS = ("batch", "per_example")
 #: The resume point of the matrix, of the 8 steps. With inv_every=3 the inverses are factored
 #: at steps 0, (1,) 3 and 6: the step after the resume uses the saved inverses, and statistics
