@@ -184,12 +184,12 @@ class MBF(torch.optim.Optimizer):
             (``2 s + stat_buffer + 1`` floats per parameter, fastest); ``"packed"`` keeps their
             upper triangles (``s + 2`` floats per parameter: about half the memory) and unpacks
             a few thousand blocks at a time to factor and solve, which makes the step slower
-            (``docs/results.md``). ``"packed"`` folds statistics at once (no queue) and runs in
-            a single process.
+            (``docs/results.md``). ``"packed"`` folds statistics at once (no queue). Both work
+            on several ranks, each rank keeping only its share (``mbf.storage``).
         process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
-            ``torch.distributed`` is initialized with several ranks; the curvature work is then
-            sharded over the ranks and per-example statistics summed over them. ``True``: the
+            ``torch.distributed`` is initialized with several ranks; the curvature work and
+            memory are then sharded over the ranks and per-example statistics summed over them. ``True``: the
             same, but an error when ``torch.distributed`` is not initialized. ``False``: a
             single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
