@@ -189,9 +189,9 @@ class MBF(torch.optim.Optimizer):
         process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work and
-            memory are then sharded over the ranks and per-example statistics summed over them. ``True``: the
-            same, but an error when ``torch.distributed`` is not initialized. ``False``: a
-            single-process optimizer even then. Or an explicit ``ProcessGroup``.
+            memory are then sharded over the ranks and per-example statistics summed over them.
+            ``True``: the same, but an error when ``torch.distributed`` is not initialized.
+            ``False``: a single-process optimizer even then. Or an explicit ``ProcessGroup``.
     """
 
     def __init__(
