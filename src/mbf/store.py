@@ -72,6 +72,11 @@ class Bucket:
     def hi(self) -> int:
         return self.ranges[self.rank][1]
 
+    def local(self, unit: Unit) -> slice:
+        """Where this rank's blocks of ``unit`` (``unit.own``) sit in ``fisher`` / ``inverse``."""
+        a, b = unit.own
+        return slice(unit.offset + a - self.lo, unit.offset + b - self.lo)
+
 
 @dataclass
 class Kept:
@@ -152,10 +157,8 @@ class CurvatureStore:
             bucket = Bucket(first.group, first.layout.block_size, members, ranges, rank, fisher,
                             torch.zeros_like(fisher))
             for unit in members:
-                a, b = unit.own
-                start = unit.offset + a - lo
-                unit.fisher = bucket.fisher[start : start + b - a]
-                unit.inverse = bucket.inverse[start : start + b - a]
+                unit.fisher = bucket.fisher[bucket.local(unit)]
+                unit.inverse = bucket.inverse[bucket.local(unit)]
                 unit.queue, unit.queue_weights = None, []
                 unit.stat_updates, unit.stat_mass, unit.inverse_scale = 0, 0.0, 1.0
                 saved = kept.get(tuple(id(p) for p in unit.params))
@@ -172,17 +175,17 @@ class CurvatureStore:
         size = unit.layout.block_size
         fisher = self.storage.convert(saved.fisher, size)
         inverse = self.storage.convert(saved.inverse, size)
-        queued, weights = saved.queued, list(saved.queued_weights)
-        if queued is not None and len(weights) > unit.queue_capacity:
-            fisher = fisher.clone() if fisher is saved.fisher else fisher
-            self.storage.fold_(fisher, queued.clone(), weights)
-            queued, weights = None, []
         expected = (unit.layout.num_blocks, *self.storage.block_shape(size))
         if tuple(fisher.shape) != expected or tuple(inverse.shape) != expected:
             raise ValueError(
                 f"MBF: unit {unit.name} was saved with blocks {tuple(saved.fisher.shape)} but has "
                 f"{expected} here (saved for another model?)"
             )
+        queued, weights = saved.queued, list(saved.queued_weights)
+        if queued is not None and len(weights) > unit.queue_capacity:
+            fisher = fisher.clone() if fisher is saved.fisher else fisher
+            self.storage.fold_(fisher, queued.clone(), weights)
+            queued, weights = None, []
         a, b = unit.own
         unit.fisher.copy_(fisher[a:b])
         unit.inverse.copy_(inverse[a:b])
@@ -201,8 +204,7 @@ class CurvatureStore:
         for bucket in self.buckets:
             fisher, inverse = torch.empty_like(bucket.fisher), torch.empty_like(bucket.inverse)
             for unit in bucket.units:
-                a, b = unit.own
-                view = slice(unit.offset + a - bucket.lo, unit.offset + b - bucket.lo)
+                view = bucket.local(unit)
                 fisher[view].copy_(unit.fisher)
                 inverse[view].copy_(unit.inverse)
                 unit.fisher, unit.inverse = fisher[view], inverse[view]
@@ -314,14 +316,13 @@ class CurvatureStore:
             for unit in bucket.units:
                 scale = unit.inverse_scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
                 self.fold(unit)  # also where this rank owns none of it: one queue depth everywhere
-                a, b = unit.own
-                if a >= b:
+                view = bucket.local(unit)
+                if view.start >= view.stop:
                     continue
-                start = unit.offset + a - bucket.lo
-                if runs and runs[-1][1] == start and runs[-1][2] == scale:
-                    runs[-1] = (runs[-1][0], start + b - a, scale)
+                if runs and runs[-1][1] == view.start and runs[-1][2] == scale:
+                    runs[-1] = (runs[-1][0], view.stop, scale)
                 else:
-                    runs.append((start, start + b - a, scale))
+                    runs.append((view.start, view.stop, scale))
             for a, b, scale in runs:
                 fisher = bucket.fisher[a:b]
                 block_damping: float | Tensor = damping * scale
