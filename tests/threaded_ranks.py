@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -53,16 +52,9 @@ class World:
 class ThreadedEngine(D.ShardedEngine):
     """The sharded engine on a :class:`World` instead of a process group."""
 
-    def __init__(self, world: World, rank: int) -> None:  # no process group: set what it sets
-        self.group = None
-        self.rank = rank
-        self.world_size = world.size
+    def __init__(self, world: World, rank: int) -> None:
+        self._start(None, rank, world.size, sum_only=True)  # no process group to ask
         self.world = world
-        self.traffic: dict[str, dict[str, int]] = {}
-        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
-        self._reduce_scatter_works = False
-        self._sum_only = True
-        self._snapshot = None
 
     def _run(self, kind: str, what: str, collective: Callable[..., Any], *args: Tensor) -> None:
         assert collective is dist.all_reduce, collective  # the sum-only path never asks more

@@ -203,15 +203,21 @@ class ShardedEngine(LocalEngine):
     """
 
     def __init__(self, group: Any) -> None:
+        # gloo's all_gather and reduce_scatter are 2-3x slower than its all_reduce of the same
+        # output (docs/distributed.md), so on gloo both are done as sums of disjoint parts.
+        gloo = str(dist.get_backend(group)).lower() == "gloo"
+        self._start(group, dist.get_rank(group), dist.get_world_size(group), sum_only=gloo)
+
+    def _start(self, group: Any, rank: int, world_size: int, *, sum_only: bool) -> None:
+        """The engine's state, apart from asking the process group (tests run ranks as
+        threads: ``tests/threaded_ranks.py``)."""
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        self.rank = rank
+        self.world_size = world_size
         self.traffic: dict[str, dict[str, int]] = {}
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
         self._reduce_scatter_works = True
-        # gloo's all_gather and reduce_scatter are 2-3x slower than its all_reduce of the same
-        # output (docs/distributed.md), so on gloo both are done as sums of disjoint parts.
-        self._sum_only = str(dist.get_backend(group)).lower() == "gloo"
+        self._sum_only = sum_only
         # The whole curvature gathered by consolidate(), for the state dict of this state.
         self._snapshot: Whole | None = None
 
