@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -271,8 +271,8 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object],
     """
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as handle:
-            write(handle)
+        with open(tmp, "wb") as handle, _Detaching(handle) as sink:
+            write(cast(IO[bytes], sink))
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as error:
@@ -290,6 +290,35 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], object],
     if keep is not None and path.exists():
         os.replace(path, keep)
     os.replace(tmp, path)
+
+
+class _Detaching:
+    """The file handed to a writer, cut off from the real one when the write ends.
+
+    ``torch.save`` keeps a C++ zip writer that still holds this object when a Ctrl-C lands while
+    the zip is being finished; the writer's destructor, run later when the interrupted frames are
+    freed, writes the zip's end once more. Had it held the real file, closed by then, that write
+    would raise inside a destructor and abort the process (``terminate called after throwing
+    pybind11::error_already_set``) instead of exiting 130. Detached, late writes go nowhere.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle: IO[bytes] | None = handle
+
+    def __enter__(self) -> _Detaching:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle = None
+
+    def write(self, data: Any) -> int:
+        if self._handle is None:
+            return len(memoryview(data))
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
 
 
 def _interrupted(error: BaseException) -> bool:

@@ -167,3 +167,28 @@ def test_ctrl_c_inside_a_checkpoint_write_stays_an_interruption(tmp_path: Path) 
         _write_atomic(path, interrupted_save)
     assert path.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_write_after_the_checkpoint_write_ended_goes_nowhere(tmp_path: Path) -> None:
+    """torch.save's C++ zip writer, left unfinished by a Ctrl-C, writes the zip's end again from
+    its destructor once the interrupted frames are freed, after the file was closed. A write that
+    raised there would abort the process (std::terminate) instead of exiting 130, so the file the
+    writer was handed must take late writes and drop them."""
+    from mbf_bench.train import _write_atomic
+
+    path, kept = tmp_path / "checkpoint.pt", []
+
+    def interrupted_save(handle: Any) -> None:
+        kept.append(handle)
+        handle.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(path, interrupted_save)
+    assert kept[0].write(b"end of the zip") == len(b"end of the zip")
+    kept[0].flush()
+    assert list(tmp_path.iterdir()) == []
+
+    _write_atomic(path, lambda handle: (kept.append(handle), handle.write(b"whole")))
+    kept[-1].write(b" and late")
+    assert path.read_bytes() == b"whole"

@@ -125,8 +125,11 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "mbf_bench.cli", "run", "--task", "digits-ae", "--optimizers",
            "sgdm", "--checkpoint-every", "0", "--no-progress", "--out", str(tmp_path)]
     metrics = _run_dir(tmp_path) / "metrics.jsonl"
+    # A shell without job control starts background jobs with SIGINT ignored, and children
+    # inherit that; Ctrl-C must reach this one whatever ran the tests.
     proc = subprocess.Popen([*cmd, "--max-steps", "1000000"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) > 20:
