@@ -3,7 +3,8 @@
 Private names can move or vanish in any torch release. Each one is read here, once, with the
 reason it is needed and what happens without it (a public fallback, or a clear error naming the
 attribute), so that a torch upgrade that breaks one shows up in this file and its tests only.
-No other module of ``mbf`` reads a private torch attribute.
+No other module of ``mbf`` reads a private torch attribute; the benchmark package
+``mbf_bench`` (its K-FAC baseline) reads them from here too.
 """
 
 from __future__ import annotations

@@ -45,11 +45,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from mbf._compat import NORM_BASES
+
 from ._common import all_finite, apply_update, check_common, inverse_with_damping, momentum_of
 
 __all__ = ["KFAC"]
 
-_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+# BatchNorm / InstanceNorm through mbf's one reader of torch's private base class.
+_NORM_LAYERS = (*NORM_BASES, nn.LayerNorm, nn.GroupNorm)
 REDUCTIONS = ("mean", "sum")
 
 
