@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mbf import MBF, PAPER
 from mbf.diagnostics import Diagnostics
+from mbf.direction import form_vector
 from mbf.storage import STORAGES
 from mbf.store import CurvatureStore
 
@@ -238,6 +239,41 @@ def test_graft_with_blocks_of_one_is_the_first_order_method(
     for step in range(6):
         _step_each(((model, opt), (twin, reference)), step)
         torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias_steps", [5, 2])  # steps the bias counted (5: all did)
+def test_grafted_lengths_follow_each_parameters_own_adam_counters(bias_steps: int) -> None:
+    """The grafted block lengths are Adam's ``m_hat / (sqrt(v_hat) + eps)`` with each parameter's
+    own bias corrections, also in a unit whose weight and bias counted different steps (a state
+    edited or migrated by hand); 5: counters equal, the scale applied to the lengths at once."""
+
+    model = _net()
+    hp = {**BASE, "graft": "adam", "graft_beta2": 0.99, "graft_eps": 1e-3}
+    opt = MBF(model, **hp)
+    for step in range(5):
+        model.zero_grad()
+        _loss(model, step).backward()
+        opt.step()
+    unit = opt._units[-1]  # the last Linear: blocks mix its weight and bias
+    weight, bias = unit.params
+    opt.state[bias]["graft_steps"] = opt.state[bias]["momentum_steps"] = bias_steps
+    model.zero_grad()
+    _loss(model, 5).backward()
+    group = dict(opt.param_groups[unit.group])
+    expected = []
+    for p in (weight, bias):
+        st = opt.state[p]
+        m = hp["momentum"] * st["momentum_buffer"] + p.grad
+        v = 0.99 * st["graft_sq"] + 0.01 * p.grad**2
+        t_m, t_v = st["momentum_steps"] + 1, st["graft_steps"] + 1
+        m_hat = m * (1 - hp["momentum"]) / (1 - hp["momentum"] ** t_m)
+        expected.append(m_hat / ((v / (1 - 0.99**t_v)).sqrt() + 1e-3))
+    lengths = form_vector(unit, group, opt.state, torch.empty_like(unit.layout.to_blocks(
+        [weight, bias])))
+    assert lengths is not None
+    torch.testing.assert_close(
+        lengths, torch.linalg.vector_norm(unit.layout.to_blocks(expected), dim=1),
+        rtol=1e-12, atol=0.0)
 
 
 def test_graft_makes_the_step_invariant_to_the_loss_scale() -> None:

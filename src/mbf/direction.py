@@ -10,6 +10,7 @@ KL clip (:func:`kl_term`), so both always see the same vector.
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -34,7 +35,7 @@ def form_vector(
     mu, wd = group["momentum"], group["weight_decay"]
     l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
     graft = group["graft"]
-    bufs, adam_steps = [], []
+    bufs, adam_steps, adam_scales = [], [], []
     for p in unit.params:
         g = p.grad
         d = (
@@ -53,8 +54,11 @@ def form_vector(
             beta2 = group["graft_beta2"]
             sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
             st["graft_steps"] += 1
-            denom = (sq / (1.0 - beta2 ** st["graft_steps"])).sqrt_()
-            denom.add_(group["graft_eps"])
+            # m_hat / (sqrt(v / b) + eps) = sqrt(b) m_hat / (sqrt(v) + sqrt(b) eps) with
+            # b = 1 - beta2^t: no division of the whole tensor by b (a third of this step's cost
+            # on the autoencoder); the scalar sqrt(b) is applied to the block lengths.
+            root_b = math.sqrt(1.0 - beta2 ** st["graft_steps"])
+            denom = torch.sqrt(sq).add_(group["graft_eps"] * root_b)
         if mu:
             buf = st.get("momentum_buffer")
             if buf is None:
@@ -67,11 +71,17 @@ def form_vector(
         if graft == "adam":
             # Adam's bias-corrected first moment is (1 - mu) m / (1 - mu^t) of our heavy ball.
             first = (1.0 - mu) / (1.0 - mu ** st["momentum_steps"]) if mu else 1.0
-            adam_steps.append(d.mul(first).div_(denom))
+            adam_steps.append(torch.div(d, denom, out=denom))
+            adam_scales.append(first * root_b)
         bufs.append(d)
     unit.layout.to_blocks(bufs, out=out)
     if graft == "adam":
-        return torch.linalg.vector_norm(unit.layout.to_blocks(adam_steps), dim=1)
+        if len(set(adam_scales)) > 1:  # parameters of the unit that started at different steps
+            for step, scale in zip(adam_steps, adam_scales, strict=True):
+                step.mul_(scale)
+            adam_scales = [1.0]
+        lengths = torch.linalg.vector_norm(unit.layout.to_blocks(adam_steps), dim=1)
+        return lengths.mul_(adam_scales[0])
     if graft == "sgd":
         return torch.linalg.vector_norm(out, dim=1)
     return None
