@@ -6,7 +6,8 @@ counts, including buckets with fewer blocks than ranks (ranks that own none of a
 bucket). Promised for each: every rank's parameters are bitwise the same, they equal one
 process's on the global batch, each rank allocates its share of the curvature only, and a
 consolidated checkpoint resumes on any number of ranks (1-4), in either storage, on the same
-trajectory. Profiles as in
+trajectory; so do the per-rank files (``sharded_state_dict``), bitwise as the consolidated one,
+each holding that rank's blocks only. Profiles as in
 ``tests/test_properties.py`` (``HYPOTHESIS_PROFILE``).
 """
 
@@ -107,11 +108,12 @@ def _build(case: dict[str, Any], **changes: Any) -> tuple[nn.Module, MBF]:
 
 def _train(
     case: dict[str, Any], world: int, steps: range, size: int, *, save_at: int | None = None,
-    resume: bytes | None = None, **changes: Any,
+    resume: bytes | None = None, resume_files: list[bytes] | None = None, **changes: Any,
 ) -> list[dict[str, Any]]:
     """Train ``steps`` on ``world`` threaded ranks (one plain process when ``world == 1``),
-    from scratch or from the ``resume`` checkpoint; save a consolidated one before ``save_at``.
-    Every rank's parameters, memory report and (rank 0) checkpoint bytes."""
+    from scratch, the ``resume`` checkpoint or the per-rank ``resume_files``; save a
+    consolidated checkpoint and per-rank files before ``save_at``. Every rank's parameters,
+    memory report, (rank 0) checkpoint bytes and its own per-rank file."""
     shared = World(world)
     rank_of: dict[int, int] = {}
 
@@ -133,18 +135,27 @@ def _train(
             state = torch.load(io.BytesIO(resume), weights_only=False)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
+        if resume_files is not None:
+            files = [torch.load(io.BytesIO(f), weights_only=False) for f in resume_files]
+            model.load_state_dict(files[0]["model"])
+            opt.load_sharded_state_dict([f["opt"] for f in reversed(files)])  # any order
         per = size // world
         shard = slice(rank * per, (rank + 1) * per)
-        saved = None
+        saved = own_file = None
         for step in steps:
             if step == save_at:
+                buffer = io.BytesIO()  # before consolidating: it needs no gathered copy
+                torch.save({"model": model.state_dict(), "opt": opt.sharded_state_dict()},
+                           buffer)
+                own_file = buffer.getvalue()
                 opt.consolidate_state_dict()
                 if rank == 0:
                     buffer = io.BytesIO()
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
                     saved = buffer.getvalue()
             _step(model, opt, step, size, shard, average if world > 1 else None)
-        return {"params": _flat(model), "memory": opt.memory_report(detail=True), "saved": saved}
+        return {"params": _flat(model), "memory": opt.memory_report(detail=True), "saved": saved,
+                "file": own_file}
 
     if world == 1:
         return [rank_body(0)]
@@ -178,3 +189,15 @@ def _check(case: dict[str, Any]) -> None:
                      storage=case["resume_storage"])
     for r in resumed:
         torch.testing.assert_close(r["params"], results[0]["params"], **TOL)
+
+    # So do the per-rank files, on the same bits; each holds its rank's blocks only.
+    files = [r["file"] for r in results]
+    from_files = _train(case, resumed_on, range(save_at, steps), size, resume_files=files,
+                        storage=case["resume_storage"])
+    for r, twin in zip(from_files, resumed, strict=True):
+        assert torch.equal(r["params"], twin["params"])
+    held = [torch.load(io.BytesIO(f), weights_only=False)["opt"]["mbf"]["units"] for f in files]
+    for position, unit in enumerate(_build(case)[1].blocks()):
+        spans = [records[position]["blocks"] for records in held]
+        assert [len(records[position]["fisher"]) for records in held] == [b - a for a, b in spans]
+        assert sum(b - a for a, b in spans) == unit.layout.num_blocks

@@ -3,22 +3,27 @@
 ``MBF.state_dict()["mbf"]`` holds the step count, the counters and one record per unit (its
 whole statistics and inverses in the saving storage's form, the queued estimates, the running
 average's bookkeeping). Records carry the unit's name and are matched by name on load, so a
-mismatch names the unit. Every change of the schema bumps :data:`VERSION` and adds one entry to
-:data:`MIGRATIONS`, which brings an older record up to date; loading never guesses.
+mismatch names the unit. A per-rank file (``MBF.sharded_state_dict()``) has the same schema with
+only the blocks that rank owns (``"blocks": [start, stop)`` per record, ``"shard"``: the rank and
+the number of ranks); :func:`join_shards` makes one entry of every rank's, whose records list
+their ``"pieces"``, and each rank then copies only the blocks it owns out of them. Every change
+of the schema bumps :data:`VERSION` and adds one entry to :data:`MIGRATIONS`, which brings an
+older record up to date; loading never guesses.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .store import Kept
 from .units import Unit
 
-__all__ = ["MIGRATIONS", "VERSION", "kept", "migrate", "record", "saved_units"]
+__all__ = ["MIGRATIONS", "VERSION", "join_shards", "kept", "migrate", "record", "saved_units"]
 
 #: The schema written by this version of mbf.
 VERSION = 3
@@ -117,17 +122,147 @@ def saved_units(extra: dict[str, Any], units: list[Unit]) -> list[Kept]:
         )
     else:
         ordered = list(records)
-    return [kept(r) for r in ordered]
+    return [kept(r, u.own) for r, u in zip(ordered, units, strict=True)]
 
 
-def kept(record: dict[str, Any]) -> Kept:
-    """A (migrated) unit record as the store restores it."""
+def kept(record: dict[str, Any], blocks: tuple[int, int] | None = None) -> Kept:
+    """A (migrated) unit record as the store restores it. From joined per-rank files, only
+    ``blocks`` ``[start, stop)`` of it are copied out of the pieces (every block if ``None``)."""
+    pieces = record.get("pieces")
+    if pieces is None:
+        fisher, inverse, queued = record["fisher"], record["inverse"], record["queued"]
+        first, total = 0, None
+    else:
+        total = int(record["num_blocks"])
+        first, stop = blocks if blocks is not None else (0, total)
+        fisher, inverse, queued = _rows(record["name"], pieces, first, stop)
     return Kept(
-        fisher=record["fisher"],
-        inverse=record["inverse"],
+        fisher=fisher,
+        inverse=inverse,
         stat_updates=int(record["stat_updates"]),
         stat_mass=float(record["stat_mass"]),
         inverse_scale=float(record["inverse_scale"]),
-        queued=record["queued"],
+        queued=queued,
         queued_weights=[float(w) for w in record["queued_weights"]],
+        first_block=first,
+        num_blocks=total,
+    )
+
+
+def shard_record(
+    unit: Unit, fisher: Tensor, inverse: Tensor, queued: Tensor | None, weights: list[float]
+) -> dict[str, Any]:
+    """One unit's record in a per-rank file: the blocks ``unit.own`` of this rank only."""
+    return dict(record(unit, fisher, inverse, queued, weights), blocks=list(unit.own))
+
+
+def join_shards(extras: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """One ``"mbf"`` entry from every rank's per-rank entry (migrated; any order), whose unit
+    records list the ranks' ``pieces``. Raises ``ValueError`` naming what does not fit: a file
+    that is not a per-rank one, a rank missing or given twice, files of different steps, a
+    unit whose blocks the files do not cover exactly once."""
+    if not extras:
+        raise ValueError("MBF: no per-rank state dicts given (pass every rank's, in any order)")
+    joined = []
+    for i, extra in enumerate(extras):
+        if extra is None:
+            raise ValueError(f"MBF: per-rank state dict {i} holds no MBF curvature")
+        extra = migrate(extra)
+        if "shard" not in extra:
+            raise ValueError(
+                f"MBF: state dict {i} holds the whole curvature, not one rank's share; load it "
+                "with load_state_dict"
+            )
+        joined.append(extra)
+    world = {int(e["shard"]["world_size"]) for e in joined}
+    ranks = sorted(int(e["shard"]["rank"]) for e in joined)
+    if len(world) != 1 or ranks != list(range(len(joined))) or world != {len(joined)}:
+        raise ValueError(
+            f"MBF: the per-rank state dicts are of ranks {ranks} of {sorted(world)} ranks; "
+            "pass every rank's file of one checkpoint, each once"
+        )
+    joined.sort(key=lambda e: int(e["shard"]["rank"]))
+    first = joined[0]
+    for e in joined[1:]:
+        for key in ("step", "storage", "counters", "factored"):
+            if e.get(key) != first.get(key):
+                raise ValueError(
+                    f"MBF: the per-rank state dicts of ranks 0 and {e['shard']['rank']} differ "
+                    f"in {key!r} ({first.get(key)!r} vs {e.get(key)!r}): files of different "
+                    "checkpoints?"
+                )
+        if len(e["units"]) != len(first["units"]):
+            raise ValueError(
+                f"MBF: the per-rank state dicts of ranks 0 and {e['shard']['rank']} hold "
+                f"{len(first['units'])} and {len(e['units'])} units: files of different models?"
+            )
+    units = []
+    for position, records in enumerate(zip(*(e["units"] for e in joined), strict=True)):
+        units.append(_join_unit(position, records))
+    out = {k: v for k, v in first.items() if k not in ("shard", "units")}
+    out["units"] = units
+    return out
+
+
+_SHARED = ("name", "num_blocks", "block_size", "stat_updates", "stat_mass", "inverse_scale",
+           "queued_weights")
+
+
+def _join_unit(position: int, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One unit's record from the ranks' records of it: the shared fields, checked equal, and
+    the pieces sorted by their first block, checked to cover every block once."""
+    head = records[0]
+    name = head.get("name", f"#{position}")
+    for rank, r in enumerate(records[1:], 1):
+        for key in _SHARED:
+            if r.get(key) != head.get(key):
+                raise ValueError(
+                    f"MBF: unit {name}: ranks 0 and {rank} saved different {key!r} "
+                    f"({head.get(key)!r} vs {r.get(key)!r}): files of different checkpoints?"
+                )
+    pieces = sorted(
+        ((int(r["blocks"][0]), int(r["blocks"][1]), r["fisher"], r["inverse"], r["queued"])
+         for r in records),
+        key=lambda piece: piece[:2],
+    )
+    covered = 0
+    for start, stop, fisher, _, _ in pieces:
+        if start > covered or (stop > start and start < covered) or stop - start != len(fisher):
+            raise ValueError(
+                f"MBF: unit {name}: the per-rank state dicts do not hold its blocks once each "
+                f"(a piece of blocks {start}-{stop - 1} after block {covered - 1})"
+            )
+        covered = max(covered, stop)
+    if covered != int(head["num_blocks"]):
+        raise ValueError(
+            f"MBF: unit {name}: the per-rank state dicts hold blocks 0-{covered - 1} of "
+            f"{head['num_blocks']}"
+        )
+    return {**{k: head[k] for k in head if k not in ("fisher", "inverse", "queued", "blocks")},
+            "pieces": [p for p in pieces if p[1] > p[0]] or pieces[:1]}
+
+
+def _rows(
+    name: str, pieces: Sequence[tuple[int, int, Tensor, Tensor, Tensor | None]],
+    start: int, stop: int,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Blocks ``[start, stop)`` of a unit out of its pieces (views when one piece holds them)."""
+    parts = [
+        (f[max(start, a) - a : min(stop, b) - a], i[max(start, a) - a : min(stop, b) - a],
+         None if q is None else q[max(start, a) - a : min(stop, b) - a])
+        for a, b, f, i, q in pieces
+        if a < stop and start < b
+    ]
+    if not parts:  # no block of this unit here: an empty slice of the right shape
+        _, _, f, i, q = pieces[0]
+        return f[:0], i[:0], None if q is None else q[:0]
+    if len(parts) == 1:
+        return parts[0]
+    queued = [q for _, _, q in parts if q is not None]
+    if queued and len(queued) != len(parts):
+        raise ValueError(f"MBF: unit {name}: some ranks saved queued estimates, others none")
+    return (
+        torch.cat([f for f, _, _ in parts]),
+        torch.cat([i for _, i, _ in parts]),
+        torch.cat(queued) if queued else None,
     )

@@ -25,7 +25,8 @@ batch. MBF then runs as follows (``docs/distributed.md`` has the user's view):
   step (the run itself is not changed), so that a ``state_dict`` is the one a single process
   would have, loadable on any number of ranks (each loading rank copies its own slice);
   ``state_dict`` refuses to run before that, rather than write a checkpoint holding one rank's
-  share.
+  share. Or each rank saves its own share (``MBF.sharded_state_dict``, no collective) and every
+  rank of the resumed run copies its blocks out of all those files (``load_sharded_state_dict``).
 
 The rank-independent part of the step (units, buckets, statistics, factorization, solve) is the
 curvature store of :mod:`mbf.store`, driven through the engine interface of :mod:`mbf.engine`;
@@ -493,7 +494,8 @@ class ShardedEngine(LocalEngine):
             raise RuntimeError(
                 f"MBF (rank {self.rank} of {self.world_size}): each rank holds only its share of "
                 "the curvature; call optimizer.consolidate_state_dict() on every rank before "
-                "optimizer.state_dict() (e.g. just before rank 0 saves a checkpoint)"
+                "optimizer.state_dict() (e.g. just before rank 0 saves a checkpoint), or save "
+                "each rank's optimizer.sharded_state_dict() to a file of its own"
             )
         return self._snapshot
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -671,6 +671,39 @@ class MBF(torch.optim.Optimizer):
         }
         return sd
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's checkpoint file: the usual optimizer state (parameter groups and momenta,
+        which every rank holds whole) and the curvature of the blocks this rank owns only.
+
+        With ``K`` ranks each file holds about ``1/K`` of the curvature and no rank ever holds
+        more (no collective, no gathered copy, unlike
+        [`consolidate_state_dict`][mbf.MBF.consolidate_state_dict]): save one file per rank,
+        e.g. ``torch.save(opt.sharded_state_dict(), f"opt.{rank}.pt")``, and restore with
+        [`load_sharded_state_dict`][mbf.MBF.load_sharded_state_dict] on any number of ranks.
+        In one process it is a single file holding everything. Like ``torch.optim``'s
+        ``state_dict``, the tensors are the live ones: save it before the next step.
+        """
+        store = self._store
+        sd = super().state_dict()
+        records = {}
+        for u in store.units:
+            queued = None
+            if u.queue is not None and u.queue_weights:
+                queued = u.queue[:, : len(u.queue_weights)]
+            records[id(u)] = checkpoint.shard_record(
+                u, u.fisher, u.inverse, queued, u.queue_weights
+            )
+        sd["mbf"] = {
+            "version": checkpoint.VERSION,
+            "storage": self.storage,
+            "step": self._step_count,
+            "counters": dict(self._counters),
+            "units": [records[id(u)] for u in store.units],
+            "factored": [b.factored for b in store.buckets],
+            "shard": {"rank": self._engine.rank, "world_size": self._engine.world_size},
+        }
+        return sd
+
     def __getstate__(self) -> dict[str, Any]:
         """Everything, for ``copy.deepcopy`` and pickling (``torch.Optimizer`` keeps only the
         param groups and momenta, which left a copy without its units).
@@ -718,7 +751,35 @@ class MBF(torch.optim.Optimizer):
             raise ValueError(
                 "MBF: this state dict holds no MBF curvature (saved by another optimizer?)"
             )
-        extra = checkpoint.migrate(extra)
+        if "shard" in extra:
+            shard = extra["shard"]
+            raise ValueError(
+                f"MBF: this state dict is rank {shard.get('rank')}'s share of "
+                f"{shard.get('world_size')} (sharded_state_dict); pass every rank's to "
+                "load_sharded_state_dict"
+            )
+        self._load_checked(sd, checkpoint.migrate(extra))
+
+    def load_sharded_state_dict(self, state_dicts: Sequence[dict[str, Any]]) -> None:
+        """Restore from every rank's [`sharded_state_dict`][mbf.MBF.sharded_state_dict] file
+        (in any order), on any number of ranks, in either storage.
+
+        Each rank copies out only the blocks it owns now; load the files with
+        ``torch.load(path, mmap=True)`` so that no rank reads more than its share of the
+        curvature (on CPU). Raises ``ValueError`` naming what does not fit (a rank's file
+        missing or given twice, files of different steps or models); the optimizer is then
+        left as it was.
+        """
+        if not state_dicts:
+            raise ValueError("MBF: no per-rank state dicts given (pass every rank's)")
+        extra = checkpoint.join_shards([sd.get("mbf") for sd in state_dicts])
+        ranked = {int(sd["mbf"]["shard"]["rank"]): sd for sd in state_dicts}
+        sd = {k: v for k, v in ranked[0].items() if k != "mbf"}
+        self._load_checked(sd, extra)
+
+    def _load_checked(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
+        """Load ``sd`` (without its ``"mbf"`` entry) and the migrated ``extra``; on any error
+        the optimizer is left exactly as it was."""
         store = self._store
         backup = (
             [dict(g) for g in self.param_groups],
@@ -758,10 +819,6 @@ class MBF(torch.optim.Optimizer):
                 index += 1
         units = self._store.units
         for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
-            device = unit.fisher.device
-            saved.fisher, saved.inverse = saved.fisher.to(device), saved.inverse.to(device)
-            if saved.queued is not None:
-                saved.queued = saved.queued.to(device)
             self._store.restore(unit, saved)
         for bucket, factored in zip(self._store.buckets, extra.get("factored", []), strict=False):
             bucket.factored = bool(factored)

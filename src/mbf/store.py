@@ -80,8 +80,9 @@ class Bucket:
 
 @dataclass
 class Kept:
-    """One unit's whole curvature (every block, the storage's form or either on load), carried
-    across a rebuild of the units or out of a checkpoint."""
+    """One unit's saved curvature (the storage's form, or either on load), carried across a
+    rebuild of the units or out of a checkpoint: blocks ``[first_block, first_block + len)`` of
+    the unit's ``num_blocks`` (every block, or the part one rank loads from per-rank files)."""
 
     fisher: Tensor
     inverse: Tensor
@@ -90,6 +91,13 @@ class Kept:
     inverse_scale: float
     queued: Tensor | None = None
     queued_weights: list[float] = field(default_factory=list)
+    first_block: int = 0
+    num_blocks: int | None = None  # None: the tensors hold every block
+
+    @property
+    def total_blocks(self) -> int:
+        """How many blocks the saved unit has."""
+        return int(self.fisher.shape[0]) if self.num_blocks is None else self.num_blocks
 
 
 def span(unit: Unit, lo: int, hi: int) -> tuple[int, int]:
@@ -170,32 +178,49 @@ class CurvatureStore:
         self.units, self.buckets = units, buckets
 
     def restore(self, unit: Unit, saved: Kept) -> None:
-        """Put a unit's whole saved curvature in place (this rank's blocks of it). A queue this
-        unit cannot keep (longer than its capacity) is folded into the statistics first."""
+        """Put a unit's saved curvature in place (this rank's blocks of it, which ``saved`` must
+        hold). A queue this unit cannot keep (longer than its capacity) is folded into the
+        statistics first."""
         size = unit.layout.block_size
-        fisher = self.storage.convert(saved.fisher, size)
-        inverse = self.storage.convert(saved.inverse, size)
-        expected = (unit.layout.num_blocks, *self.storage.block_shape(size))
-        if tuple(fisher.shape) != expected or tuple(inverse.shape) != expected:
+        block = tuple(self.storage.block_shape(size))
+        first, held = saved.first_block, len(saved.fisher)
+        a, b = unit.own
+        if saved.total_blocks == unit.layout.num_blocks and a != b and not (
+            first <= a and b <= first + held
+        ):  # the part one rank was given lacks some of its blocks
             raise ValueError(
-                f"MBF: unit {unit.name} was saved with blocks {tuple(saved.fisher.shape)} but has "
-                f"{expected} here (saved for another model?)"
+                f"MBF: unit {unit.name}: blocks {a}-{b - 1} are to be restored here but the saved "
+                f"part holds blocks {first}-{first + held - 1}"
+            )
+        rows = slice(a - first, b - first) if a != b else slice(0, 0)
+        fisher = self.storage.convert(saved.fisher[rows], size)
+        inverse = self.storage.convert(saved.inverse[rows], size)
+        if (
+            saved.total_blocks != unit.layout.num_blocks
+            or tuple(fisher.shape[1:]) != block
+            or tuple(inverse.shape[1:]) != block
+        ):
+            raise ValueError(
+                f"MBF: unit {unit.name} was saved with blocks "
+                f"{(saved.total_blocks, *saved.fisher.shape[1:])} but has "
+                f"{(unit.layout.num_blocks, *block)} here (saved for another model?)"
             )
         queued, weights = saved.queued, list(saved.queued_weights)
+        if queued is not None:
+            queued = queued[rows]
         if queued is not None and len(weights) > unit.queue_capacity:
-            fisher = fisher.clone() if fisher is saved.fisher else fisher
+            fisher = fisher.clone()
             self.storage.fold_(fisher, queued.clone(), weights)
             queued, weights = None, []
-        a, b = unit.own
-        unit.fisher.copy_(fisher[a:b])
-        unit.inverse.copy_(inverse[a:b])
+        unit.fisher.copy_(fisher)
+        unit.inverse.copy_(inverse)
         unit.stat_updates = int(saved.stat_updates)
         unit.stat_mass = float(saved.stat_mass)
         unit.inverse_scale = float(saved.inverse_scale)
         unit.queue, unit.queue_weights = None, []
         if queued is not None and weights:
             unit.queue = unit.fisher.new_empty(b - a, unit.queue_capacity, size)
-            unit.queue[:, : len(weights)].copy_(queued[a:b])
+            unit.queue[:, : len(weights)].copy_(queued)
             unit.queue_weights = weights
 
     def rebind(self) -> None:
