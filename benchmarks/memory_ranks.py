@@ -4,7 +4,8 @@ Every rank builds ``MBF`` on the paper's mnist-ae autoencoder and CIFAR ResNet-3
 weights: the allocation does not depend on data) and reports ``memory_report(detail=True)``;
 curvature bytes are statistics + inverses + queued statistics (momentum is kept in full on every
 rank, as are parameters and gradients). The target: each rank's curvature bytes are at most
-``1/K`` of one process's plus 5 %.
+``1/K`` of one process's plus 5 %. Each rank also writes its per-rank checkpoint file
+(``sharded_state_dict``) and reports its size: the checkpoint of one rank, against one process's.
 
     python benchmarks/memory_ranks.py --json benchmarks/memory_ranks.json
 
@@ -34,18 +35,26 @@ MODELS = {
 CURVATURE = ("statistics", "inverse", "queue")
 
 
-def measure() -> dict[str, Any]:
-    """``{model: {storage: (curvature bytes, momentum bytes)}}`` on this rank."""
+def measure(scratch: Path) -> dict[str, Any]:
+    """``{model: {storage: (curvature bytes, momentum bytes, per-rank file bytes)}}`` on this
+    rank (the file is written into ``scratch`` and removed)."""
     out: dict[str, Any] = {}
     for name, build in MODELS.items():
         torch.manual_seed(0)
         model = build()
+        for p in model.parameters():  # a momentum to save, as after a first step
+            p.grad = torch.zeros_like(p)
         out[name] = {}
         for storage in ("full", "packed"):
-            opt = MBF(model, storage=storage, max_state_bytes=None)
+            opt = MBF(model, storage=storage, max_state_bytes=None, stat_every=10**9)
+            opt.step()
             parts = opt.memory_report(detail=True).values()
             curvature = sum(p[k] for p in parts for k in CURVATURE)
-            out[name][storage] = (curvature, sum(p["momentum"] for p in parts))
+            file = scratch / f"{name}-{storage}-{os.getpid()}.pt"
+            torch.save(opt.sharded_state_dict(), file)
+            out[name][storage] = (curvature, sum(p["momentum"] for p in parts),
+                                  file.stat().st_size)
+            file.unlink()
             del opt
     return out
 
@@ -53,16 +62,16 @@ def measure() -> dict[str, Any]:
 def _rank(rank: int, world: int, init: str, results: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.save(measure(), Path(results) / f"rank{rank}.pt")
+    torch.save(measure(Path(results)), Path(results) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 def run(world: int) -> list[dict[str, Any]]:
     """Every rank's :func:`measure` with ``world`` ranks (one process: no process group)."""
-    if world == 1:
-        return [measure()]
     with tempfile.TemporaryDirectory() as tmp:
+        if world == 1:
+            return [measure(Path(tmp))]
         init = f"file://{os.path.join(tmp, 'store')}"
         mp.spawn(_rank, args=(world, init, tmp), nprocs=world, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
@@ -78,8 +87,9 @@ def main() -> None:
     single = per_world[1][0] if 1 in per_world else run(1)[0]
     records = []
     print("| model | storage | ranks | largest rank's curvature (MB) | one process's / K (MB) "
-          "| ratio to 1/K | momentum per rank (MB) |")
-    print("|---|---|---|---|---|---|---|")
+          "| ratio to 1/K | momentum per rank (MB) | largest rank's file (MB) | one process's "
+          "file / K (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in MODELS:
         for storage in ("full", "packed"):
             alone = single[name][storage][0]
@@ -87,12 +97,17 @@ def main() -> None:
                 largest = max(r[name][storage][0] for r in ranks)
                 momentum = ranks[0][name][storage][1]
                 ratio = largest / (alone / world)
+                file = max(r[name][storage][2] for r in ranks)
+                alone_file = single[name][storage][2]
                 records.append({"model": name, "storage": storage, "ranks": world,
                                 "largest_rank_bytes": largest, "single_process_bytes": alone,
                                 "ratio_to_1_over_k": ratio, "momentum_bytes": momentum,
-                                "total_over_ranks": sum(r[name][storage][0] for r in ranks)})
+                                "total_over_ranks": sum(r[name][storage][0] for r in ranks),
+                                "largest_rank_file_bytes": file,
+                                "single_process_file_bytes": alone_file})
                 print(f"| {name} | {storage} | {world} | {largest / 1e6:.2f} | "
-                      f"{alone / world / 1e6:.2f} | {ratio:.4f} | {momentum / 1e6:.2f} |")
+                      f"{alone / world / 1e6:.2f} | {ratio:.4f} | {momentum / 1e6:.2f} | "
+                      f"{file / 1e6:.2f} | {alone_file / world / 1e6:.2f} |")
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
 
