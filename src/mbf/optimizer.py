@@ -688,8 +688,8 @@ class MBF(torch.optim.Optimizer):
         records = {}
         for u in store.units:
             queued = None
-            if u.queue is not None and u.queue_weights:
-                queued = u.queue[:, : len(u.queue_weights)]
+            if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
+                queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
             records[id(u)] = checkpoint.shard_record(
                 u, u.fisher, u.inverse, queued, u.queue_weights
             )
