@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Issue 10: step cost of MBF relative to Adam before (9d53ba2, the two-copy engine) and after
-# the one-engine refactor, measured in alternating rounds in one session, one thread each.
-# Usage: bash benchmarks/engine_speed.sh BEFORE_SRC_DIR  (e.g. a worktree of 9d53ba2's src/)
+# Step cost of MBF relative to Adam for two versions of the code, measured in alternating rounds
+# in one session, one thread each (`mbf-bench speed` with the same optimizers and tasks).
+# Usage: bash benchmarks/engine_speed.sh BEFORE_SRC_DIR [OUT_DIR] [TASKS]
+#   issue 10 (the one-engine refactor), BEFORE = a worktree of 9d53ba2's src/:
+#     bash benchmarks/engine_speed.sh ../before/src
+#   the cheaper Adam graft, BEFORE = a worktree of c598893's src/:
+#     bash benchmarks/engine_speed.sh ../before-graft/src benchmarks/graft_speed mnist-ae
 set -euo pipefail
-before=${1:?usage: engine_speed.sh BEFORE_SRC_DIR}
-out=benchmarks/engine_speed
+before=${1:?usage: engine_speed.sh BEFORE_SRC_DIR [OUT_DIR] [TASKS]}
+out=${2:-benchmarks/engine_speed}
+tasks=${3:-mnist-ae,cifar10-resnet32}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 for round in 1 2; do
   for version in before after; do
     if [ "$version" = before ]; then path=$before; else path=src; fi
-    PYTHONPATH=$path .venv/bin/python -m mbf_bench.cli speed --tasks mnist-ae,cifar10-resnet32 \
+    PYTHONPATH=$path .venv/bin/python -m mbf_bench.cli speed --tasks "$tasks" \
       --optimizers adam,mbf,mbf-paper,mbf-packed --repeats 5 --warmup 1 \
       --json "$out/${version}_round${round}.json" > "$out/${version}_round${round}.md"
   done
