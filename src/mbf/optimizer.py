@@ -661,15 +661,19 @@ class MBF(torch.optim.Optimizer):
             for bucket in store.buckets
             for u in bucket.units
         }
-        sd["mbf"] = {
+        sd["mbf"] = self._curvature_entry([records[id(u)] for u in store.units])
+        return sd
+
+    def _curvature_entry(self, units: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``"mbf"`` entry of a state dict around the units' records (:mod:`mbf.checkpoint`)."""
+        return {
             "version": checkpoint.VERSION,
             "storage": self.storage,
             "step": self._step_count,
             "counters": dict(self._counters),
-            "units": [records[id(u)] for u in store.units],
-            "factored": [b.factored for b in store.buckets],
+            "units": units,
+            "factored": [b.factored for b in self._store.buckets],
         }
-        return sd
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's checkpoint file: the usual optimizer state (parameter groups and momenta,
@@ -683,25 +687,16 @@ class MBF(torch.optim.Optimizer):
         In one process it is a single file holding everything. Like ``torch.optim``'s
         ``state_dict``, the tensors are the live ones: save it before the next step.
         """
-        store = self._store
         sd = super().state_dict()
-        records = {}
-        for u in store.units:
+        records = []
+        for u in self._store.units:
             queued = None
             if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
                 queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
-            records[id(u)] = checkpoint.shard_record(
-                u, u.fisher, u.inverse, queued, u.queue_weights
-            )
-        sd["mbf"] = {
-            "version": checkpoint.VERSION,
-            "storage": self.storage,
-            "step": self._step_count,
-            "counters": dict(self._counters),
-            "units": [records[id(u)] for u in store.units],
-            "factored": [b.factored for b in store.buckets],
-            "shard": {"rank": self._engine.rank, "world_size": self._engine.world_size},
-        }
+            records.append(checkpoint.shard_record(u, u.fisher, u.inverse, queued,
+                                                   u.queue_weights))
+        sd["mbf"] = self._curvature_entry(records)
+        sd["mbf"]["shard"] = {"rank": self._engine.rank, "world_size": self._engine.world_size}
         return sd
 
     def __getstate__(self) -> dict[str, Any]:
