@@ -23,7 +23,16 @@ from torch import Tensor
 from .store import Kept
 from .units import Unit
 
-__all__ = ["MIGRATIONS", "VERSION", "join_shards", "kept", "migrate", "record", "saved_units"]
+__all__ = [
+    "MIGRATIONS",
+    "VERSION",
+    "join_shards",
+    "kept",
+    "migrate",
+    "record",
+    "saved_units",
+    "shard_record",
+]
 
 #: The schema written by this version of mbf.
 VERSION = 3
