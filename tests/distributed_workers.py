@@ -131,6 +131,8 @@ def scenario_train(
                 out[f"unconsolidated_{estimator}"] = None
             except RuntimeError as exc:
                 out[f"unconsolidated_{estimator}"] = str(exc)
+            # Each rank's own checkpoint file (no collective), then the consolidated one.
+            torch.save(opt.sharded_state_dict(), outdir / f"rank{rank}_{estimator}.pt")
             opt.consolidate_state_dict()  # every rank
             if rank == 0:
                 full = {"model": model.module.state_dict(), "opt": opt.state_dict()}

@@ -152,6 +152,17 @@ def test_two_ranks_match_one_process_and_resume_on_one(two_ranks: tuple) -> None
         torch.testing.assert_close(resumed, got[0]["params"], **PARAM_TOL)
         assert counters == ref_counters
 
+        # So do the two ranks' own files (memory-mapped), on the same bits.
+        files = [torch.load(tmp_path / f"rank{r}_{estimator}.pt", mmap=True, weights_only=True)
+                 for r in (1, 0)]
+        assert [f["mbf"]["shard"]["rank"] for f in files] == [1, 0]
+        model = W.make_model()
+        model.load_state_dict(saved["model"])
+        opt = W.make_optimizer(model, estimator)
+        opt.load_sharded_state_dict(files)
+        from_files, counters = _continue(model, opt)
+        assert torch.equal(from_files, resumed) and counters == ref_counters
+
     # Before consolidation a rank's state dict would hold only its share: refused.
     for r, result in enumerate(results):
         for estimator in ("batch", "per_example"):
