@@ -256,15 +256,15 @@ def _rows(
     start: int, stop: int,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Blocks ``[start, stop)`` of a unit out of its pieces (views when one piece holds them)."""
-    parts = [
-        (f[max(start, a) - a : min(stop, b) - a], i[max(start, a) - a : min(stop, b) - a],
-         None if q is None else q[max(start, a) - a : min(stop, b) - a])
+    cuts = [
+        (slice(max(start, a) - a, min(stop, b) - a), f, i, q)
         for a, b, f, i, q in pieces
         if a < stop and start < b
     ]
-    if not parts:  # no block of this unit here: an empty slice of the right shape
+    if not cuts:  # no block of this unit here: an empty slice of the right shape
         _, _, f, i, q = pieces[0]
-        return f[:0], i[:0], None if q is None else q[:0]
+        cuts = [(slice(0, 0), f, i, q)]
+    parts = [(f[cut], i[cut], None if q is None else q[cut]) for cut, f, i, q in cuts]
     if len(parts) == 1:
         return parts[0]
     queued = [q for _, _, q in parts if q is not None]
