@@ -31,7 +31,8 @@ def _model() -> nn.Module:
                          nn.Linear(3, 2)).double()
 
 
-def _step(model: nn.Module, opt: MBF, step: int, part: slice = slice(None)) -> None:
+def _backward(model: nn.Module, opt: MBF, step: int, part: slice = slice(None)) -> None:
+    """Step ``step``'s gradients of ``part`` of its batch (the caller averages and steps)."""
     gen = torch.Generator().manual_seed(step)
     x = torch.randn(12, 6, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 2, (12,), generator=gen)
@@ -54,7 +55,7 @@ def _saved_on_ranks(world: int, steps: int = 5, **options: Any) -> dict[str, Any
         opt = threaded(MBF(model, process_group=False, **{**KW, **options}), shared, rank)
         per = 12 // world
         for step in range(steps):
-            _step(model, opt, step, slice(rank * per, (rank + 1) * per))
+            _backward(model, opt, step, slice(rank * per, (rank + 1) * per))
             for p in model.parameters():  # DDP: the mean of the ranks' gradients
                 shared.all_reduce(rank, p.grad)
                 p.grad /= world
@@ -78,7 +79,7 @@ def _continued(saved: dict[str, Any], load: Any, steps: range, **options: Any) -
     opt = MBF(model, **{**KW, **options})
     load(opt)
     for step in steps:
-        _step(model, opt, step)
+        _backward(model, opt, step)
         opt.step()
     return _flat(model)
 
@@ -129,13 +130,13 @@ def test_one_process_file_is_the_whole_state() -> None:
     model = _model()
     opt = MBF(model, **KW)
     for step in range(4):
-        _step(model, opt, step)
+        _backward(model, opt, step)
         opt.step()
     saved = {"model": copy.deepcopy(model.state_dict()),
              "file": copy.deepcopy(opt.sharded_state_dict())}
     assert saved["file"]["mbf"]["shard"] == {"rank": 0, "world_size": 1}
     for step in range(4, 7):
-        _step(model, opt, step)
+        _backward(model, opt, step)
         opt.step()
     resumed = _continued(saved, lambda o: o.load_sharded_state_dict([saved["file"]]), range(4, 7))
     assert torch.equal(resumed, _flat(model))
@@ -174,7 +175,7 @@ def test_files_that_do_not_fit_are_refused_and_change_nothing(
 ) -> None:
     model = _model()
     opt = MBF(model, **KW)
-    _step(model, opt, 0)
+    _backward(model, opt, 0)
     opt.step()
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=match):
@@ -209,7 +210,7 @@ def test_files_pickle_without_the_optimizer() -> None:
     """A rank's file is plain tensors and built-ins (``weights_only`` loads it)."""
     model = _model()
     opt = MBF(model, **KW)
-    _step(model, opt, 0)
+    _backward(model, opt, 0)
     opt.step()
     buffer = io.BytesIO()
     torch.save(opt.sharded_state_dict(), buffer)
