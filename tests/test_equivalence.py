@@ -161,6 +161,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
     return run_configs(CONFIGS, Path(tmp_path_factory.mktemp("equivalence")))
 
 
+def _same_steps(results: dict[str, Result], case: str, reference: str, exact: bool) -> None:
+    """The two configurations are expected to agree bitwise exactly when ``exact``, and their
+    runs do: bit for bit, or to float64 rounding (:func:`equivalence.assert_equivalent`)."""
+    assert bitwise_expected(CONFIGS[case], CONFIGS[reference]) == exact
+    assert_equivalent(results[case], results[reference], exact=exact)
+
+
 @pytest.mark.parametrize(("case", "reference"), MATRIX)
 def test_every_configuration_takes_the_steps_of_one_process(
     results: dict[str, Result], case: str, reference: str
@@ -175,16 +182,14 @@ def test_every_configuration_takes_the_steps_of_one_process(
 def test_resuming_in_the_same_configuration_changes_no_bit(
     results: dict[str, Result], case: str, uninterrupted: str
 ) -> None:
-    assert bitwise_expected(CONFIGS[case], CONFIGS[uninterrupted])
-    assert_equivalent(results[case], results[uninterrupted], exact=True)
+    _same_steps(results, case, uninterrupted, exact=True)
 
 
 @pytest.mark.parametrize(("case", "reference"), RESUMES_ACROSS)
 def test_resuming_on_other_ranks_storage_or_queue_takes_the_same_steps(
     results: dict[str, Result], case: str, reference: str
 ) -> None:
-    assert not bitwise_expected(CONFIGS[case], CONFIGS[reference])
-    assert_equivalent(results[case], results[reference], exact=False)
+    _same_steps(results, case, reference, exact=False)
 
 
 # ------------------------------------------------ formerly hand-written in test_optimizer.py
@@ -217,8 +222,7 @@ def test_save_and_resume_is_bitwise_identical(
 ) -> None:
     """Saved after 5 of 8 steps (statistics every 2nd step, a queue of 4) and resumed in a
     fresh model and optimizer: parameters, counters and curvature bit for bit."""
-    assert bitwise_expected(CONFIGS[case], CONFIGS[uninterrupted])
-    assert_equivalent(results[case], results[uninterrupted], exact=True)
+    _same_steps(results, case, uninterrupted, exact=True)
 
 
 def _queue_pairs() -> list[Any]:
@@ -256,8 +260,7 @@ def test_queued_statistics_equal_folding_every_update(
     """stat_buffer only changes when the running average is formed, not what it is: the same
     steps and statistics as stat_buffer=1 to float64 rounding, also when stat_decay changes
     mid-run and when a factorization cuts the queue short."""
-    assert not bitwise_expected(CONFIGS[case], CONFIGS[folded])
-    assert_equivalent(results[case], results[folded], exact=False)
+    _same_steps(results, case, folded, exact=False)
 
 
 def _loader_pairs() -> list[Any]:
@@ -347,8 +350,7 @@ def _packed_pairs() -> list[Any]:
 def test_packed_storage_takes_the_same_steps_as_full(
     results: dict[str, Result], packed: str, full: str
 ) -> None:
-    assert not bitwise_expected(CONFIGS[packed], CONFIGS[full])
-    assert_equivalent(results[packed], results[full], exact=False)
+    _same_steps(results, packed, full, exact=False)
 
 
 def _packed_resume_pairs() -> list[Any]:
@@ -371,5 +373,4 @@ def test_packed_save_resume_is_bitwise_and_loads_across_storages(
     results: dict[str, Result], case: str, uninterrupted: str, exact: bool
 ) -> None:
     """Resumed as packed: bit for bit; as full: the same numbers, kept whole from there on."""
-    assert bitwise_expected(CONFIGS[case], CONFIGS[uninterrupted]) == exact
-    assert_equivalent(results[case], results[uninterrupted], exact=exact)
+    _same_steps(results, case, uninterrupted, exact=exact)
