@@ -36,6 +36,8 @@ SMOKE: dict[str, dict[str, Any]] = {
     "cifar10-resnet8": {"subset": 8, "batch_size": 4},
     "cifar10-vgg16-small": {"subset": 8, "batch_size": 4},
     "planetoid-gcn": {},
+    "text-gpt": {"subset": 200, "batch_size": 2},
+    "text-gpt-tiny": {"subset": 200, "batch_size": 4},
 }
 
 
@@ -59,7 +61,8 @@ def test_smoke_settings_cover_every_task() -> None:
 # pooling, graph convolution); the paper-sized ones add only size, which makes the curvature
 # optimizers' first steps take tens of seconds each on two cores. By default those run with SGD
 # only (data, model and loss plumbing); MBF_BENCH_SLOW=1 runs them with every optimizer.
-CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn")
+CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn",
+             "text-gpt-tiny")
 FIRST_ORDER = ("sgdm",)
 SLOW = bool(os.environ.get("MBF_BENCH_SLOW"))
 
