@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mbf
 from mbf_bench import cli
 from mbf_bench.data import DataError, load_text
 from mbf_bench.data.text import TEXT_FILE, encode
@@ -218,3 +219,50 @@ def test_tiny_gpt_resumes_bitwise(optimizer: str, tmp_path: Path) -> None:
     b = torch.load(resumed.directory / "checkpoint.pt", weights_only=True)["model"]
     for key, tensor in a.items():
         assert torch.equal(tensor, b[key]), key
+
+
+# --- MBF's blocks on the GPT (docs/layers.md, "A transformer") -----------------------------------
+def test_mbf_cuts_every_gpt_parameter_by_its_modules_rule() -> None:
+    """Each parameter in exactly one unit: token and position tables one block per row (a
+    token's or a position's vector, chunked), LayerNorm (gamma_c, beta_c) pairs, every Linear
+    (attention projections, MLP, head) one block per output unit with its bias appended."""
+    config = GPTConfig(vocab_size=40, context=12, layers=2, width=64, heads=4)
+    model = GPT(config, seed=0)
+    units = {u.name.split(" ")[0]: u.layout for u in mbf.MBF(model, max_block_size=32).blocks()}
+    covered = [id(p) for u in mbf.MBF(model).blocks() for p in u.params]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters())
+    assert len(set(covered)) == len(covered)
+    for name, rows in (("tok", 40), ("pos", 12)):
+        layout = units[name]
+        assert (layout.kind, layout.rows, layout.row_length) == ("embedding", rows, 64)
+        assert (layout.chunks, layout.block_size) == (2, 32)
+    for name in ("blocks.0.ln1", "blocks.1.ln2", "ln_f"):
+        assert (units[name].kind, units[name].rows, units[name].block_size) == ("norm", 64, 2)
+    expected = {"attn.query": (64, 65), "attn.key": (64, 65), "attn.value": (64, 65),
+                "attn.out": (64, 65), "fc": (256, 65), "proj": (64, 257)}
+    for layer in ("blocks.0", "blocks.1"):
+        for name, (rows, length) in expected.items():
+            layout = units[f"{layer}.{name}"]
+            assert (layout.kind, layout.rows, layout.row_length) == ("linear", rows, length)
+            assert len(layout.shapes) == 2  # the bias is in the unit
+    head = units["head"]
+    assert (head.kind, head.rows, head.row_length, len(head.shapes)) == ("linear", 40, 64, 1)
+
+
+def test_token_blocks_hold_each_tokens_own_gradient_outer_product() -> None:
+    """Float64: after one statistics update the block of token t is (1 - stat_decay) g_t g_t^T
+    (chunked), g_t the gradient of t's row; tokens absent from the batch have zero blocks."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=9, context=6, layers=1, width=8, heads=2), seed=0).double()
+    optimizer = mbf.MBF(model, max_block_size=5, stat_decay=0.9)  # rows of 8: 2 chunks of 4
+    tokens = torch.randint(0, 6, (3, 6))  # ids 6, 7, 8 never appear
+    logits = model(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    grad = model.tok.weight.grad.clone()
+    optimizer.step()
+    (tok,) = [u for u in optimizer.blocks() if u.name.startswith("tok ")]
+    pieces = grad.reshape(9, 2, 4)  # (token, chunk, entries)
+    reference = 0.1 * pieces[..., :, None] * pieces[..., None, :]
+    torch.testing.assert_close(tok.fisher.reshape(9, 2, 4, 4), reference, rtol=1e-12, atol=0)
+    assert float(tok.fisher.reshape(9, -1)[6:].abs().max()) == 0.0
+    assert float(tok.fisher.reshape(9, -1)[:6].abs().amax(dim=1).min()) > 0.0
