@@ -206,8 +206,9 @@ def loss(net: Net, tokens: Tensor, labels: Tensor, reduction: str) -> Tensor:
 
 def served_by_hooks(net: Net, groups: list[dict[str, Any]]) -> set[int]:
     """Ids of the parameters the per-example estimator should serve, by the documented rule:
-    the weight of a Linear or ConvNd called through its forward (not MultiheadAttention's
-    ``out_proj``) that no other module shares, and its bias when in the same param group."""
+    the weight of a Linear, ConvNd or Embedding called through its forward (not
+    MultiheadAttention's ``out_proj``) that no other module shares, and its bias when in the
+    same param group; a LayerNorm's weight and bias when both are in one param group."""
     group_of = {id(p): g for g, group in enumerate(groups) for p in group["params"]}
     owners: dict[int, int] = {}
     for module in net.modules():
@@ -216,9 +217,16 @@ def served_by_hooks(net: Net, groups: list[dict[str, Any]]) -> set[int]:
     functional = {m.out_proj for m in net.modules() if isinstance(m, nn.MultiheadAttention)}
     served: set[int] = set()
     for module in net.modules():
-        if not isinstance(module, (nn.Linear, *CONV_TYPES)) or module in functional:
+        if isinstance(module, nn.LayerNorm):
+            pair = (module.weight, module.bias)
+            if all(p is not None and owners[id(p)] == 1 for p in pair) and (
+                group_of.get(id(pair[0]), -1) == group_of.get(id(pair[1]), -2)
+            ):
+                served.update(map(id, pair))
             continue
-        weight, bias = module.weight, module.bias
+        if not isinstance(module, (nn.Linear, nn.Embedding, *CONV_TYPES)) or module in functional:
+            continue
+        weight, bias = module.weight, getattr(module, "bias", None)
         if id(weight) not in group_of or weight.numel() == 0 or owners[id(weight)] > 1:
             continue
         served.add(id(weight))

@@ -136,3 +136,60 @@ def test_in_place_activation_after_a_hooked_layer() -> None:
     first = opt.blocks()[0]
     for got, want in zip(first.fisher, dense_blocks(first.layout, v.T @ v / N), strict=True):
         torch.testing.assert_close(got, want)
+
+
+EMBEDDINGS_AND_NORMS = {
+    "embedding": (lambda: nn.Embedding(6, 5), "ids"),
+    "embedding-padding": (lambda: nn.Embedding(6, 5, padding_idx=2), "ids"),
+    "embedding-freq": (lambda: nn.Embedding(6, 5, scale_grad_by_freq=True), "ids"),
+    "layernorm": (lambda: nn.LayerNorm(5), (3, 5)),
+    "layernorm-2d-shape": (lambda: nn.LayerNorm((2, 3), eps=1e-3), (4, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("max_block_size", [32, 2])
+@pytest.mark.parametrize("name", sorted(EMBEDDINGS_AND_NORMS))
+def test_per_example_blocks_of_embeddings_and_layer_norms(
+    name: str, max_block_size: int, reduction: str
+) -> None:
+    """Float64: token rows (padding_idx, scale_grad_by_freq) and LayerNorm pairs against the
+    dense empirical Fisher of torch.func per-example gradients."""
+    make, kind = EMBEDDINGS_AND_NORMS[name]
+    layer = make().double()
+    if kind == "ids":
+        x = torch.randint(0, 6, (N, 4))
+        x[0, :2] = 2  # token 2 twice in one example (and the padding index, where there is one)
+        x[1:, 3] = 5  # token 5 in every example: a row shared across the batch
+    else:
+        x = torch.randn(N, *kind, dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.normal_()
+            layer.bias.normal_()
+    with torch.no_grad():
+        out = layer(x)
+    head = Head(out.shape[1:])
+    opt = paper_mbf(layer, lr=0.0, estimator="per_example", loss_reduction=reduction,
+                    max_block_size=max_block_size, chunk_elements=60)  # tiny chunks
+    per_loss = head(layer(x))
+    (per_loss.mean() if reduction == "mean" else per_loss.sum()).backward()
+    opt.step()
+    if name == "embedding-freq":
+        # autograd divides a row's gradient by the token's count in the whole batch, which no
+        # single-example call sees: the reference divides each example's gradient by it.
+        counts = torch.bincount(x.reshape(-1), minlength=6).double()
+        grads = {"weight": per_example_grads(layer, lambda o: head(o).sum(), x)["weight"]}
+        per_one = torch.stack([torch.bincount(row, minlength=6) for row in x]).double()
+        grads["weight"] = grads["weight"] * (per_one / counts.clamp_min(1))[:, :, None]
+    else:
+        grads = per_example_grads(layer, lambda o: head(o).sum(), x)
+    by_param = {id(p): grads[k] for k, p in layer.named_parameters()}
+    (unit,) = opt.blocks()
+    v = unit_vectors([by_param[id(p)] for p in unit.params])
+    expected = dense_blocks(unit.layout, v.T @ v / N)
+    assert len(expected) == unit.fisher.shape[0]
+    for got, want in zip(unit.fisher, expected, strict=True):
+        k = want.shape[0]
+        torch.testing.assert_close(got[:k, :k], want, rtol=1e-10, atol=1e-12)
+    if name == "embedding-padding":
+        assert torch.count_nonzero(unit.fisher.reshape(6, -1)[2]) == 0

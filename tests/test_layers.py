@@ -136,7 +136,7 @@ def test_rules_are_found_along_the_class_hierarchy() -> None:
         pass
 
     assert layers.rule_for(MyLinear) is layers.rule_for(nn.Linear) is not None
-    assert layers.rule_for(nn.BatchNorm2d) is layers.rule_for(nn.LayerNorm) is not None
+    assert layers.rule_for(nn.BatchNorm2d) is layers.rule_for(nn.GroupNorm) is not None
     assert layers.rule_for(nn.ReLU) is None
 
     def one_flat_unit(module: nn.Module, params: layers.ModuleParams) -> list[UnitSpec]:

@@ -85,9 +85,9 @@ def test_step_equals_dense_block_diagonal_solve(estimator: str) -> None:
     )
     for unit in opt.blocks():
         g = torch.cat([grads[id(p)].reshape(-1) for p in unit.params])
-        if pe is None or unit.layout.kind == "norm":
-            fisher = torch.outer(g, g)  # LayerNorm falls back to the batch estimator
-        else:
+        if pe is None:
+            fisher = torch.outer(g, g)
+        else:  # every unit of this net is served, the LayerNorm pairs included
             v = unit_vectors([pe[id(p)] for p in unit.params])
             fisher = v.T @ v / x.shape[0]
         stacked = torch.zeros_like(unit.fisher)

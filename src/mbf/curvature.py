@@ -1,8 +1,11 @@
-"""Per-example empirical Fisher mini-blocks of Linear and ConvNd layers.
+"""Per-example empirical Fisher mini-blocks of Linear, ConvNd, Embedding and LayerNorm layers.
 
 For a layer with inputs ``a_i`` and output gradients ``delta_i`` (as autograd delivers them for the
 batch loss) the per-example contribution to the weight gradient is ``G_i = delta_i^T a_i`` (Linear,
-summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution). The functions here
+summed over any extra dimensions) or ``delta_i @ unfold(a_i)^T`` (convolution); an embedding
+row's is the sum of the output gradients at the example's positions holding that token, a
+LayerNorm's ``(gamma_c, beta_c)`` pair's is ``sum_t (delta_itc xhat_itc, delta_itc)``. The
+functions here
 return ``sum_i blocks(G_i) blocks(G_i)^T`` for a whole batch, processing at most ``chunk_elems``
 per-example gradient entries at a time, so the ``N`` per-example gradients of a layer are never
 held at once. Scaling by the loss reduction is the caller's job (``mbf.hooks.PerExampleHooks``); the
@@ -25,6 +28,8 @@ __all__ = [
     "CONV_TYPES",
     "Workspace",
     "conv_block_stats",
+    "embedding_block_stats",
+    "layer_norm_block_stats",
     "linear_block_stats",
     "unfold_input",
 ]
@@ -126,6 +131,83 @@ def linear_block_stats(
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
         _add_outer_sum(out, layout.rows_to_blocks(grads), workspace)
+    return out
+
+
+def embedding_block_stats(
+    module: nn.Module, layout: BlockLayout, inputs: Tensor, grad_outputs: Tensor,
+    chunk_elems: int = 1 << 24,
+) -> Tensor:
+    """``sum_i`` of the block outer products of each example's ``nn.Embedding`` gradient.
+
+    Example ``i``'s gradient of row ``t`` is the sum of the output gradients at ``i``'s positions
+    holding token ``t`` (none for ``padding_idx``; divided by ``t``'s count in the whole batch
+    with ``scale_grad_by_freq``, as autograd does). Only the (example, token) pairs that occur
+    are formed, so the cost grows with the batch's tokens, not with the vocabulary.
+
+    Args:
+        module: the ``nn.Embedding`` (``padding_idx``, ``scale_grad_by_freq``).
+        layout: the unit's ``embedding`` layout (one row per token).
+        inputs: ``(N, *)`` token ids (any dtype holding them exactly: the hooks pass the
+            statistics dtype, exact for ids below ``2**24`` in float32).
+        grad_outputs: ``(N, *, embedding_dim)``.
+        chunk_elems: bound on the per-example entries materialized at once.
+    """
+    n, rows, s, chunks = inputs.shape[0], layout.rows, layout.block_size, layout.chunks
+    ids = inputs.reshape(n, -1).long()
+    d = grad_outputs.reshape(n, ids.shape[1], layout.row_length)
+    weight = torch.ones(ids.shape, dtype=d.dtype, device=d.device)
+    padding_idx = getattr(module, "padding_idx", None)
+    if padding_idx is not None:
+        weight[ids == padding_idx] = 0.0
+    if getattr(module, "scale_grad_by_freq", False):
+        counts = torch.bincount(ids.reshape(-1), minlength=rows).to(d.dtype)
+        weight = weight / counts[ids]
+    out = torch.zeros(layout.num_blocks, s, s, dtype=d.dtype, device=d.device)
+    grid = out.view(rows, chunks, s, s)
+    for sl in _chunks(n, ids.shape[1] * chunks * s * s, chunk_elems):
+        count = sl.stop - sl.start
+        example = torch.arange(count, device=ids.device)[:, None]
+        pairs, where = torch.unique((example * rows + ids[sl]).reshape(-1), return_inverse=True)
+        grads = d.new_zeros(pairs.numel(), layout.row_length)
+        grads.index_add_(0, where, (d[sl] * weight[sl, :, None]).reshape(-1, layout.row_length))
+        blocks = layout.rows_to_blocks(grads).view(pairs.numel(), chunks, s)
+        grid.index_add_(0, pairs % rows, blocks.unsqueeze(-1) * blocks.unsqueeze(-2))
+    return out
+
+
+def layer_norm_block_stats(
+    module: nn.Module, layout: BlockLayout, inputs: Tensor, grad_outputs: Tensor,
+    chunk_elems: int = 1 << 24,
+) -> Tensor:
+    """``sum_i`` of ``G_i G_i^T`` per channel for an affine ``nn.LayerNorm``: example ``i``'s
+    ``(gamma_c, beta_c)`` gradient is ``sum_t (delta_itc xhat_itc, delta_itc)`` over its
+    positions ``t``, ``xhat`` the normalized input, recomputed from ``inputs`` as the layer
+    does (biased variance, ``eps``).
+
+    Args:
+        module: the ``nn.LayerNorm`` (``normalized_shape``, ``eps``).
+        layout: the unit's ``norm`` layout (one 2x2 block per entry of ``normalized_shape``).
+        inputs: ``(N, *, *normalized_shape)``.
+        grad_outputs: the same shape.
+        chunk_elems: bound on the entries materialized at once.
+    """
+    normalized = tuple(getattr(module, "normalized_shape", ()))
+    dims = tuple(range(-len(normalized), 0))
+    n, channels = inputs.shape[0], layout.rows
+    out = torch.zeros(channels, 2, 2, dtype=inputs.dtype, device=inputs.device)
+    for sl in _chunks(n, inputs[0].numel(), chunk_elems):
+        x, delta = inputs[sl], grad_outputs[sl]
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        xhat = (x - mean) * torch.rsqrt(var + getattr(module, "eps", 1e-5))
+        count = x.shape[0]
+        pair = torch.stack(
+            [(delta * xhat).reshape(count, -1, channels).sum(1),
+             delta.reshape(count, -1, channels).sum(1)],
+            dim=-1,
+        )  # (examples, channels, 2)
+        out += torch.einsum("nci,ncj->cij", pair, pair)
     return out
 
 

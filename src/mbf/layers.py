@@ -29,7 +29,14 @@ from torch import Tensor, nn
 from ._compat import NORM_BASES
 from .blocks import BlockLayout, conv_layout, embedding_layout, linear_layout, norm_layout
 from .blocks import shape_layout as _shape_layout
-from .curvature import CONV_TYPES, Workspace, conv_block_stats, linear_block_stats
+from .curvature import (
+    CONV_TYPES,
+    Workspace,
+    conv_block_stats,
+    embedding_block_stats,
+    layer_norm_block_stats,
+    linear_block_stats,
+)
 
 __all__ = [
     "LayerRegistration",
@@ -328,6 +335,28 @@ def _embedding_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
     return [UnitSpec((weight,), embedding_layout(weight, params.max_block_size(weight)))]
 
 
+def _embedding_stats(
+    module: nn.Module,
+    layouts: Sequence[BlockLayout],
+    inputs: Tensor,
+    grad_outputs: Tensor,
+    context: StatsContext,
+) -> list[Tensor]:
+    (layout,) = layouts
+    return [embedding_block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
+
+
+def _layer_norm_stats(
+    module: nn.Module,
+    layouts: Sequence[BlockLayout],
+    inputs: Tensor,
+    grad_outputs: Tensor,
+    context: StatsContext,
+) -> list[Tensor]:
+    (layout,) = layouts
+    return [layer_norm_block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
+
+
 def _no_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
     return []
 
@@ -341,17 +370,20 @@ def _out_proj(module: nn.Module) -> list[nn.Module]:
 
 _LINEAR = LayerRule(_linear_units, _linear_stats)
 _CONV = LayerRule(_conv_units, _conv_stats)
-_NORM = LayerRule(_norm_units)
-_EMBEDDING = LayerRule(_embedding_units)
+_NORM = LayerRule(_norm_units)  # batch norms: an example's output depends on the others
+_LAYER_NORM = LayerRule(_norm_units, _layer_norm_stats)
+_EMBEDDING = LayerRule(_embedding_units, _embedding_stats)
+_EMBEDDING_BAG = LayerRule(_embedding_units)  # bags (offsets, mean/max modes): batch estimator
 # Its own in_proj tensors are cut by shape, as any parameter without a rule.
 _ATTENTION = LayerRule(_no_units, applied_functionally=_out_proj)
 
 BUILTIN_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: _LINEAR,
     **{t: _CONV for t in CONV_TYPES},
-    **{t: _NORM for t in (*NORM_BASES, nn.LayerNorm, nn.GroupNorm)},
+    **{t: _NORM for t in (*NORM_BASES, nn.GroupNorm)},
+    nn.LayerNorm: _LAYER_NORM,
     nn.Embedding: _EMBEDDING,
-    nn.EmbeddingBag: _EMBEDDING,
+    nn.EmbeddingBag: _EMBEDDING_BAG,
     nn.MultiheadAttention: _ATTENTION,
 }
 """The rules every process starts with."""

@@ -153,12 +153,13 @@ class MBF(torch.optim.Optimizer):
             instead of ``damping`` itself.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
-            hooks on Linear and ConvNd modules, and module types registered with
-            :func:`mbf.register_layer`, called through their ``forward``; every other
-            parameter falls back to ``"batch"`` with a warning: norm, embedding and recurrent
-            layers, ``nn.MultiheadAttention`` (its ``out_proj`` is applied functionally), a
-            Linear or ConvNd whose weight is tied to another module's, and any Linear or ConvNd
-            whose forward hook never runs on a statistics step).
+            hooks on Linear, ConvNd, Embedding and LayerNorm modules, and module types
+            registered with :func:`mbf.register_layer`, called through their ``forward``;
+            every other parameter falls back to ``"batch"`` with a warning: batch, instance
+            and group norms, ``EmbeddingBag`` and recurrent layers, ``nn.MultiheadAttention``
+            (its ``out_proj`` is applied functionally), a module whose weight is tied to
+            another module's, and any served module whose forward hook never runs on a
+            statistics step).
         loss_reduction: how the loss combines examples, ``"mean"`` or ``"sum"``; needed by the
             ``per_example`` estimator to undo autograd's ``1/N``. With gradient accumulation it
             describes the whole accumulated batch: ``"mean"`` for micro-batch means divided by
@@ -355,7 +356,8 @@ class MBF(torch.optim.Optimizer):
             self._warned.add("fallback")
             shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
             warnings.warn(
-                "MBF: per-example statistics serve Linear and Conv1d/2d/3d layers (and types "
+                "MBF: per-example statistics serve Linear, Conv1d/2d/3d, Embedding and LayerNorm "
+                "layers (and types "
                 "registered with mbf.register_layer) called through their forward, with weights "
                 "of their own (not tied, not "
                 f"MultiheadAttention's out_proj); these use the 'batch' estimator instead: {shown}",
