@@ -226,11 +226,12 @@ def test_time_budget_stops_the_run_and_excludes_evaluation(
     evaluate = MinibatchProblem.evaluate
     calls = []
 
-    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module) -> dict[str, float]:
+    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module,
+                      final: bool = False) -> dict[str, float]:
         calls.append(1)
         if len(calls) == 1:  # the first evaluation alone outlasts the whole budget
             time.sleep(1.5)
-        return evaluate(self, model)
+        return evaluate(self, model, final)
 
     monkeypatch.setattr(MinibatchProblem, "evaluate", slow_evaluate)
     spec = RunSpec(task="digits-ae", optimizer="sgdm", budget_seconds=1.0, batch_size=200)

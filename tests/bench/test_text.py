@@ -215,10 +215,25 @@ def test_tiny_gpt_resumes_bitwise(optimizer: str, tmp_path: Path) -> None:
         return [{k: v for k, v in line.items() if "seconds" not in k} for line in _lines(path)]
 
     assert strip(resumed.directory) == strip(whole.directory)
-    a = torch.load(whole.directory / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(resumed.directory / "checkpoint.pt", weights_only=True)["model"]
-    for key, tensor in a.items():
-        assert torch.equal(tensor, b[key]), key
+    a = torch.load(whole.directory / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed.directory / "checkpoint.pt", weights_only=True)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    state_a, state_b = _tensors(a["optimizer"]), _tensors(b["optimizer"])
+    assert len(state_a) == len(state_b) > 0
+    for (name, x), (_, y) in zip(state_a, state_b, strict=True):
+        assert torch.equal(x, y), name
+
+
+def _tensors(obj: object, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested state dict, with its path, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k], f"{prefix}/{k}")]
+    if isinstance(obj, list | tuple):
+        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{prefix}/{i}")]
+    return []
 
 
 # --- MBF's blocks on the GPT (docs/layers.md, "A transformer") -----------------------------------
