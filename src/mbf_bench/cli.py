@@ -190,7 +190,7 @@ def _specs(args: argparse.Namespace, optimizers: list[str], seeds: list[int]) ->
 
 
 def _list(args: argparse.Namespace) -> int:
-    from mbf_bench.optimizers import OPTIMIZERS
+    from mbf_bench.optimizers import OPTIMIZERS, display_name
     from mbf_bench.tasks import TASKS, get_task
     from mbf_bench.train import resolve_hparams
 
@@ -208,13 +208,13 @@ def _list(args: argparse.Namespace) -> int:
               + ("; weight decay in the loss (first layer)" if task.penalty else ""))
     print("\noptimizers:")
     for name, spec in OPTIMIZERS.items():
-        print(f"  {name:<16} {spec.description}")
+        print(f"  {display_name(name):<32} {spec.description}")
     if args.task:
         task = get_task(args.task)
         print(f"\ndefaults for {task.name} ({task.family}):")
         for name in OPTIMIZERS:
             values = ", ".join(f"{k}={v}" for k, v in resolve_hparams(name, task, {}).items())
-            print(f"  {name:<16} {values}")
+            print(f"  {display_name(name):<32} {values}")
     return 0
 
 

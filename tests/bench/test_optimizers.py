@@ -421,7 +421,7 @@ def test_kronecker_skips_modes_over_max_precond_dim() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("name", ["kfac", "shampoo", "tnt"])
+@pytest.mark.parametrize("name", ["kfac", "shampoo-ours", "tnt"])
 def test_state_dict_round_trip_continues_identically(name: str) -> None:
     def run(model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -448,7 +448,10 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
 # ----------------------------------------------------------------------------- registry
 
 
-REQUIRED = {"sgdm", "adam", "adamw", "mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo"}
+REQUIRED = {
+    "sgdm", "adam", "adamw", "mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo-ours", "tnt",
+    "schedulefree-adamw", "soap", "psgd-kron", "muon", "shampoo",
+}
 
 
 def test_registry_has_the_required_optimizers_and_consistent_specs() -> None:
@@ -486,7 +489,7 @@ def test_no_layer_of_defaults_is_dead() -> None:
 
 
 def test_curvature_schedule_follows_the_framework() -> None:
-    for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo", "tnt"):
+    for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo-ours", "tnt"):
         ae, cnn = defaults_for(name, "autoencoder"), defaults_for(name, "cnn")
         assert (ae["stat_every"], ae["inv_every"], ae["stat_decay"]) == (1, 20, 0.9)
         assert (cnn["stat_every"], cnn["inv_every"], cnn["stat_decay"]) == (10, 100, 0.9)
@@ -503,8 +506,13 @@ def test_mbf_estimators_are_selectable() -> None:
 
 _CHOICES = {"estimator": ("batch", "per_example"), "storage": ("full", "packed"),
             "loss_reduction": ("mean", "sum"), "accumulate": ACCUMULATE,
-            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None)}
+            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None),
+            "memory_save_mode": (None, "one_diag")}
 _ALIASES = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # torch's Adam keeps a pair
+# Muon's AdamW settings live in its AdamW group under the plain names.
+_MUON_ADAMW = {"adamw_lr": ("lr", None), "adamw_beta1": ("betas", 0),
+               "adamw_beta2": ("betas", 1), "adamw_wd": ("weight_decay", None),
+               "adamw_eps": ("eps", None)}
 
 
 def _another_value(key: str, value: Any) -> Any:
@@ -518,18 +526,35 @@ def _another_value(key: str, value: Any) -> Any:
     return 0.0123 if not value else value * 0.5  # None, 0.0 or a positive float
 
 
+def _setting(opt: torch.optim.Optimizer, key: str) -> Any:
+    """Where optimizer ``opt`` keeps hyperparameter ``key`` of the registry."""
+    groups = opt.param_groups
+    group = groups[0]
+    if key in _MUON_ADAMW:  # Muon: the AdamW group
+        group = next(g for g in groups if not g["use_muon"])
+        field, index = _MUON_ADAMW[key]
+        return group[field] if index is None else group[field][index]
+    if "use_muon" in group:  # Muon: the Muon group
+        group = next(g for g in groups if g["use_muon"])
+    if key in _ALIASES:
+        field, index = _ALIASES[key]
+        return group[field][index]
+    # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
+    return group[key] if key in group else getattr(opt, key, "<absent>")
+
+
+def deep_mlp() -> nn.Sequential:
+    """Input layer, one hidden matrix (Muon's), head."""
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_hyperparameter_is_accepted_and_reaches_the_optimizer(name: str) -> None:
     spec = OPTIMIZERS[name]
     for key, default in spec.defaults.items():
         value = _another_value(key, default)
-        opt = build_optimizer(name, mlp(), {key: value})
-        group = opt.param_groups[0]
-        if key in _ALIASES:
-            field, index = _ALIASES[key]
-            got = group[field][index]
-        else:  # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
-            got = group[key] if key in group else getattr(opt, key, "<absent>")
+        opt = build_optimizer(name, deep_mlp(), {key: value})
+        got = _setting(opt, key)
         assert got == value and type(got) is type(value), (key, value, got)
 
 
@@ -545,7 +570,7 @@ def test_bad_names_and_values_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="TNT: inv_every"):
         build_optimizer("tnt", mlp(), {"inv_every": 0})
     with pytest.raises(ValueError, match="Shampoo: conv_reshape"):
-        build_optimizer("shampoo", mlp(), {"conv_reshape": "flat"})
+        build_optimizer("shampoo-ours", mlp(), {"conv_reshape": "flat"})
     with pytest.raises(ValueError, match="KFAC: loss_reduction"):
         build_optimizer("kfac", mlp(), {"loss_reduction": "none"})
 
