@@ -113,22 +113,18 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     """
     params = _params(model)
     trainable = {id(p) for p in params}
-    layers: list[nn.Module] = []
-    seen: set[int] = set()
-    for module in model.modules():
-        owned = [p for p in module.parameters(recurse=False) if id(p) in trainable]
-        matrices = [p for p in owned if p.ndim >= 2 and id(p) not in seen]
-        if matrices:
-            layers.append(module)
-            seen.update(id(p) for p in matrices)
-    hidden_ids: set[int] = set()
-    for module in layers[1:-1]:
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag):
-            continue
-        hidden_ids.update(id(p) for p in module.parameters(recurse=False) if p.ndim >= 2)
-    # A matrix shared with a non-hidden layer (a head tied to the embedding) stays with AdamW.
-    for module in (layers[:1] + layers[-1:]) if layers else []:
-        hidden_ids.difference_update(id(p) for p in module.parameters(recurse=False))
+
+    def matrices(module: nn.Module) -> set[int]:
+        return {id(p) for p in module.parameters(recurse=False)
+                if p.ndim >= 2 and id(p) in trainable}
+
+    layers = [m for m in model.modules() if matrices(m)]
+    hidden_ids = set().union(*(matrices(m) for m in layers))
+    # Subtracted wherever else they are used: a head tied to the token embedding stays AdamW's.
+    not_hidden = [*layers[:1], *layers[-1:]]
+    not_hidden += [m for m in layers if isinstance(m, nn.Embedding | nn.EmbeddingBag)]
+    for module in not_hidden:
+        hidden_ids -= matrices(module)
     hidden = [p for p in params if id(p) in hidden_ids]
     other = [p for p in params if id(p) not in hidden_ids]
     return hidden, other

@@ -294,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     args.argv = argv  # `run --nproc K` relaunches itself with the same arguments
+    from mbf_bench.baselines import MissingBaselineLibrary
     from mbf_bench.data import DataError
 
     handlers = {"list": _list, "run": _run, "report": _report, "tune": _tune}
@@ -307,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
-    except (DataError, ValueError, KeyError) as error:
+    except (DataError, ValueError, KeyError, MissingBaselineLibrary) as error:
         message = error.args[0] if error.args else str(error)
         print(f"mbf-bench {args.command}: error: {message}", file=sys.stderr)
         return 2
