@@ -47,7 +47,8 @@ def _library(module: str, distribution: str, optimizer: str) -> ModuleType:
     except ImportError:
         raise MissingBaselineLibrary(
             f"optimizer {optimizer!r} needs the {distribution} package, which is not installed; "
-            f"install the {EXTRA} extra: pip install 'mbf-optim[{EXTRA}]'"
+            f"install the {EXTRA} extra: pip install 'mbf-optim[{EXTRA}]' (in a clone: "
+            f"pip install -e '.[{EXTRA}]')"
         ) from None
 
 
