@@ -9,7 +9,8 @@ Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
   steps per epoch, a float), ``seconds`` (training time: the sum of step times, evaluation and
   checkpointing excluded) and ``train_loss`` (that step's minibatch loss). Evaluation lines, after
   each epoch and at the end, add ``lr`` and ``test_loss`` plus ``test_accuracy`` (classification)
-  or ``test_error`` (autoencoders), and their ``train_loss`` is the mean of the minibatch losses
+  or ``test_error`` (autoencoders), or, for text tasks, ``val_loss`` (and ``test_loss`` in the
+  last line only), and their ``train_loss`` is the mean of the minibatch losses
   since the previous evaluation; with an optimizer that has ``diagnostics()`` (MBF), they also
   hold its figures as ``diag/<name>`` (:mod:`mbf.diagnostics`; its ``diag/seconds/...`` count
   from the start of the process, so they restart when a run is resumed). A diverged run ends
@@ -617,14 +618,15 @@ class _Loop:
         self.metrics.write(json.dumps({k: _finite(v) for k, v in line.items()}) + "\n")
         self.metrics.flush()
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
         """Write an evaluation line; its train_loss is the mean since the last evaluation.
-        Every process switches the optimizer to its evaluation mode around it (the replicas'
-        weights stay equal)."""
+        ``final``: the run's last evaluation (a text task adds its test loss there). Every
+        process switches the optimizer to its evaluation mode around it (the replicas' weights
+        stay equal)."""
         with optimizer_evaluation(self.optimizer):
-            return self._evaluate()
+            return self._evaluate(final)
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self, final: bool) -> dict[str, Any]:
         pos = self.pos
         if self.dp is not None and not self.dp.main:  # rank 0 evaluates and writes
             pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
@@ -635,7 +637,7 @@ class _Loop:
             "seconds": pos.seconds,
             "train_loss": pos.loss_sum / max(pos.loss_count, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            **self.problem.evaluate(self.module),
+            **self.problem.evaluate(self.module, final=final),
             **optimizer_diagnostics(self.optimizer),
         }
         self.write(line)
@@ -708,7 +710,7 @@ class _Loop:
             bar.update(elapsed, value)
             stopping = _stopped(spec, self.task, pos)
             if pos.index == 0 or stopping:
-                last_eval = self.evaluate()
+                last_eval = self.evaluate(final=stopping)
             due = (
                 pos.step % spec.checkpoint_every_steps == 0
                 if spec.checkpoint_every_steps
@@ -722,7 +724,7 @@ class _Loop:
             if on_step is not None:
                 on_step(pos.step)
         if pos.last_eval_step != pos.step:  # resumed a run that had stopped before evaluating
-            last_eval = self.evaluate()
+            last_eval = self.evaluate(final=True)
             self.checkpoint()
         return "finished", last_eval
 

@@ -691,14 +691,14 @@ def _family_problem(family: str):
     from mbf_bench.tasks import get_task, make_problem, stand_in_data
 
     task = get_task({"autoencoder": "digits-ae", "cnn": "cifar10-resnet8",
-                     "gcn": "planetoid-gcn"}[family])
+                     "gcn": "planetoid-gcn", "transformer": "text-gpt-tiny"}[family])
     data = stand_in_data(task, torch.Generator().manual_seed(0))
     problem = make_problem(task, data, seed=0, device=torch.device("cpu"), batch_size=16)
     torch.manual_seed(0)
     return task, task.model(data), problem, problem.batch(0, 0)
 
 
-@pytest.mark.parametrize("family", ["autoencoder", "cnn", "gcn"])
+@pytest.mark.parametrize("family", ["autoencoder", "cnn", "gcn", "transformer"])
 @pytest.mark.parametrize("name", LIBRARY)
 def test_library_baselines_train_every_family_s_model(name: str, family: str) -> None:
     """On one fixed batch, at the library defaults (no family has its own), the loss falls
@@ -816,6 +816,13 @@ def test_muon_takes_exactly_the_hidden_weight_matrices() -> None:
     gcn = get_task("planetoid-gcn")
     model = gcn.model(stand_in_data(gcn, torch.Generator().manual_seed(0)))
     assert muon_split(model)[0] == []  # two layers: input and head, nothing hidden
+
+    text = get_task("text-gpt-tiny")
+    model = text.model(stand_in_data(text, torch.Generator().manual_seed(0)))
+    hidden, _ = muon_split(model)
+    expected = {n for n, p in model.named_parameters()
+                if n.startswith("blocks.") and p.ndim == 2}  # attention and MLP matrices
+    assert expected and _names(model, hidden) == expected
 
     gpt = _gpt_like()
     hidden, _ = muon_split(gpt)

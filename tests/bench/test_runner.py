@@ -36,6 +36,8 @@ SMOKE: dict[str, dict[str, Any]] = {
     "cifar10-resnet8": {"subset": 8, "batch_size": 4},
     "cifar10-vgg16-small": {"subset": 8, "batch_size": 4},
     "planetoid-gcn": {},
+    "text-gpt": {"subset": 200, "batch_size": 2},
+    "text-gpt-tiny": {"subset": 200, "batch_size": 4},
 }
 
 
@@ -59,7 +61,8 @@ def test_smoke_settings_cover_every_task() -> None:
 # pooling, graph convolution); the paper-sized ones add only size, which makes the curvature
 # optimizers' first steps take tens of seconds each on two cores. By default those run with SGD
 # only (data, model and loss plumbing); MBF_BENCH_SLOW=1 runs them with every optimizer.
-CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn")
+CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn",
+             "text-gpt-tiny")
 FIRST_ORDER = ("sgdm",)
 SLOW = bool(os.environ.get("MBF_BENCH_SLOW"))
 
@@ -230,11 +233,12 @@ def test_time_budget_stops_the_run_and_excludes_evaluation(
     evaluate = MinibatchProblem.evaluate
     calls = []
 
-    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module) -> dict[str, float]:
+    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module,
+                      final: bool = False) -> dict[str, float]:
         calls.append(1)
         if len(calls) == 1:  # the first evaluation alone outlasts the whole budget
             time.sleep(1.5)
-        return evaluate(self, model)
+        return evaluate(self, model, final=final)
 
     monkeypatch.setattr(MinibatchProblem, "evaluate", slow_evaluate)
     spec = RunSpec(task="digits-ae", optimizer="sgdm", budget_seconds=1.0, batch_size=200)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mbf_bench import cli
-from mbf_bench.data import DataError, Graph, Split
-from mbf_bench.data.stand_in import GraphShape, SplitShape
+from mbf_bench.data import DataError, Graph, Split, Text
+from mbf_bench.data.stand_in import GraphShape, SplitShape, TextShape
 from mbf_bench.optimizers import OPTIMIZERS
 from mbf_bench.problems import LOSSES
 from mbf_bench.speed import _Runner, measure, state_bytes, workload
@@ -87,6 +87,14 @@ def test_speed_times_the_task_registrys_batch_size_and_loss(name: str) -> None:
         if task.penalty is not None:
             reference = reference + task.penalty(model64)
         got = work.loss(model, work.batch)
+    elif isinstance(task.shape, TextShape):
+        inputs, targets = work.batch
+        assert inputs.shape == targets.shape == (task.batch_size, task.shape.context)
+        assert int(inputs.max()) < task.shape.vocab_size
+        few = inputs[:4], targets[:4]
+        logits = model64(few[0])
+        reference = F.cross_entropy(logits.flatten(0, 1), few[1].flatten())
+        got = work.loss(model, few)
     else:
         inputs, targets = work.batch
         assert inputs.shape == (task.batch_size, *task.shape.example)
@@ -116,6 +124,9 @@ def test_the_declared_data_shapes_match_the_loaded_data(name: str) -> None:
         assert data.num_classes == task.shape.num_classes
         assert int(data.train_mask.sum()) == task.shape.train_nodes
         assert data.adjacency._nnz() == 2 * task.shape.edges + task.shape.nodes
+    elif isinstance(task.shape, TextShape):
+        assert isinstance(data, Text)
+        assert data.vocab_size == task.shape.vocab_size
     else:
         assert isinstance(task.shape, SplitShape) and isinstance(data, Split)
         assert tuple(data.x_train.shape[1:]) == task.shape.example
