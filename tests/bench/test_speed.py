@@ -166,3 +166,13 @@ def test_statistics_only_samples_hold_no_factorization(name: str) -> None:
     for _ in range(20):
         runner.step(work.batch)
     assert opt.counters["factorizations"] == first
+
+
+def test_the_speed_table_marks_optimizers_that_are_not_validated() -> None:
+    from mbf_bench.speed import SpeedRecord, format_table
+
+    rows = [SpeedRecord("toy", name, "cpu", 10, 80, 0.1, 0.2, 0.2, 0.2)
+            for name in ("adam", "tnt", "soap")]
+    text = format_table(rows)
+    assert "| toy | tnt (not validated) |" in text
+    assert "| toy | soap |" in text and "| toy | adam |" in text
