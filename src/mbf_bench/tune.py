@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mbf_bench.optimizers import display_name
 from mbf_bench.settings import dump_config, format_value
 from mbf_bench.tasks import Task, get_task
 from mbf_bench.train import RunResult, RunSpec, resolve_hparams, run_many, validate
@@ -94,8 +95,8 @@ def tune(
     where = ("the text's validation tail" if task.family == "transformer"
              else f"{holdout:.0%} of the training set held out")
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    print(f"tuning {base.optimizer} on {base.task}: {len(points)} points, validation on "
-          f"{where}, judged by {metric}")
+    print(f"tuning {display_name(base.optimizer)} on {base.task}: {len(points)} points, "
+          f"validation on {where}, judged by {metric}")
     specs = [dataclasses.replace(base, hparams={**base.hparams, **p}, holdout=holdout)
              for p in points]
     for spec in specs:  # every grid value judged before the first point trains
@@ -122,7 +123,7 @@ def tune(
         {base.optimizer: {**base.hparams, **best["point"]}},
         top={"task": base.task},
         comments=[
-            f"mbf-bench tune: {base.optimizer} on {base.task}, seed {base.seed}, "
+            f"mbf-bench tune: {display_name(base.optimizer)} on {base.task}, seed {base.seed}, "
             f"{budget} per point, {len(points)} points",
             f"chosen by {metric} = {best[metric]:.6g} on {where} (the test set is never used)",
             f"grid: {', '.join(f'{k}={v}' for k, v in grid.items())}",

@@ -134,6 +134,9 @@ def test_the_declared_data_shapes_match_the_loaded_data(name: str) -> None:
             assert data.num_classes == task.shape.num_classes
 
 
+MUON_ADAMW = {"adamw_lr": "lr", "adamw_wd": "weight_decay", "adamw_eps": "eps"}
+
+
 def test_speed_builds_each_optimizer_with_the_hyperparameters_training_uses() -> None:
     """The GCN fixes weight_decay (its decay is in the loss): speed's optimizers must see the
     same settings as ``mbf-bench run`` (bar the early refreshes, switched off to time phases)."""
@@ -143,6 +146,8 @@ def test_speed_builds_each_optimizer_with_the_hyperparameters_training_uses() ->
         runner = _Runner(name, work, state, CPU)
         expected = resolve_hparams(name, work.task, {})
         group = runner.optimizer.param_groups[0]
+        if group.get("use_muon") is False:  # Muon on a model without hidden matrices: AdamW
+            expected = {plain: expected[key] for key, plain in MUON_ADAMW.items()}
         shared = sorted(set(expected) & set(group) - {"invert_early", "early_refresh"})
         assert "lr" in shared, name
         assert {k: group[k] for k in shared} == {k: expected[k] for k in shared}, name
@@ -161,3 +166,13 @@ def test_statistics_only_samples_hold_no_factorization(name: str) -> None:
     for _ in range(20):
         runner.step(work.batch)
     assert opt.counters["factorizations"] == first
+
+
+def test_the_speed_table_marks_optimizers_that_are_not_validated() -> None:
+    from mbf_bench.speed import SpeedRecord, format_table
+
+    rows = [SpeedRecord("toy", name, "cpu", 10, 80, 0.1, 0.2, 0.2, 0.2)
+            for name in ("adam", "tnt", "soap")]
+    text = format_table(rows)
+    assert "| toy | tnt (not validated) |" in text
+    assert "| toy | soap |" in text and "| toy | adam |" in text
