@@ -29,6 +29,7 @@ __all__ = [
     "beats",
     "docs_section",
     "median_interval",
+    "plot_task",
     "replace_docs_section",
     "summary_markdown",
 ]
@@ -143,15 +144,19 @@ def _tune_table(records: list[dict[str, Any]], not_validated: set[str]) -> list[
     return lines
 
 
-def summary_markdown(rules: dict[str, Any], store: RecordStore) -> str:
+def summary_markdown(rules: dict[str, Any], store: RecordStore,
+                     image_dir: str | None = None) -> str:
     """The v2 tables of every task with records, as Markdown (deterministic: a function of the
-    records and the rules alone)."""
+    records and the rules alone). ``image_dir``: where the page finds each task's plot
+    (``<image_dir>/protocol2-<task>.png``, written by :func:`plot_task`); None: no images."""
     not_validated = set(rules.get("not_validated", []))
     tasks = sorted({r["task"] for r in store.load()})
     out: list[str] = []
     for task in tasks:
         budget = rules["tasks"].get(task, {}).get("cpu_seconds", "?")
         out += [f"### {task} ({budget} CPU s per run, one thread)", ""]
+        if image_dir is not None:
+            out += [f"![{task}]({image_dir}/protocol2-{task}.png)", ""]
         tune = store.load("tune", task)
         if tune:
             out += ["Tuning (validation split; tuning seeds):", "",
@@ -182,3 +187,54 @@ def replace_docs_section(path: Path, section: str) -> None:
     start = text.index(DOCS_BEGIN) + len(DOCS_BEGIN) + 1
     end = text.index(DOCS_END)
     path.write_text(text[:start] + section + text[end:])
+
+
+def plot_task(rules: dict[str, Any], store: RecordStore, task: str, path: Path) -> None:
+    """Two panels for ``task``: each tuning trial's validation metric against its learning
+    rate (every optimizer's search, diverged trials at the top edge), and the medians with
+    their 95 % intervals of the final and defaults runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mbf_bench.figures import save_compact_png
+
+    boot = rules["bootstrap"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    tune = store.load("tune", task)
+    finite = [r["value"] for r in tune if r["value"] is not None]
+    top = max(finite) if finite else 1.0
+    for name in sorted({r["name"] for r in tune}):
+        runs = [r for r in tune if r["name"] == name]
+        ok = [r for r in runs if r["value"] is not None]
+        dots = left.scatter([r["hparams"]["lr"] for r in ok], [r["value"] for r in ok], s=14,
+                            label=name)
+        bad = [r["hparams"]["lr"] for r in runs if r["value"] is None]
+        left.scatter(bad, [top] * len(bad), s=18, marker="x", color=dots.get_facecolor()[0])
+    left.set(xscale="log", xlabel="learning rate", title=f"{task}: tuning trials (x: diverged)",
+             ylabel=next((r["metric"] for r in tune), "validation metric"))
+    if tune:
+        left.legend(fontsize=7)
+    rows = []
+    for phase in ("final", "defaults"):
+        records = store.load(phase, task)
+        for name in sorted({r["name"] for r in records}):
+            scores = [r["score"] if r["score"] is not None else math.inf
+                      for r in records if r["name"] == name]
+            metric = next(r["metric"] for r in records if r["name"] == name)
+            m, lo, hi = (_metric_value(x, metric) for x in median_interval(
+                scores, boot["resamples"], boot["confidence"], boot["seed"]))
+            rows.append((f"{name} ({phase})", m, min(lo, hi), max(lo, hi), metric))
+    finite_rows = [x for row in rows for x in row[1:4] if math.isfinite(x)]
+    cap = max(finite_rows) if finite_rows else 1.0
+    for i, (_, m, lo, hi, _) in enumerate(rows):
+        marker = "o" if math.isfinite(m) else "x"  # x: the median seed diverged
+        m, lo, hi = (min(x, cap) for x in (m, lo, hi))
+        right.errorbar([m], [i], xerr=[[m - lo], [hi - m]], fmt=marker, capsize=3)
+    right.set_yticks(range(len(rows)), [row[0] for row in rows], fontsize=7)
+    right.set(xlabel=rows[0][4] if rows else "test metric",
+              title="median over final seeds, 95 % interval (x: diverged)")
+    fig.tight_layout()
+    save_compact_png(fig, path)
+    plt.close(fig)

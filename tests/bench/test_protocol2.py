@@ -285,16 +285,31 @@ def test_a_diverged_run_is_recorded_and_ranked_last(tmp_path: Path) -> None:
     assert "| sgdm | " in table and "| 2 | 1/2 |" in table  # both seeds, one diverged
 
 
+def test_a_non_finite_evaluation_is_a_divergence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbf_bench.problems import MinibatchProblem
+
+    monkeypatch.setattr(MinibatchProblem, "evaluate",
+                        lambda self, model: {"val_loss": math.nan, "val_error": math.nan})
+    rules = _tiny_rules()
+    job = tune_jobs(rules, RecordStore(tmp_path), "digits-ae", "adamw")[0]
+    record = run_job(rules, job, None, TINY)
+    assert record["status"] == "diverged" and record["score"] is None
+
+
 # --- docs --------------------------------------------------------------------------------
 
 def test_docs_tables_equal_the_tables_regenerated_from_the_records() -> None:
     store = RecordStore(ROOT / "benchmarks" / "protocol2")
     assert store.load(), "protocol v2 records are missing from benchmarks/protocol2"
-    regenerated = summary_markdown(RULES, store)
+    regenerated = summary_markdown(RULES, store, image_dir="img")
     docs = (ROOT / "docs" / "results.md").read_text()
     assert docs_section(docs) == regenerated, "run `python benchmarks/protocol2.py report`"
     summary = (ROOT / "benchmarks" / "protocol2" / "summary.md").read_text()
-    assert summary.endswith(regenerated)
+    assert summary.endswith(regenerated.replace("](img/", "](../../docs/img/"))
+    for task in {r["task"] for r in store.load()}:
+        assert (ROOT / "docs" / "img" / f"protocol2-{task}.png").exists()
 
 
 def test_docs_section_is_replaced_between_the_markers_only(tmp_path: Path) -> None:
