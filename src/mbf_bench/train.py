@@ -76,6 +76,7 @@ _TRAJECTORY_KEYS = (
     "task", "optimizer", "seed", "hparams", "batch_size", "subset", "holdout", "task_options",
     "lr_milestone_epochs", "schedule", "warmup_fraction", "clock",
 )
+_ADDED_KEY_DEFAULTS = {"schedule": "constant", "warmup_fraction": 0.0, "clock": "wall"}
 CLOCKS = ("wall", "cpu")
 
 
@@ -444,7 +445,8 @@ def _check_resumable(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ResumeError(f"cannot resume {directory}: {CONFIG} unreadable ({error})") from None
     for key in _TRAJECTORY_KEYS:
-        if saved.get(key) != config[key]:
+        # Runs saved before a key existed had its default (the schedule options, the clock).
+        if saved.get(key, _ADDED_KEY_DEFAULTS.get(key)) != config[key]:
             raise ResumeError(
                 f"cannot resume {directory}: it was started with {key}={saved.get(key)!r}, "
                 f"now {config[key]!r}; use another --out or drop --resume to start over"

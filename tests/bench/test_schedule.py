@@ -106,3 +106,18 @@ def test_a_schedule_replaces_the_tasks_step_decay() -> None:
     assert _milestones(task, RunSpec(task=task.name, optimizer="sgdm"))
     assert _milestones(task, RunSpec(task=task.name, optimizer="sgdm",
                                      schedule="warmup-cosine")) == []
+
+
+def test_a_run_saved_before_the_schedule_options_existed_still_resumes(tmp_path: Path) -> None:
+    spec = RunSpec(task="digits-ae", optimizer="sgdm", max_steps=2, batch_size=200)
+    first = run(spec, tmp_path, progress=False)
+    config_path = first.directory / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("schedule", "warmup_fraction", "clock"):
+        del config[key]
+    config_path.write_text(json.dumps(config))
+    longer = RunSpec(task="digits-ae", optimizer="sgdm", max_steps=3, batch_size=200)
+    assert run(longer, tmp_path, resume=True, progress=False).steps == 3
+    with pytest.raises(ValueError, match="schedule"):  # a different schedule is still refused
+        run(RunSpec(task="digits-ae", optimizer="sgdm", max_steps=4, batch_size=200,
+                    schedule="warmup-cosine"), tmp_path, resume=True, progress=False)
