@@ -288,7 +288,12 @@ def tune_jobs(rules: dict[str, Any], store: RecordStore, task: str,
     check_available(rules, optimizer)
     space = space_for(rules, optimizer, _task_fixed(task))
     spec = rules["spaces"][optimizer]
-    base = {**_library_defaults(optimizer, task), **spec.get("fixed", {})}
+    base = _library_defaults(optimizer, task)
+    unknown = sorted((set(space) | set(spec.get("fixed", {}))) - set(base))
+    if unknown:
+        raise ValueError(f"the rules search {', '.join(unknown)} of {optimizer!r}, which its "
+                         f"registry entry does not take (it takes {', '.join(sorted(base))})")
+    base.update(spec.get("fixed", {}))
     seed = rules["seeds"]["tune"][0]
     first, second = rules["trials"]["first_round"], rules["trials"]["second_round"]
     done = [r for r in store.load("tune", task) if r["name"] == optimizer]

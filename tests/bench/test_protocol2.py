@@ -160,6 +160,13 @@ def test_second_round_draws_from_the_widened_space_with_the_same_trial_count(
     assert counts[0] == counts[1]
 
 
+def test_a_space_naming_a_hyperparameter_the_optimizer_lacks_is_refused(tmp_path: Path) -> None:
+    rules = copy.deepcopy(RULES)
+    rules["spaces"]["sgdm"]["dims"]["betas"] = {"scale": "log", "low": 0.1, "high": 0.2}
+    with pytest.raises(ValueError, match="'betas'|betas of 'sgdm'"):
+        tune_jobs(rules, RecordStore(tmp_path), "digits-ae", "sgdm")
+
+
 def test_changed_rules_after_results_are_refused(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
     job = tune_jobs(RULES, store, "digits-ae", "adamw")[0]
