@@ -24,6 +24,7 @@ import torch
 
 from mbf_bench.protocol import (
     PHASES,
+    ExistingRecordError,
     RecordStore,
     defaults_jobs,
     final_jobs,
@@ -61,7 +62,12 @@ def _run_phase(args: argparse.Namespace) -> int:
                 break
             for job in jobs:
                 record = run_job(rules, job, args.data_dir)
-                store.append(record)
+                try:
+                    store.append(record)
+                except ExistingRecordError:  # another stream recorded it first: theirs stays
+                    print(f"{args.phase} {args.task} {name} trial {job.trial} seed {job.seed}: "
+                          "recorded meanwhile by another stream; this run is discarded")
+                    continue
                 print(f"{args.phase} {args.task} {name} trial {job.trial} seed {job.seed}: "
                       f"{record['status']}, {record['steps']} steps, {record['metric']} "
                       f"{record['value']}", flush=True)
