@@ -101,15 +101,15 @@ class Dimension:
 
     def widened(self, side: str, by: float) -> Dimension:
         """This range extended on ``side`` (``"low"`` or ``"high"`` of the drawn variable) by
-        ``by`` times its width in its scale (a one-minus range never reaches x = 1)."""
+        ``by`` times its width in its scale (a one-minus range stops at x = 1: beta = 0)."""
         lo, hi = self._warp(self.low), self._warp(self.high)
         step = by * (hi - lo)
         lo, hi = (lo - step, hi) if side == "low" else (lo, hi + step)
         if self.scale == "uniform":
             return Dimension(self.name, self.scale, lo, hi)
         new_hi = math.exp(hi)
-        if self.scale == "one_minus_log":
-            new_hi = min(new_hi, 0.5)
+        if self.scale == "one_minus_log":  # x = 1 - beta stays <= 1: beta >= 0
+            new_hi = max(self.high, min(new_hi, 1.0))
         return Dimension(self.name, self.scale, math.exp(lo), new_hi)
 
     def as_json(self) -> dict[str, Any]:
@@ -362,11 +362,13 @@ def defaults_jobs(rules: dict[str, Any], store: RecordStore, task: str,
             for s in rules["seeds"]["final"] if s not in done]
 
 
-def _score(line: dict[str, Any]) -> tuple[str, float | None, float]:
-    """(metric name, its value, score: lower is better) of an evaluation line."""
-    accuracy = [k for k in line if k.endswith("_accuracy")]
-    key = accuracy[0] if accuracy else next(k for k in line
-                                            if k.endswith("_loss") and k != "train_loss")
+def _score(line: dict[str, Any], prefix: str) -> tuple[str, float | None, float]:
+    """(metric name, its value, score: lower is better) of an evaluation line: the accuracy
+    on the ``prefix`` split (``val`` or ``test``) if the task has one, else its loss."""
+    accuracy = f"{prefix}_accuracy" in line
+    key = f"{prefix}_accuracy" if accuracy else f"{prefix}_loss"
+    if key not in line:
+        raise ValueError(f"the run's last evaluation has no {key} (it has {', '.join(line)})")
     value = line[key]
     if value is None or not math.isfinite(value):
         return key, None, math.inf
@@ -410,7 +412,8 @@ def run_job(rules: dict[str, Any], job: TrialJob, data_dir: str | None,
         config = json.loads((result.directory / "config.json").read_text())
     evals = [x for x in lines if any(k.endswith("_loss") and k != "train_loss" for k in x)]
     status = result.status
-    metric, value, score = _score(evals[-1]) if evals else ("", None, math.inf)
+    prefix = "val" if job.phase == "tune" else "test"
+    metric, value, score = _score(evals[-1], prefix) if evals else ("", None, math.inf)
     if status == "finished" and value is None:
         status = "diverged"  # a non-finite evaluation is a divergence, never a missing trial
     if status != "finished":

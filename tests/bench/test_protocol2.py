@@ -110,6 +110,9 @@ def test_every_optimizer_gets_the_same_number_of_trials(tmp_path: Path) -> None:
     # beta1 = 1 - x, x in [4e-3, 0.1]: beta1 0.9959 is at x's low edge.
     ("one_minus_log", 4e-3, 0.1, 0.9959, "low", (4e-3 / 5.0, 0.1)),
     ("uniform", 0.0, 1.0, 0.95, "high", (0.0, 1.5)),
+    # momentum 0 is 1 - momentum = 1 at the high edge: widened, but never past momentum 0.
+    ("one_minus_log", 0.01, 1.0, 0.0, "high", (0.01, 1.0)),
+    ("one_minus_log", 0.01, 0.2, 0.79, "high", (0.01, 0.2 * 20 ** 0.5)),
 ])
 def test_a_best_value_on_an_edge_widens_that_side_once(
     scale: str, low: float, high: float, best: float, side: str | None,
