@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch, explicitly: a bare requirement would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[bench,dev,integrations]"
+	$(PY) -m pip install -q -e ".[bench,baselines,dev,integrations]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,4 +9,4 @@ python -c "import mbf_bench" 2>/dev/null || python -m pip install -q --no-deps -
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
 timeout 290 python -m mbf_bench.cli speed --device cuda \
   --tasks mnist-ae,cifar10-resnet32,cifar100-vgg16,planetoid-gcn \
-  --optimizers sgdm,adam,mbf,mbf-per_example,mbf-packed,kfac,shampoo --repeats 5 --warmup 3 --json "$out"
+  --optimizers sgdm,adam,mbf,mbf-per_example,mbf-packed,kfac,shampoo-ours --repeats 5 --warmup 3 --json "$out"

@@ -51,7 +51,7 @@ SPACES: dict[str, dict[str, tuple[str, float, float]]] = {
     "mbf-sgd": {"lr": ("log", 1e-3, 1.0), "damping": ("log", 1e-4, 1.0)},
     "mbf-paper": {"lr": ("log", 1e-4, 1e-1), "damping": ("log", 1e-3, 10.0)},
     "kfac": {"lr": ("log", 1e-4, 1.0), "damping": ("log", 1e-2, 1e3)},
-    "shampoo": {"lr": ("log", 1e-5, 1e-1), "damping": ("log", 1e-4, 10.0)},
+    "shampoo-ours": {"lr": ("log", 1e-5, 1e-1), "damping": ("log", 1e-4, 10.0)},
     "tnt": {"lr": ("log", 1e-4, 1.0), "damping": ("log", 1e-2, 1e3)},
 }
 

@@ -7,14 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 P="${PYTHON:-python} benchmarks/protocol.py"
 export OMP_NUM_THREADS=1
-SMALL=sgdm,adam,mbf,mbf-paper,kfac,shampoo
+SMALL=sgdm,adam,mbf,mbf-paper,kfac,shampoo-ours
 
 stream_mnist() {
-  $P tune --task mnist-ae --optimizers adam,sgdm,kfac,tnt,mbf-paper,shampoo,mbf --trials 8 \
+  $P tune --task mnist-ae --optimizers adam,sgdm,kfac,tnt,mbf-paper,shampoo-ours,mbf --trials 8 \
     --cpu-seconds 40
-  $P final --task mnist-ae --optimizers adam,sgdm,mbf,mbf-paper,shampoo,tnt,kfac \
+  $P final --task mnist-ae --optimizers adam,sgdm,mbf,mbf-paper,shampoo-ours,tnt,kfac \
     --seeds 0,1,2 --cpu-seconds 90
-  $P defaults --task mnist-ae --optimizers adam,sgdm,mbf,kfac,shampoo,tnt --seeds 0,1 \
+  $P defaults --task mnist-ae --optimizers adam,sgdm,mbf,kfac,shampoo-ours,tnt --seeds 0,1 \
     --cpu-seconds 90
   $P ablate --task mnist-ae --optimizers mbf --seeds 0,1 --cpu-seconds 60
 }
@@ -27,7 +27,7 @@ stream_small() {
     case $task in planetoid-gcn|cifar10-resnet8) opts=$SMALL,mbf-sgd ;; esac
     $P tune --task "$task" --optimizers "$opts" --trials 6 --cpu-seconds "$tune"
     $P final --task "$task" --optimizers "$opts" --seeds 0,1,2 --cpu-seconds "$final"
-    $P defaults --task "$task" --optimizers sgdm,adam,mbf,kfac,shampoo --seeds 0,1 \
+    $P defaults --task "$task" --optimizers sgdm,adam,mbf,kfac,shampoo-ours --seeds 0,1 \
       --cpu-seconds "$final"
   done
 }

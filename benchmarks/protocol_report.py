@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from mbf_bench.optimizers import display_name
 from mbf_bench.report import TARGETS_FILE, first_reaching, fmt
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -198,7 +199,7 @@ def markdown(summary: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         for name, row in info["tuned"].items():
             sel = ", ".join(f"{k}={v:.3g}" for k, v in row["hparams"].items())
-            lines.append(f"| {name} | {row['trials']} | {row['diverged']} | "
+            lines.append(f"| {display_name(name)} | {row['trials']} | {row['diverged']} | "
                          f"{fmt(row['best'])} | {sel} |")
         for phase, title in (("final", "Tuned settings, seeds 0-2"),
                              ("defaults", "Library defaults (no per-task values)")):
@@ -213,7 +214,8 @@ def markdown(summary: dict[str, Any]) -> str:
                              else (-math.inf if _higher_is_better(family) else math.inf)))
             for name, row in rows:
                 lines.append(
-                    f"| {name} | {fmt(row['metric_median'])} [{fmt(row['metric_min'])}, "
+                    f"| {display_name(name)} | {fmt(row['metric_median'])} "
+                    f"[{fmt(row['metric_min'])}, "
                     f"{fmt(row['metric_max'])}] | {fmt(row['seconds_to_target'], '.3g')} | "
                     f"{fmt(row['steps_to_target'], '.0f')} | {fmt(row['steps'], '.0f')} | "
                     f"{fmt(row['seconds_per_step'], '.3g')} | {row['diverged']}/{row['seeds']} |")
@@ -238,7 +240,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         for r in runs:
             name = r["optimizer"]
             color = colors.setdefault(name, palette[len(colors) % len(palette)])
-            label = name if r["seed"] == 0 else None
+            label = display_name(name) if r["seed"] == 0 else None
             if info["family"] == "autoencoder":
                 c = np.array([x for x in r["curve"] if math.isfinite(x[2])])
                 if len(c) < WINDOW:

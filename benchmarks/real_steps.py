@@ -6,7 +6,7 @@ script instead runs each optimizer for whole cycles of consecutive steps at its 
 over rounds, and prints the mean step and its ratio to the first optimizer named. Example:
 
     OMP_NUM_THREADS=1 python benchmarks/real_steps.py --task mnist-ae --steps 20 --rounds 2 \
-        --optimizers adam,mbf,mbf-packed,kfac,shampoo
+        --optimizers adam,mbf,mbf-packed,kfac,shampoo-ours
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mbf_bench.tasks import TASKS
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="mnist-ae", choices=sorted(TASKS))
-    parser.add_argument("--optimizers", default="adam,mbf,kfac,shampoo")
+    parser.add_argument("--optimizers", default="adam,mbf,kfac,shampoo-ours")
     parser.add_argument("--steps", type=int, default=20, help="steps per round (a whole cycle)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)

@@ -9,8 +9,8 @@ mkdir -p "$out"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 bench=".venv/bin/mbf-bench"
 $bench speed --tasks mnist-ae,cifar10-resnet32,planetoid-gcn \
-  --optimizers sgdm,adam,mbf,mbf-paper,mbf-per_example,mbf-packed,kfac,shampoo \
+  --optimizers sgdm,adam,mbf,mbf-paper,mbf-per_example,mbf-packed,kfac,shampoo-ours \
   --repeats 5 --warmup 1 --json "$out/small.json" > "$out/small.md"
 # VGG-16 without the per-example and packed variants: seven copies of its state do not fit 24 GiB.
-$bench speed --tasks cifar100-vgg16 --optimizers sgdm,adam,mbf,mbf-paper,kfac,shampoo \
+$bench speed --tasks cifar100-vgg16 --optimizers sgdm,adam,mbf,mbf-paper,kfac,shampoo-ours \
   --repeats 3 --warmup 1 --json "$out/vgg16.json" > "$out/vgg16.md"

@@ -140,23 +140,7 @@ def installed(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
     bindir = Path(sysconfig.get_path("scripts", vars={"base": env_dir, "platbase": env_dir}))
     python = bindir / "python"
-    purelib = Path(
-        _run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=env_dir
-        ).strip()
-    )
-    # The already installed runtime packages, by their folders: a plain path in a .pth file
-    # adds that folder only (its own .pth files, such as an editable install's, are not read).
-    folders = []
-    for name in RUNTIME:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            pytest.skip(f"{name} is not installed (the bench extra): mbf-bench cannot run")
-        folder = str(Path(spec.origin).resolve().parents[1])
-        if folder not in folders:
-            folders.append(folder)
-    assert str(SRC) not in folders
-    (purelib / "_mbf_test_runtime.pth").write_text("\n".join(folders) + "\n")
+    _runtime_pth(python, env_dir)
     _run(
         [
             sys.executable,
@@ -175,6 +159,26 @@ def installed(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         cwd=env_dir,
     )
     return bindir
+
+
+def _runtime_pth(python: Path, cwd: Path) -> None:
+    """Let the venv of ``python`` see the already installed runtime packages, by their folders:
+    a plain path in a .pth file adds that folder only (its own .pth files, such as an editable
+    install's, are not read)."""
+    purelib = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=cwd)
+        .strip()
+    )
+    folders = []
+    for name in RUNTIME:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            pytest.skip(f"{name} is not installed (the bench extra): mbf-bench cannot run")
+        folder = str(Path(spec.origin).resolve().parents[1])
+        if folder not in folders:
+            folders.append(folder)
+    assert str(SRC) not in folders
+    (purelib / "_mbf_test_runtime.pth").write_text("\n".join(folders) + "\n")
 
 
 def _clean_env() -> dict[str, str]:
@@ -255,3 +259,79 @@ def test_launcher_knows_every_package_of_the_bench_extra() -> None:
         if 'extra == "bench"' in r
     }
     assert bench == set(BENCH_IMPORTS), (bench, BENCH_IMPORTS)
+
+
+# ----------------------------------------------------------------------------- README's install
+
+INSTALL_MARK = "<!-- install: run as written by tests/test_packaging.py -->"
+# What a build from the repository's folder reads (setuptools adds the rest of the sdist itself).
+PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in")
+
+
+def readme_install_blocks() -> list[list[str]]:
+    """The commands of each bash block of README's Install section marked with INSTALL_MARK,
+    comments dropped. The section must open with such a block: the first command a newcomer
+    types works before any release, and ``pip install mbf-optim`` appears only as "once
+    released"."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Install\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"(<!-- install:[^>]*-->\n)?```bash\n(.*?)```", section, re.S)
+    assert blocks and blocks[0][0].strip() == INSTALL_MARK, "Install must open with a tested block"
+    for _, body in blocks:  # every command that asks the index for mbf-optim says "not yet"
+        for line in body.splitlines():
+            if re.search(r"pip install [\"']?mbf-optim\b", line):
+                assert "once released" in line, line
+
+    def commands(body: str) -> list[str]:
+        return [c for c in (line.split("#", 1)[0].strip() for line in body.splitlines()) if c]
+
+    return [commands(body) for mark, body in blocks if mark.strip() == INSTALL_MARK]
+
+
+def test_readme_install_blocks_are_found() -> None:
+    blocks = readme_install_blocks()
+    assert blocks[0] == ['pip install ".[bench]"']
+    assert len(blocks) == 2 and blocks[1][0].startswith("pip wheel")
+
+
+def _clone(tmp: Path) -> Path:
+    """The repository's folder as a newcomer has it: the project files and src/, no build."""
+    import shutil
+
+    clone = tmp / "mbf"
+    clone.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copy2(ROOT / name, clone / name)
+    shutil.copytree(SRC, clone / "src", ignore=shutil.ignore_patterns(
+        "__pycache__", "*.egg-info", "*.pyc"))
+    return clone
+
+
+@pytest.mark.parametrize("block", range(2))
+def test_readme_install_commands_work_as_written(block: int, tmp_path: Path) -> None:
+    """Each tested block of README's Install section, run by bash in a copy of the repository's
+    folder with a fresh venv's ``pip`` and ``python`` first on PATH, installs an ``mbf`` that
+    imports from the venv and an ``mbf-bench`` that runs. Offline by the environment, not by
+    the commands: pip reads ``PIP_NO_INDEX``, ``PIP_NO_DEPS`` and ``PIP_NO_BUILD_ISOLATION``,
+    and the dependencies come from the installed ones (a .pth file, as above)."""
+    _require_build_tools()
+    commands = readme_install_blocks()[block]
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)  # ensurepip: offline
+    bindir = Path(sysconfig.get_path("scripts", vars={"base": env_dir, "platbase": env_dir}))
+    # Python < 3.12's ensurepip also brings an old setuptools, which would shadow the installed
+    # one the build needs (pyproject.toml's build-system requirement).
+    _run([bindir / "python", "-m", "pip", "uninstall", "--yes", "--quiet", "setuptools"],
+         cwd=tmp_path)
+    _runtime_pth(bindir / "python", tmp_path)
+    clone = _clone(tmp_path)
+    env = _clean_env()
+    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(env_dir),
+               PIP_NO_INDEX="1", PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0",
+               PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_CACHE_DIR="1")
+    _run(["bash", "-e", "-c", "\n".join(commands)], cwd=clone, env=env)
+    where = _run([bindir / "python", "-c", "import mbf; print(mbf.__file__)"],
+                 cwd=tmp_path, env=env).strip()
+    assert Path(where).resolve().is_relative_to(env_dir.resolve()), where
+    out = _run([bindir / "mbf-bench", "list"], cwd=tmp_path, env=env)
+    assert "mnist-ae" in out and "kfac (not validated)" in out, out

@@ -203,7 +203,7 @@ def _specs(args: argparse.Namespace, optimizers: list[str], seeds: list[int]) ->
 
 
 def _list(args: argparse.Namespace) -> int:
-    from mbf_bench.optimizers import OPTIMIZERS
+    from mbf_bench.optimizers import OPTIMIZERS, display_name
     from mbf_bench.tasks import TASKS, get_task
     from mbf_bench.train import resolve_hparams
 
@@ -221,13 +221,13 @@ def _list(args: argparse.Namespace) -> int:
               + ("; weight decay in the loss (first layer)" if task.penalty else ""))
     print("\noptimizers:")
     for name, spec in OPTIMIZERS.items():
-        print(f"  {name:<16} {spec.description}")
+        print(f"  {display_name(name):<32} {spec.description}")
     if args.task:
         task = get_task(args.task)
         print(f"\ndefaults for {task.name} ({task.family}):")
         for name in OPTIMIZERS:
             values = ", ".join(f"{k}={v}" for k, v in resolve_hparams(name, task, {}).items())
-            print(f"  {name:<16} {values}")
+            print(f"  {display_name(name):<32} {values}")
     return 0
 
 
@@ -307,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _delegate(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     args.argv = argv  # `run --nproc K` relaunches itself with the same arguments
+    from mbf_bench.baselines import MissingBaselineLibrary
     from mbf_bench.data import DataError
 
     handlers = {"list": _list, "run": _run, "report": _report, "tune": _tune}
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return handlers[args.command](args)
-    except (DataError, ValueError, KeyError) as error:
+    except (DataError, ValueError, KeyError, MissingBaselineLibrary) as error:
         message = error.args[0] if error.args else str(error)
         print(f"mbf-bench {args.command}: error: {message}", file=sys.stderr)
         return 2

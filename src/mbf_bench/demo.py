@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-OPTIMIZERS = ("mbf", "adam", "sgdm", "kfac", "shampoo")
+OPTIMIZERS = ("mbf", "adam", "sgdm", "kfac", "shampoo-ours")
 TASK = "digits-ae"
 
 

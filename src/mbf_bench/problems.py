@@ -8,8 +8,9 @@ run's device and answers the three questions the training loop asks:
   so a run killed after any step can be resumed exactly from ``(epoch, index)`` with no hidden
   data-loader state to save.
 - ``loss(model, batch)``: the training loss of the paper's setup (a scalar, mean over the batch).
-- ``evaluate(model)``: loss and task metric on the evaluation split (the test split, or a
-  validation split held out of the training set when tuning).
+- ``evaluate(model, final)``: loss and task metric on the evaluation split (the test split, or a
+  validation split held out of the training set when tuning); ``final`` marks the evaluation
+  that ends a run, where a text task also reports its test loss.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "GraphProblem",
     "MinibatchProblem",
     "Problem",
+    "TextProblem",
     "epoch_order",
     "mix_seed",
     "split_holdout",
@@ -104,8 +106,9 @@ class Problem(Protocol):
         """Training loss of ``model`` on ``batch`` (a scalar)."""
         ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Loss and metric on the evaluation split, keyed ``<prefix>_loss`` etc."""
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
+        """Loss and metric on the evaluation split, keyed ``<prefix>_loss`` etc.; ``final``: the
+        evaluation that ends the run (figures reported only once, such as a text's test loss)."""
         ...
 
 
@@ -177,7 +180,7 @@ class MinibatchProblem:
         return self.loss_fn(model(inputs), targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         """Mean loss over the evaluation split, plus ``error`` (autoencoders) or ``accuracy``.
 
         ``error`` is the reconstruction's squared error summed over pixels, mean over images,
@@ -249,7 +252,7 @@ class GraphProblem:
         return loss if self.penalty is None else loss + self.penalty(model)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
         """Cross-entropy and accuracy over the evaluation nodes (dropout off)."""
         was_training = model.training
         model.eval()
@@ -259,3 +262,95 @@ class GraphProblem:
         accuracy = float((out.argmax(dim=1) == labels).float().mean())
         model.train(was_training)
         return {f"{self.eval_prefix}_loss": loss, f"{self.eval_prefix}_accuracy": accuracy}
+
+
+class TextProblem:
+    """Next-token prediction on a tokenized text (:class:`mbf_bench.data.Text`).
+
+    A training batch is ``batch_size`` windows of ``context + 1`` consecutive tokens of the
+    training part, their starts drawn uniformly from a generator seeded by ``(seed, epoch,
+    index)``: a pure function of the position, so a resumed run sees the same batches. An
+    "epoch" here is ``steps_per_epoch`` steps, the interval between evaluations (a pass over
+    three million characters would be too long an interval).
+
+    The loss is the cross-entropy of every position's next token, mean over the batch's tokens
+    (nats per token). Evaluations use fixed, non-overlapping windows covering the first
+    ``eval_tokens`` tokens of a part, so every optimizer and seed is judged on the same tokens:
+    ``val_loss`` on the validation tail at every evaluation, and ``test_loss`` on the test tail
+    once, at the end of the run. ``tuning`` (the benchmark's ``holdout``: the text's validation
+    tail is already held out, so its fraction is not used) never reads the test tail.
+    """
+
+    eval_prefix = "val"
+
+    def __init__(
+        self,
+        train: Tensor,
+        val: Tensor,
+        test: Tensor,
+        *,
+        context: int,
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int,
+        device: torch.device,
+        eval_tokens: int,
+        tuning: bool = False,
+        eval_batch_size: int = 64,
+    ) -> None:
+        for name, value in (("context", context), ("batch_size", batch_size),
+                            ("steps_per_epoch", steps_per_epoch), ("eval_tokens", eval_tokens)):
+            if value <= 0:
+                raise ValueError(f"TextProblem: {name} must be positive, got {value}")
+        for name, part in (("training", train), ("validation", val), ("test", test)):
+            if part.numel() < context + 1:
+                raise ValueError(f"TextProblem: the {name} part ({part.numel()} tokens) is "
+                                 f"shorter than one window of {context + 1}")
+        self.train, self.context, self.batch_size = train, context, batch_size
+        self.steps_per_epoch, self.seed, self.device = steps_per_epoch, seed, device
+        self.tuning, self.eval_batch_size = tuning, eval_batch_size
+        self.val_windows = self.windows(val, eval_tokens)
+        self.test_windows = self.windows(test, eval_tokens)
+        self._offsets = torch.arange(context + 1)
+
+    def windows(self, part: Tensor, tokens: int) -> Tensor:
+        """``(n, context + 1)`` non-overlapping windows (consecutive windows share one token,
+        the target of one being the first input of the next) over the first ``tokens``
+        predicted tokens of ``part``."""
+        usable = min(tokens, part.numel() - 1) // self.context
+        starts = torch.arange(max(usable, 1)) * self.context
+        return part[starts[:, None] + torch.arange(self.context + 1)]
+
+    def batch(self, epoch: int, index: int) -> tuple[Tensor, Tensor]:
+        """Inputs and next-token targets, both ``(batch_size, context)``."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index + 1))
+        high = self.train.numel() - self.context
+        starts = torch.randint(0, high, (self.batch_size,), generator=generator)
+        rows = self.train[starts[:, None] + self._offsets].to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """Cross-entropy per token, mean over the batch's tokens."""
+        inputs, targets = batch
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def _mean_loss(self, model: nn.Module, windows: Tensor) -> float:
+        total = 0.0
+        for start in range(0, windows.shape[0], self.eval_batch_size):
+            rows = windows[start : start + self.eval_batch_size].to(self.device)
+            logits = model(rows[:, :-1])
+            total += float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(),
+                                           reduction="sum"))
+        return total / (windows.shape[0] * self.context)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, final: bool = False) -> dict[str, float]:
+        """``val_loss`` (nats per token), and ``test_loss`` too when ``final`` and not tuning."""
+        was_training = model.training
+        model.eval()
+        result = {"val_loss": self._mean_loss(model, self.val_windows)}
+        if final and not self.tuning:
+            result["test_loss"] = self._mean_loss(model, self.test_windows)
+        model.train(was_training)
+        return result

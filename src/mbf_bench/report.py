@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from .optimizers import display_name
+
 __all__ = [
     "TARGETS_FILE",
     "Run",
@@ -273,7 +275,8 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
         ]
         for opt, row in info["rows"].items():
             out.append(
-                f"| {opt} | {row['runs']} | {fmt(row['final_loss'])} | {fmt(row['best_loss'])} "
+                f"| {display_name(opt)} | {row['runs']} | {fmt(row['final_loss'])} "
+                f"| {fmt(row['best_loss'])} "
                 f"| {fmt(row['final_metric'])} | {fmt(row['best_metric'])} "
                 f"| {fmt(row['time_to_target'], '.3g')} ({row['reached']}) "
                 f"| {fmt(row['steps_to_target'], '.0f')} "
@@ -324,7 +327,8 @@ def plot_task(task: str, info: dict[str, Any], path: Path) -> Path:
                 continue
             grid, mean, low, high = band
             positive = positive and bool((low > 0).all())
-            (line,) = ax.plot(grid, mean, marker="o" if grid.size < 3 else None, label=opt)
+            (line,) = ax.plot(grid, mean, marker="o" if grid.size < 3 else None,
+                              label=display_name(opt))
             if len(row["group"]) > 1:
                 ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
         if y_key == "train_loss" and positive and ax.lines:
@@ -380,7 +384,7 @@ def plot_diagnostics(task: str, info: dict[str, Any], path: Path) -> Path | None
                 if band is None:
                     continue
                 grid, mean, low, high = band
-                name = f"{opt} {label}".strip()
+                name = f"{display_name(opt)} {label}".strip()
                 (line,) = ax.plot(grid, mean, marker="o" if grid.size < 3 else None, label=name)
                 if len(row["group"]) > 1:
                     ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)

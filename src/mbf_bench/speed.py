@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .optimizers import OPTIMIZERS, build_optimizer
+from .optimizers import OPTIMIZERS, build_optimizer, display_name
 from .problems import Problem
 from .tasks import TASKS, Data, Task, get_task, make_problem, stand_in_data
 from .train import resolve_hparams
@@ -263,7 +263,7 @@ def format_table(records: Sequence[SpeedRecord]) -> str:
                 return f"{value / ref:.2f}" if ref else "-"
 
             lines.append(
-                f"| {task} | {r.optimizer} | {r.median_step_seconds:.4f} | "
+                f"| {task} | {display_name(r.optimizer)} | {r.median_step_seconds:.4f} | "
                 f"{ratio(r.median_step_seconds, own_ref)} | "
                 f"{r.paper_cnn_step_seconds:.4f} | "
                 f"{ratio(r.paper_cnn_step_seconds, cnn_ref)} | "
@@ -277,7 +277,9 @@ def format_table(records: Sequence[SpeedRecord]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mbf-bench speed", description=__doc__)
     parser.add_argument("--tasks", default="mnist-ae,cifar10-resnet32,cifar100-vgg16,planetoid-gcn")
-    parser.add_argument("--optimizers", default="sgdm,adam,mbf,mbf-per_example,kfac,shampoo")
+    parser.add_argument(
+        "--optimizers", default="sgdm,adam,mbf,mbf-per_example,kfac,shampoo-ours"
+    )
     parser.add_argument("--json", type=Path, help="write the records here as a JSON list")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)

@@ -28,6 +28,7 @@ from mbf_bench.data import (
     DataError,
     Graph,
     Split,
+    Text,
     augment_cifar,
     black_level,
     load_cifar,
@@ -36,20 +37,23 @@ from mbf_bench.data import (
     load_faces_mat,
     load_mnist,
     load_planetoid,
+    load_text,
     make_curves,
 )
-from mbf_bench.data.stand_in import DataShape, GraphShape, SplitShape
+from mbf_bench.data.stand_in import DataShape, GraphShape, SplitShape, TextShape
 from mbf_bench.models import (
     CURVES_AE_SIZES,
     DIGITS_AE_SIZES,
     FACES_AE_SIZES,
     GCN,
+    GPT,
     MNIST_AE_SIZES,
+    GPTConfig,
     autoencoder,
     resnet_cifar,
     vgg16_bn,
 )
-from mbf_bench.problems import GraphProblem, MinibatchProblem, Problem
+from mbf_bench.problems import GraphProblem, MinibatchProblem, Problem, TextProblem
 
 __all__ = [
     "DATA_ENV",
@@ -65,7 +69,7 @@ __all__ = [
 #: Environment variable naming the default data directory.
 DATA_ENV = "MBF_BENCH_DATA"
 
-Data = Split | Graph
+Data = Split | Graph | Text
 Loader = Callable[[Path, Mapping[str, str], int | None], Data]
 
 
@@ -80,13 +84,18 @@ class Task:
 
     Attributes:
         name: registry key, e.g. ``"mnist-ae"``.
-        family: ``"autoencoder"``, ``"cnn"`` or ``"gcn"`` (selects optimizer defaults).
+        family: ``"autoencoder"``, ``"cnn"``, ``"gcn"`` or ``"transformer"`` (selects
+            optimizer defaults).
         description: one line for ``mbf-bench list``.
         data: what the task reads, for ``list`` and for error messages.
-        loader: ``(data_dir, options, subset) -> Split | Graph``.
+        loader: ``(data_dir, options, subset) -> Split | Graph | Text``.
         model: builds the network from the loaded data.
         batch_size: training minibatch size; None means the full graph.
         epochs: default length of a run.
+        epoch_steps: for tasks that sample their batches (text): the steps of one "epoch",
+            i.e. between two evaluations; None for tasks whose epoch is a pass over the data.
+        eval_tokens: for text tasks, how many tokens of the validation (and test) tail each
+            evaluation reads.
         loss: a key of :data:`mbf_bench.problems.LOSSES`.
         shape: the shape of the data (with the default ``options``), for random stand-ins.
         augment: random crop + flip on training batches (CIFAR).
@@ -118,10 +127,15 @@ class Task:
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     penalty: Callable[[nn.Module], Tensor] | None = None
     hparam_defaults: Mapping[str, Any] = field(default_factory=dict)
+    epoch_steps: int | None = None
+    eval_tokens: int | None = None
 
     @property
     def test_metric(self) -> str:
-        """``"test_error"`` for autoencoders (lower is better), else ``"test_accuracy"``."""
+        """``"test_error"`` for autoencoders (lower is better), ``"test_loss"`` (nats per token)
+        for language models, else ``"test_accuracy"``."""
+        if self.family == "transformer":
+            return "test_loss"
         return "test_error" if self.family == "autoencoder" else "test_accuracy"
 
     def resolve_options(self, given: Mapping[str, str]) -> dict[str, str]:
@@ -198,6 +212,14 @@ def _load_planetoid(data_dir: Path, options: Mapping[str, str], subset: int | No
     return load_planetoid(_require(data_dir, "planetoid-gcn", f"the {name} files"), name=name)
 
 
+def _load_text(data_dir: Path, options: Mapping[str, str], subset: int | None) -> Data:
+    text = load_text(_require(data_dir, "text-gpt(-tiny)", "text/warpeace_input.txt"))
+    if subset is None:
+        return text
+    return dataclasses.replace(text, train=text.train[:subset], val=text.val[:subset],
+                               test=text.test[:subset])
+
+
 def _ae(sizes: tuple[int, ...] | list[int]) -> Callable[[Data], nn.Module]:
     return lambda data: autoencoder(sizes)
 
@@ -217,6 +239,26 @@ def _gcn(data: Data) -> nn.Module:
     return GCN(data.features.shape[1], hidden=16, num_classes=data.num_classes, dropout=0.5)
 
 
+def _gpt_task(
+    name: str, description: str, *, context: int, layers: int, width: int, heads: int,
+    batch_size: int, epochs: int, epoch_steps: int, eval_tokens: int,
+) -> Task:
+    """A character-level GPT task on the text file (the vocabulary comes with the data)."""
+
+    def model(data: Data) -> nn.Module:
+        assert isinstance(data, Text)
+        return GPT(GPTConfig(data.vocab_size, context, layers=layers, width=width, heads=heads))
+
+    return Task(
+        name, "transformer", description, "text/warpeace_input.txt (War and Peace, UTF-8)",
+        _load_text, model, batch_size=batch_size, epochs=epochs, loss="cross_entropy",
+        shape=TextShape(vocab_size=_WARPEACE_VOCAB, context=context),
+        epoch_steps=epoch_steps, eval_tokens=eval_tokens, tune_epochs=epochs,
+    )
+
+
+#: Distinct characters of War and Peace (tests/bench/test_text.py checks it on the file).
+_WARPEACE_VOCAB = 148
 _CIFAR_SCHEDULE = (0.5, 0.75)
 _CIFAR10 = SplitShape((3, 32, 32), num_classes=10)
 #: Cora as Kipf & Welling's preprocessing leaves it (tests/bench/test_data.py checks the files).
@@ -284,6 +326,16 @@ TASKS: dict[str, Task] = {
             penalty=_gcn_penalty, hparam_defaults={"weight_decay": 0.0},
             tune_epochs=200,  # full batch: a whole run is 200 cheap steps
         ),
+        _gpt_task(
+            "text-gpt", "char-level GPT, 2 layers, width 128, 4 heads, context 64 (CPU-sized)",
+            context=64, layers=2, width=128, heads=4, batch_size=32,
+            epochs=10, epoch_steps=100, eval_tokens=65_536,
+        ),
+        _gpt_task(
+            "text-gpt-tiny", "char-level GPT, 1 layer, width 32, 2 heads, context 16 (CI-sized)",
+            context=16, layers=1, width=32, heads=2, batch_size=8,
+            epochs=3, epoch_steps=10, eval_tokens=512,
+        ),
     ]
 }
 
@@ -321,7 +373,8 @@ def load_data(
 
 def stand_in_data(task: Task, generator: torch.Generator) -> Data:
     """Random data of the task's shape (no files read): one batch of ``task.batch_size``
-    training examples (and as many test examples), or the whole graph of a full-batch task."""
+    training examples (and as many test examples; windows of a text), or the whole graph of a
+    full-batch task."""
     if isinstance(task.shape, GraphShape):
         return task.shape.random(generator)
     if task.batch_size is None:
@@ -345,6 +398,14 @@ def make_problem(
     holdout: float | None = None,
 ) -> Problem:
     """The :mod:`mbf_bench.problems` object for one run of ``task`` on ``data``."""
+    if isinstance(data, Text):
+        assert isinstance(task.shape, TextShape)
+        assert task.epoch_steps is not None and task.eval_tokens is not None
+        return TextProblem(
+            data.train, data.val, data.test, context=task.shape.context,
+            batch_size=batch_size or task.batch_size or 1, steps_per_epoch=task.epoch_steps,
+            seed=seed, device=device, eval_tokens=task.eval_tokens, tuning=holdout is not None,
+        )
     if isinstance(data, Graph):
         if holdout is not None:
             return GraphProblem(

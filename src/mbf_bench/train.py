@@ -9,22 +9,32 @@ Layout of a run, ``OUT/<task>/<optimizer>/<seed>/``:
   steps per epoch, a float), ``seconds`` (training time: the sum of step times, evaluation and
   checkpointing excluded) and ``train_loss`` (that step's minibatch loss). Evaluation lines, after
   each epoch and at the end, add ``lr`` and ``test_loss`` plus ``test_accuracy`` (classification)
-  or ``test_error`` (autoencoders), and their ``train_loss`` is the mean of the minibatch losses
+  or ``test_error`` (autoencoders), or, for text tasks, ``val_loss`` (and ``test_loss`` in the
+  last line only), and their ``train_loss`` is the mean of the minibatch losses
   since the previous evaluation; with an optimizer that has ``diagnostics()`` (MBF), they also
   hold its figures as ``diag/<name>`` (:mod:`mbf.diagnostics`; its ``diag/seconds/...`` count
   from the start of the process, so they restart when a run is resumed). A diverged run ends
   with a line whose ``train_loss`` is null and ``status`` is ``"diverged"``.
-- ``checkpoint.pt``: model, optimizer state, RNG states and position, written atomically (a
+- ``checkpoint.pt``: model, optimizer state, RNG states (torch's and numpy's global ones: PSGD-Kron
+  draws from numpy's) and position, written atomically (a
   temporary file flushed to the disk, then renamed) every ``checkpoint_every`` seconds and at the
   end; ``resume=True`` continues from it. Because the data order is a function of (seed, epoch),
   a resumed run repeats exactly what the uninterrupted run would have done (bitwise on the CPU).
 - ``checkpoint.prev.pt``: the checkpoint before, resumed from when the newest does not load.
 
 A write that fails (disk full) raises :class:`StorageError` and leaves the files as they were.
+
+Optimizers with an evaluation point of their own (Schedule-Free AdamW: ``optimizer.eval()`` moves
+the weights to the averaged iterate ``x``, ``optimizer.train()`` back to the point where gradients
+are taken) are switched to ``eval()`` for every evaluation and back to ``train()`` after it, on
+every process, by :func:`optimizer_evaluation`; the checkpoint holds them in training mode, so a
+resumed run continues bitwise (a checkpoint taken in evaluation mode would round the weights
+through ``x`` and back, at wall-clock moments).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +45,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -62,6 +72,7 @@ __all__ = [
     "run",
     "run_directory",
     "check_new_runs",
+    "optimizer_evaluation",
     "run_many",
     "validate",
 ]
@@ -217,6 +228,28 @@ def optimizer_diagnostics(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     if not callable(report):
         return {}
     return {f"diag/{name}": float(value) for name, value in report().items()}
+
+
+@contextlib.contextmanager
+def optimizer_evaluation(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside: the optimizer in evaluation mode, if it has one (``eval()`` and ``train()``, as
+    schedule-free optimizers do); back in training mode after. Other optimizers: nothing."""
+    to_eval, to_train = getattr(optimizer, "eval", None), getattr(optimizer, "train", None)
+    if not (callable(to_eval) and callable(to_train)):
+        yield
+        return
+    to_eval()
+    try:
+        yield
+    finally:
+        to_train()
+
+
+def _training_mode(optimizer: torch.optim.Optimizer) -> None:
+    """Put an optimizer that has modes (:func:`optimizer_evaluation`) in training mode."""
+    to_train = getattr(optimizer, "train", None)
+    if callable(to_train):
+        to_train()
 
 
 def _check_values(optimizer: str, hparams: dict[str, Any]) -> None:
@@ -533,6 +566,7 @@ def run(
     milestones = _milestones(task, spec)
 
     torch.manual_seed(spec.seed)
+    _numpy_random().seed(spec.seed)  # numpy's global generator, which PSGD-Kron draws from
     module = task.model(data).to(device)
     model = module if dp is None else dp.wrap(module)
     started = _clock(spec)()
@@ -590,6 +624,7 @@ def run(
     bar = _Progress(spec, task, problem.steps_per_epoch, pos, progress and main)
     try:
         with open(metrics_path if main else os.devnull, "a") as metrics:
+            _training_mode(optimizer)
             loop = _Loop(spec, task, problem, model, optimizer, base_lrs, pos, metrics,
                          checkpoint_path, dp)
             status, last_eval = loop.train(bar, on_step)
@@ -632,8 +667,15 @@ class _Loop:
         self.metrics.write(json.dumps({k: _finite(v) for k, v in line.items()}) + "\n")
         self.metrics.flush()
 
-    def evaluate(self) -> dict[str, Any]:
-        """Write an evaluation line; its train_loss is the mean since the last evaluation."""
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        """Write an evaluation line; its train_loss is the mean since the last evaluation.
+        ``final``: the run's last evaluation (a text task adds its test loss there). Every
+        process switches the optimizer to its evaluation mode around it (the replicas' weights
+        stay equal)."""
+        with optimizer_evaluation(self.optimizer):
+            return self._evaluate(final)
+
+    def _evaluate(self, final: bool) -> dict[str, Any]:
         pos = self.pos
         if self.dp is not None and not self.dp.main:  # rank 0 evaluates and writes
             pos.loss_sum, pos.loss_count, pos.last_eval_step = 0.0, 0, pos.step
@@ -644,7 +686,7 @@ class _Loop:
             "seconds": pos.seconds,
             "train_loss": pos.loss_sum / max(pos.loss_count, 1),
             "lr": self.optimizer.param_groups[0]["lr"],
-            **self.problem.evaluate(self.module),
+            **self.problem.evaluate(self.module, final=final),
             **optimizer_diagnostics(self.optimizer),
         }
         self.write(line)
@@ -721,7 +763,7 @@ class _Loop:
             bar.update(elapsed, value)
             stopping = _stopped(spec, self.task, pos)
             if pos.index == 0 or stopping:
-                last_eval = self.evaluate()
+                last_eval = self.evaluate(final=stopping)
             due = (
                 pos.step % spec.checkpoint_every_steps == 0
                 if spec.checkpoint_every_steps
@@ -735,14 +777,14 @@ class _Loop:
             if on_step is not None:
                 on_step(pos.step)
         if pos.last_eval_step != pos.step:  # resumed a run that had stopped before evaluating
-            last_eval = self.evaluate()
+            last_eval = self.evaluate(final=True)
             self.checkpoint()
         return "finished", last_eval
 
 
 def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           pos: _Position) -> None:
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     payload = {
@@ -754,6 +796,26 @@ def _save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     }
     _write_atomic(path, lambda handle: torch.save(payload, handle),
                   keep=path.with_name(PREVIOUS_CHECKPOINT))
+
+
+def _numpy_random() -> Any:
+    import numpy  # a dependency of the bench extra, imported where needed
+
+    return numpy.random
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global generator state as tensors and numbers (a ``weights_only`` checkpoint
+    holds no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = _numpy_random().get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype("uint32")
+    _numpy_random().set_state(
+        (state["kind"], keys, state["pos"], state["has_gauss"], state["gauss"]))
 
 
 def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> _Position:
@@ -768,6 +830,8 @@ def _restore(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["rng"]["torch"])
+        if "numpy" in payload["rng"]:  # checkpoints before 2026-12-07 lack it
+            _set_numpy_rng_state(payload["rng"]["numpy"])
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         return _Position(**payload["position"])

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mbf_bench.optimizers import display_name
 from mbf_bench.settings import dump_config, format_value
 from mbf_bench.tasks import Task, get_task
 from mbf_bench.train import RunResult, RunSpec, resolve_hparams, run_many, validate
@@ -91,8 +92,8 @@ def tune(
         base = dataclasses.replace(base, epochs=task.tune_epochs or max(1, task.epochs // 10))
     metric = task.test_metric.replace("test", "val")
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    print(f"tuning {base.optimizer} on {base.task}: {len(points)} points, validation on "
-          f"{holdout:.0%} of the training set, judged by {metric}")
+    print(f"tuning {display_name(base.optimizer)} on {base.task}: {len(points)} points, "
+          f"validation on {holdout:.0%} of the training set, judged by {metric}")
     specs = [dataclasses.replace(base, hparams={**base.hparams, **p}, holdout=holdout)
              for p in points]
     for spec in specs:  # every grid value judged before the first point trains
@@ -119,7 +120,7 @@ def tune(
         {base.optimizer: {**base.hparams, **best["point"]}},
         top={"task": base.task},
         comments=[
-            f"mbf-bench tune: {base.optimizer} on {base.task}, seed {base.seed}, "
+            f"mbf-bench tune: {display_name(base.optimizer)} on {base.task}, seed {base.seed}, "
             f"{budget} per point, {len(points)} points",
             f"chosen by {metric} = {best[metric]:.6g} on {holdout:.0%} of the training set "
             "held out (the test set is never used)",

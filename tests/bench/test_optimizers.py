@@ -9,7 +9,9 @@ single example, and Shampoo against the ``pytorch_optimizer`` library.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -421,7 +423,7 @@ def test_kronecker_skips_modes_over_max_precond_dim() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@pytest.mark.parametrize("name", ["kfac", "shampoo", "tnt"])
+@pytest.mark.parametrize("name", ["kfac", "shampoo-ours", "tnt"])
 def test_state_dict_round_trip_continues_identically(name: str) -> None:
     def run(model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps: int) -> None:
         gen = torch.Generator().manual_seed(seed)
@@ -448,7 +450,10 @@ def test_state_dict_round_trip_continues_identically(name: str) -> None:
 # ----------------------------------------------------------------------------- registry
 
 
-REQUIRED = {"sgdm", "adam", "adamw", "mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo"}
+REQUIRED = {
+    "sgdm", "adam", "adamw", "mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo-ours", "tnt",
+    "schedulefree-adamw", "soap", "psgd-kron", "muon", "shampoo",
+}
 
 
 def test_registry_has_the_required_optimizers_and_consistent_specs() -> None:
@@ -486,7 +491,7 @@ def test_no_layer_of_defaults_is_dead() -> None:
 
 
 def test_curvature_schedule_follows_the_framework() -> None:
-    for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo", "tnt"):
+    for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo-ours", "tnt"):
         ae, cnn = defaults_for(name, "autoencoder"), defaults_for(name, "cnn")
         assert (ae["stat_every"], ae["inv_every"], ae["stat_decay"]) == (1, 20, 0.9)
         assert (cnn["stat_every"], cnn["inv_every"], cnn["stat_decay"]) == (10, 100, 0.9)
@@ -503,8 +508,13 @@ def test_mbf_estimators_are_selectable() -> None:
 
 _CHOICES = {"estimator": ("batch", "per_example"), "storage": ("full", "packed"),
             "loss_reduction": ("mean", "sum"), "accumulate": ACCUMULATE,
-            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None)}
+            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None),
+            "memory_save_mode": (None, "one_diag")}
 _ALIASES = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # torch's Adam keeps a pair
+# Muon's AdamW settings live in its AdamW group under the plain names.
+_MUON_ADAMW = {"adamw_lr": ("lr", None), "adamw_beta1": ("betas", 0),
+               "adamw_beta2": ("betas", 1), "adamw_wd": ("weight_decay", None),
+               "adamw_eps": ("eps", None)}
 
 
 def _another_value(key: str, value: Any) -> Any:
@@ -518,18 +528,35 @@ def _another_value(key: str, value: Any) -> Any:
     return 0.0123 if not value else value * 0.5  # None, 0.0 or a positive float
 
 
+def _setting(opt: torch.optim.Optimizer, key: str) -> Any:
+    """Where optimizer ``opt`` keeps hyperparameter ``key`` of the registry."""
+    groups = opt.param_groups
+    group = groups[0]
+    if key in _MUON_ADAMW:  # Muon: the AdamW group
+        group = next(g for g in groups if not g["use_muon"])
+        field, index = _MUON_ADAMW[key]
+        return group[field] if index is None else group[field][index]
+    if "use_muon" in group:  # Muon: the Muon group
+        group = next(g for g in groups if g["use_muon"])
+    if key in _ALIASES:
+        field, index = _ALIASES[key]
+        return group[field][index]
+    # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
+    return group[key] if key in group else getattr(opt, key, "<absent>")
+
+
+def deep_mlp() -> nn.Sequential:
+    """Input layer, one hidden matrix (Muon's), head."""
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_hyperparameter_is_accepted_and_reaches_the_optimizer(name: str) -> None:
     spec = OPTIMIZERS[name]
     for key, default in spec.defaults.items():
         value = _another_value(key, default)
-        opt = build_optimizer(name, mlp(), {key: value})
-        group = opt.param_groups[0]
-        if key in _ALIASES:
-            field, index = _ALIASES[key]
-            got = group[field][index]
-        else:  # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
-            got = group[key] if key in group else getattr(opt, key, "<absent>")
+        opt = build_optimizer(name, deep_mlp(), {key: value})
+        got = _setting(opt, key)
         assert got == value and type(got) is type(value), (key, value, got)
 
 
@@ -545,7 +572,7 @@ def test_bad_names_and_values_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="TNT: inv_every"):
         build_optimizer("tnt", mlp(), {"inv_every": 0})
     with pytest.raises(ValueError, match="Shampoo: conv_reshape"):
-        build_optimizer("shampoo", mlp(), {"conv_reshape": "flat"})
+        build_optimizer("shampoo-ours", mlp(), {"conv_reshape": "flat"})
     with pytest.raises(ValueError, match="KFAC: loss_reduction"):
         build_optimizer("kfac", mlp(), {"loss_reduction": "none"})
 
@@ -642,3 +669,170 @@ def test_invert_early_refreshes_the_preconditioner_during_the_first_inv_every_st
     early, late = second_step_params(True), second_step_params(False)
     assert all(torch.isfinite(p).all() for p in early)
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(early, late, strict=True))
+
+
+# ----------------------------------------------------------------------------- library baselines
+
+LIBRARY = ("adamw", "schedulefree-adamw", "soap", "psgd-kron", "muon", "shampoo")
+
+
+def test_display_name_marks_exactly_the_optimizers_that_are_not_validated() -> None:
+    from mbf_bench.optimizers import display_name
+
+    assert display_name("kfac") == "kfac (not validated)"
+    assert display_name("shampoo-ours") == "shampoo-ours (not validated)"
+    assert display_name("tnt") == "tnt (not validated)"
+    assert display_name("shampoo") == "shampoo" and display_name("mbf") == "mbf"
+    assert display_name("an-old-name") == "an-old-name"  # runs of a renamed optimizer
+
+
+def _family_problem(family: str):
+    """A task's own model on random data of its shape (a small batch of it)."""
+    from mbf_bench.tasks import get_task, make_problem, stand_in_data
+
+    task = get_task({"autoencoder": "digits-ae", "cnn": "cifar10-resnet8",
+                     "gcn": "planetoid-gcn", "transformer": "text-gpt-tiny"}[family])
+    data = stand_in_data(task, torch.Generator().manual_seed(0))
+    problem = make_problem(task, data, seed=0, device=torch.device("cpu"), batch_size=16)
+    torch.manual_seed(0)
+    return task, task.model(data), problem, problem.batch(0, 0)
+
+
+@pytest.mark.parametrize("family", ["autoencoder", "cnn", "gcn", "transformer"])
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_baselines_train_every_family_s_model(name: str, family: str) -> None:
+    """On one fixed batch, at the library defaults (no family has its own), the loss falls
+    (dropout and batch statistics off: a deterministic objective)."""
+    task, model, problem, batch = _family_problem(family)
+    model.eval()
+    from mbf_bench.train import resolve_hparams
+
+    opt = build_optimizer(name, model, resolve_hparams(name, task, {}))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = problem.loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses), losses
+    assert min(losses[-3:]) < losses[0], (name, family, losses)
+
+
+def test_library_baselines_carry_their_library_s_defaults_and_no_family_ones() -> None:
+    """The registry's defaults are the constructors' own (so they are the documented ones)."""
+    import pytorch_optimizer as po
+    import schedulefree
+
+    def own(cls: type, **renamed: str) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__).parameters
+        return {renamed.get(k, k): v.default for k, v in sig.items()
+                if v.default is not inspect.Parameter.empty}
+
+    for name, cls in [("soap", po.SOAP), ("psgd-kron", po.Kron), ("muon", po.Muon),
+                      ("shampoo", po.Shampoo), ("schedulefree-adamw",
+                                                schedulefree.AdamWScheduleFree)]:
+        defaults = dict(OPTIMIZERS[name].defaults)
+        library = own(cls)
+        for pair, (one, two) in (("betas", ("beta1", "beta2")),
+                                 ("adamw_betas", ("adamw_beta1", "adamw_beta2"))):
+            if pair in library:
+                library[one], library[two] = library.pop(pair)
+        for key, value in defaults.items():
+            assert library[key] == value, (name, key, value, library[key])
+        for table in TASK_DEFAULTS.values():
+            assert name not in table, name
+    assert {k: OPTIMIZERS["adamw"].defaults[k] for k in ("lr", "eps", "weight_decay")} == {
+        "lr": 1e-3, "eps": 1e-8, "weight_decay": 1e-2}  # torch.optim.AdamW's
+    assert all("adamw" not in table for table in TASK_DEFAULTS.values())
+
+
+@pytest.mark.parametrize("module", ["pytorch_optimizer", "schedulefree", "opt_einsum"])
+def test_a_missing_library_names_the_extra_that_installs_it(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mbf_bench.baselines import MissingBaselineLibrary
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    users = {"pytorch_optimizer": ["soap", "psgd-kron", "muon", "shampoo"],
+             "schedulefree": ["schedulefree-adamw"], "opt_einsum": ["psgd-kron"]}[module]
+    for name in users:
+        with pytest.raises(MissingBaselineLibrary, match=rf"{name!r} needs the .*pip install "
+                           r"'mbf-optim\[baselines\]'"):
+            build_optimizer(name, deep_mlp())
+    build_optimizer("adam", deep_mlp())  # the others do not need it
+
+
+def test_a_missing_library_is_one_line_from_the_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mbf_bench import cli
+
+    monkeypatch.setitem(sys.modules, "schedulefree", None)
+    code = cli.main(["run", "--task", "digits-ae", "--optimizers", "schedulefree-adamw",
+                     "--max-steps", "1", "--no-progress"])
+    assert code == 2
+    assert "mbf-optim[baselines]" in capsys.readouterr().err
+
+
+def _gpt_like() -> nn.Module:
+    """Token and position embeddings, a block (attention projections, MLP, LayerNorms) and a
+    head, registered in the order of the forward pass."""
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(11, 8), nn.Embedding(6, 8)
+            self.ln1, self.qkv, self.proj = nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 8)
+            self.ln2, self.fc, self.out = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+            self.ln_f, self.head = nn.LayerNorm(8), nn.Linear(8, 11, bias=False)
+
+    return Tiny()
+
+
+def _names(model: nn.Module, params: list[nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_muon_takes_exactly_the_hidden_weight_matrices() -> None:
+    from mbf_bench.baselines import muon_split
+    from mbf_bench.tasks import get_task, stand_in_data
+
+    ae = get_task("digits-ae")
+    model = ae.model(stand_in_data(ae, torch.Generator().manual_seed(0)))
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hidden, other = muon_split(model)
+    assert _names(model, hidden) == {f"{n}.weight" for n in linears[1:-1]}  # not input, not head
+    assert _names(model, other) == {n for n, _ in model.named_parameters()} - _names(model, hidden)
+
+    resnet = get_task("cifar10-resnet8")
+    model = resnet.model(stand_in_data(resnet, torch.Generator().manual_seed(0)))
+    hidden, _ = muon_split(model)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert _names(model, hidden) == {f"{n}.weight" for n in convs[1:]}  # the first conv: input
+    assert all(p.ndim == 4 for p in hidden)
+
+    gcn = get_task("planetoid-gcn")
+    model = gcn.model(stand_in_data(gcn, torch.Generator().manual_seed(0)))
+    assert muon_split(model)[0] == []  # two layers: input and head, nothing hidden
+
+    text = get_task("text-gpt-tiny")
+    model = text.model(stand_in_data(text, torch.Generator().manual_seed(0)))
+    hidden, _ = muon_split(model)
+    expected = {n for n, p in model.named_parameters()
+                if n.startswith("blocks.") and p.ndim == 2}  # attention and MLP matrices
+    assert expected and _names(model, hidden) == expected
+
+    gpt = _gpt_like()
+    hidden, _ = muon_split(gpt)
+    assert _names(gpt, hidden) == {"qkv.weight", "proj.weight", "fc.weight", "out.weight"}
+    gpt.head.weight = gpt.tok.weight  # a head tied to the embedding stays with AdamW
+    assert _names(gpt, muon_split(gpt)[0]) == {"qkv.weight", "proj.weight", "fc.weight",
+                                               "out.weight"}
+
+    opt = build_optimizer("muon", _gpt_like())
+    muon_group = next(g for g in opt.param_groups if g["use_muon"])
+    assert len(muon_group["params"]) == 4 and muon_group["lr"] == 2e-2
+    adamw_group = next(g for g in opt.param_groups if not g["use_muon"])
+    assert adamw_group["lr"] == 3e-4 and adamw_group["betas"] == (0.9, 0.95)

@@ -36,6 +36,8 @@ SMOKE: dict[str, dict[str, Any]] = {
     "cifar10-resnet8": {"subset": 8, "batch_size": 4},
     "cifar10-vgg16-small": {"subset": 8, "batch_size": 4},
     "planetoid-gcn": {},
+    "text-gpt": {"subset": 200, "batch_size": 2},
+    "text-gpt-tiny": {"subset": 200, "batch_size": 4},
 }
 
 
@@ -59,7 +61,8 @@ def test_smoke_settings_cover_every_task() -> None:
 # pooling, graph convolution); the paper-sized ones add only size, which makes the curvature
 # optimizers' first steps take tens of seconds each on two cores. By default those run with SGD
 # only (data, model and loss plumbing); MBF_BENCH_SLOW=1 runs them with every optimizer.
-CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn")
+CPU_SIZED = ("digits-ae", "cifar10-resnet8", "cifar10-vgg16-small", "planetoid-gcn",
+             "text-gpt-tiny")
 FIRST_ORDER = ("sgdm",)
 SLOW = bool(os.environ.get("MBF_BENCH_SLOW"))
 
@@ -141,6 +144,22 @@ def _crash_at(step: int):  # type: ignore[no-untyped-def]
     return hook
 
 
+def _crash_and_resume(spec: RunSpec, crash: int, tmp_path: Path) -> Any:
+    """Run ``spec`` whole, and again crashed after step ``crash`` then resumed: the two must be
+    the same run. Returns the whole run's result."""
+    whole = run(spec, tmp_path / "whole", progress=False)
+    with pytest.raises(Crash):
+        run(spec, tmp_path / "cut", progress=False, on_step=_crash_at(crash))
+    cut = tmp_path / "cut" / spec.task / spec.optimizer / "0"
+    assert json.loads((cut / "config.json").read_text())["status"] == "failed"
+    assert len(lines(cut)) > crash  # lines past the checkpoint, to be discarded on resume
+    resumed = run(spec, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.status == whole.status == "finished"
+    assert resumed.steps == whole.steps
+    _assert_same_run(whole.directory, resumed.directory)
+    return whole
+
+
 RESUME_CASES = [
     # digits: 40 examples / batch 20 = 2 steps an epoch; 7 steps cross three epoch ends.
     # (mbf-batch is mbf with its default estimator spelled out; adamw's state is adam's.)
@@ -164,16 +183,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(
     lr = defaults_for(optimizer, TASKS[task].family)["lr"] / 10
     spec = RunSpec(task=task, optimizer=optimizer, max_steps=steps, data_dir=str(SHARED_DATA),
                    checkpoint_every_steps=every, hparams={"lr": lr}, **extra)
-    whole = run(spec, tmp_path / "whole", progress=False)
-    with pytest.raises(Crash):
-        run(spec, tmp_path / "cut", progress=False, on_step=_crash_at(crash))
-    cut = tmp_path / "cut" / task / optimizer / "0"
-    assert json.loads((cut / "config.json").read_text())["status"] == "failed"
-    assert len(lines(cut)) > crash  # lines past the checkpoint, to be discarded on resume
-    resumed = run(spec, tmp_path / "cut", resume=True, progress=False)
-    assert resumed.status == whole.status == "finished"
-    assert resumed.steps == whole.steps
-    _assert_same_run(whole.directory, resumed.directory)
+    whole = _crash_and_resume(spec, crash, tmp_path)
     if TASKS[task].lr_milestones:  # step decay at 0.5 and 0.75 of 4 epochs: epochs 2 and 3
         evals = [line for line in lines(whole.directory) if "test_loss" in line]
         assert [line["epoch"] for line in evals] == [1.0, 2.0, 3.0, 4.0]
@@ -223,11 +233,12 @@ def test_time_budget_stops_the_run_and_excludes_evaluation(
     evaluate = MinibatchProblem.evaluate
     calls = []
 
-    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module) -> dict[str, float]:
+    def slow_evaluate(self: MinibatchProblem, model: torch.nn.Module,
+                      final: bool = False) -> dict[str, float]:
         calls.append(1)
         if len(calls) == 1:  # the first evaluation alone outlasts the whole budget
             time.sleep(1.5)
-        return evaluate(self, model)
+        return evaluate(self, model, final=final)
 
     monkeypatch.setattr(MinibatchProblem, "evaluate", slow_evaluate)
     spec = RunSpec(task="digits-ae", optimizer="sgdm", budget_seconds=1.0, batch_size=200)
@@ -286,3 +297,65 @@ def test_missing_data_raises_data_error(tmp_path: Path) -> None:
     spec = RunSpec(task="mnist-ae", optimizer="sgdm", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="nowhere"):
         run(spec, tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------- optimizer modes
+
+
+class _ModedSGD(torch.optim.SGD):
+    """SGD with schedule-free style modes: it refuses to step in evaluation mode (as
+    ``schedulefree`` does) and logs every switch with the number of steps taken so far."""
+
+    def __init__(self, params: Any, log: list[tuple[str, int]]) -> None:
+        super().__init__(params, lr=0.01)
+        self.log, self.steps, self.training = log, 0, False
+
+    def train(self) -> None:
+        self.training = True
+        self.log.append(("train", self.steps))
+
+    def eval(self) -> None:
+        self.training = False
+        self.log.append(("eval", self.steps))
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        assert self.training, "step in evaluation mode"
+        self.steps += 1
+        return super().step(closure)
+
+
+def test_the_loop_evaluates_in_the_optimizers_evaluation_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An optimizer with ``train()``/``eval()`` steps only in training mode and is in evaluation
+    mode exactly around each evaluation (after each epoch and at the end), on random data of
+    digits-ae's shape (no files needed): 100 examples in batches of 50, 5 steps, evaluations
+    after 2, 4 and 5."""
+    from mbf_bench import optimizers, train
+    from mbf_bench.tasks import stand_in_data
+
+    log: list[tuple[str, int]] = []
+    spec = optimizers.OptimizerSpec(
+        "moded-sgd", "test", {"lr": 0.01}, lambda model, hp: _ModedSGD(model.parameters(), log),
+        needs_model=False)
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "moded-sgd", spec)
+    task = get_task("digits-ae")
+    data = stand_in_data(task, torch.Generator().manual_seed(0))  # one batch: 100 examples
+    monkeypatch.setattr(train, "load_data", lambda *args, **kwargs: data)
+    result = run(RunSpec(task="digits-ae", optimizer="moded-sgd", max_steps=5, batch_size=50),
+                 tmp_path, progress=False)
+    assert result.status == "finished"
+    evaluations = [line["step"] for line in lines(result.directory) if "test_loss" in line]
+    assert evaluations == [2, 4, 5]
+    assert log == [("train", 0), ("eval", 2), ("train", 2), ("eval", 4), ("train", 4),
+                   ("eval", 5), ("train", 5)]
+
+
+def test_resume_restores_numpys_global_generator(tmp_path: Path) -> None:
+    """PSGD-Kron draws from numpy's global generator whether to rebalance its factors; at
+    ``balance_prob=0.5`` a resumed run whose numpy stream restarted would draw otherwise."""
+    available("digits-ae")
+    spec = RunSpec(task="digits-ae", optimizer="psgd-kron", max_steps=9, subset=40,
+                   batch_size=20, data_dir=str(SHARED_DATA), checkpoint_every_steps=4,
+                   hparams={"lr": 1e-4, "balance_prob": 0.5})
+    _crash_and_resume(spec, 6, tmp_path)

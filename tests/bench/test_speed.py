@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mbf_bench import cli
-from mbf_bench.data import DataError, Graph, Split
-from mbf_bench.data.stand_in import GraphShape, SplitShape
+from mbf_bench.data import DataError, Graph, Split, Text
+from mbf_bench.data.stand_in import GraphShape, SplitShape, TextShape
 from mbf_bench.optimizers import OPTIMIZERS
 from mbf_bench.problems import LOSSES
 from mbf_bench.speed import _Runner, measure, state_bytes, workload
@@ -87,6 +87,14 @@ def test_speed_times_the_task_registrys_batch_size_and_loss(name: str) -> None:
         if task.penalty is not None:
             reference = reference + task.penalty(model64)
         got = work.loss(model, work.batch)
+    elif isinstance(task.shape, TextShape):
+        inputs, targets = work.batch
+        assert inputs.shape == targets.shape == (task.batch_size, task.shape.context)
+        assert int(inputs.max()) < task.shape.vocab_size
+        few = inputs[:4], targets[:4]
+        logits = model64(few[0])
+        reference = F.cross_entropy(logits.flatten(0, 1), few[1].flatten())
+        got = work.loss(model, few)
     else:
         inputs, targets = work.batch
         assert inputs.shape == (task.batch_size, *task.shape.example)
@@ -116,11 +124,17 @@ def test_the_declared_data_shapes_match_the_loaded_data(name: str) -> None:
         assert data.num_classes == task.shape.num_classes
         assert int(data.train_mask.sum()) == task.shape.train_nodes
         assert data.adjacency._nnz() == 2 * task.shape.edges + task.shape.nodes
+    elif isinstance(task.shape, TextShape):
+        assert isinstance(data, Text)
+        assert data.vocab_size == task.shape.vocab_size
     else:
         assert isinstance(task.shape, SplitShape) and isinstance(data, Split)
         assert tuple(data.x_train.shape[1:]) == task.shape.example
         if task.family != "autoencoder":
             assert data.num_classes == task.shape.num_classes
+
+
+MUON_ADAMW = {"adamw_lr": "lr", "adamw_wd": "weight_decay", "adamw_eps": "eps"}
 
 
 def test_speed_builds_each_optimizer_with_the_hyperparameters_training_uses() -> None:
@@ -132,6 +146,8 @@ def test_speed_builds_each_optimizer_with_the_hyperparameters_training_uses() ->
         runner = _Runner(name, work, state, CPU)
         expected = resolve_hparams(name, work.task, {})
         group = runner.optimizer.param_groups[0]
+        if group.get("use_muon") is False:  # Muon on a model without hidden matrices: AdamW
+            expected = {plain: expected[key] for key, plain in MUON_ADAMW.items()}
         shared = sorted(set(expected) & set(group) - {"invert_early", "early_refresh"})
         assert "lr" in shared, name
         assert {k: group[k] for k in shared} == {k: expected[k] for k in shared}, name
@@ -150,3 +166,13 @@ def test_statistics_only_samples_hold_no_factorization(name: str) -> None:
     for _ in range(20):
         runner.step(work.batch)
     assert opt.counters["factorizations"] == first
+
+
+def test_the_speed_table_marks_optimizers_that_are_not_validated() -> None:
+    from mbf_bench.speed import SpeedRecord, format_table
+
+    rows = [SpeedRecord("toy", name, "cpu", 10, 80, 0.1, 0.2, 0.2, 0.2)
+            for name in ("adam", "tnt", "soap")]
+    text = format_table(rows)
+    assert "| toy | tnt (not validated) |" in text
+    assert "| toy | soap |" in text and "| toy | adam |" in text

@@ -17,8 +17,9 @@ import torch
 
 from .planetoid import Graph, normalized_adjacency
 from .split import Split
+from .text import Text
 
-__all__ = ["DataShape", "GraphShape", "SplitShape"]
+__all__ = ["DataShape", "GraphShape", "SplitShape", "TextShape"]
 
 
 @dataclass(frozen=True)
@@ -85,5 +86,23 @@ class GraphShape:
         )
 
 
+@dataclass(frozen=True)
+class TextShape:
+    """A tokenized text with ``vocab_size`` distinct tokens, read in windows of ``context``."""
+
+    vocab_size: int
+    context: int
+
+    def random(self, generator: torch.Generator, windows: int) -> Text:
+        """A :class:`Text` of uniform random tokens whose three parts each hold ``windows``
+        windows of ``context + 1`` tokens (input and next-token target)."""
+        if windows <= 0:
+            raise ValueError(f"TextShape.random: windows must be positive, got {windows}")
+        length = windows * (self.context + 1)
+        ids = torch.randint(0, self.vocab_size, (3, length), generator=generator)
+        vocabulary = "".join(chr(0x4E00 + i) for i in range(self.vocab_size))
+        return Text(ids[0], ids[1], ids[2], vocabulary)
+
+
 #: What a task declares about its data.
-DataShape = SplitShape | GraphShape
+DataShape = SplitShape | GraphShape | TextShape

@@ -1,4 +1,5 @@
-"""Models of the benchmark: the paper's autoencoders, CIFAR ResNet and VGG-16-BN, and the GCN."""
+"""Models of the benchmark: the paper's autoencoders, CIFAR ResNet and VGG-16-BN, the GCN and a
+small GPT."""
 
 from torch import nn
 
@@ -10,6 +11,7 @@ from .autoencoder import (
     autoencoder,
 )
 from .gcn import GCN
+from .gpt import GPT, GPTConfig
 from .resnet import resnet_cifar
 from .vgg import vgg16_bn
 
@@ -24,6 +26,8 @@ __all__ = [
     "DIGITS_AE_SIZES",
     "FACES_AE_SIZES",
     "GCN",
+    "GPT",
+    "GPTConfig",
     "MNIST_AE_SIZES",
     "autoencoder",
     "count_parameters",
