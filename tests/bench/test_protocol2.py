@@ -301,7 +301,7 @@ def test_a_non_finite_evaluation_is_a_divergence(
     from mbf_bench.problems import MinibatchProblem
 
     monkeypatch.setattr(MinibatchProblem, "evaluate",
-                        lambda self, model: {"val_loss": math.nan, "val_error": math.nan})
+                        lambda self, model, **kw: {"val_loss": math.nan, "val_error": math.nan})
     rules = _tiny_rules()
     job = tune_jobs(rules, RecordStore(tmp_path), "digits-ae", "adamw")[0]
     record = run_job(rules, job, None, TINY)
