@@ -51,7 +51,8 @@ def _run_phase(args: argparse.Namespace) -> int:
     make = {"tune": tune_jobs, "final": final_jobs, "defaults": defaults_jobs}[args.phase]
     failed = 0
     for name in args.optimizers.split(","):
-        while True:  # tune: the second round only exists once the first is recorded
+        crashed = False
+        while not crashed:  # tune: the second round only exists once the first is recorded
             try:
                 jobs = make(rules, store, args.task, name)
             except ValueError as error:
@@ -61,7 +62,15 @@ def _run_phase(args: argparse.Namespace) -> int:
             if not jobs:
                 break
             for job in jobs:
-                record = run_job(rules, job, args.data_dir)
+                try:
+                    record = run_job(rules, job, args.data_dir)
+                except Exception as error:  # a crash, not a divergence: no record, retried later
+                    print(f"{args.phase} {args.task} {name} trial {job.trial} seed {job.seed}: "
+                          f"failed ({type(error).__name__}: {error}); not recorded, the next "
+                          "run of this command retries it", flush=True)
+                    failed += 1
+                    crashed = True
+                    break
                 try:
                     store.append(record)
                 except ExistingRecordError:  # another stream recorded it first: theirs stays

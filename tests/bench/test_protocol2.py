@@ -332,3 +332,39 @@ def test_docs_section_is_replaced_between_the_markers_only(tmp_path: Path) -> No
     page.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         replace_docs_section(page, "new\n")
+
+
+def _script() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("protocol2_script",
+                                                  ROOT / "benchmarks" / "protocol2.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_crashed_run_is_named_not_recorded_and_the_next_optimizer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    script = _script()
+    calls: list[str] = []
+
+    def fake_run(rules: dict[str, Any], job: TrialJob, data_dir: str | None) -> dict[str, Any]:
+        calls.append(job.name)
+        if job.name == "kfac":
+            raise RuntimeError("factorization failed")
+        return _fake(job, 1.0)
+
+    monkeypatch.setattr(script, "run_job", fake_run)
+    argv = ["defaults", "--task", "digits-ae", "--optimizers", "kfac,sgdm",
+            "--records", str(tmp_path)]
+    assert script.main(argv) == 1
+    assert "kfac trial -1 seed 0: failed (RuntimeError: factorization failed)" in (
+        capsys.readouterr().out)
+    store = RecordStore(tmp_path)
+    assert {r["name"] for r in store.load()} == {"sgdm"} and len(store.load()) == 5
+    assert calls.count("kfac") == 1
+    assert script.main(argv) == 1 and calls.count("kfac") == 2  # retried, sgdm not rerun
+    assert len(store.load()) == 5
