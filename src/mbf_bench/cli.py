@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mbf_bench.schedule import SCHEDULES
+
 __all__ = ["main", "overrides_for"]
 
 _DELEGATED = {
@@ -93,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="checkpoint interval in wall-clock seconds (default 120; 0: every step)")
     run.add_argument("--holdout", type=float, metavar="F",
                      help="evaluate on a held-out fraction F of the training set, not the test set")
+    run.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                     help="learning-rate schedule over the budget (default constant: the "
+                          "task's own step decay, if any; warmup-cosine replaces it)")
+    run.add_argument("--warmup-fraction", type=float, default=0.0, metavar="F",
+                     help="fraction of the budget warmed up linearly (warmup-cosine)")
+    run.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="what --budget-seconds counts: wall-clock or CPU seconds of the "
+                          "training steps (cpu also counts building the optimizer)")
     run.add_argument("--nproc", type=int, default=1, metavar="K",
                      help="train each run with K local processes (torch.distributed data "
                           "parallelism through torchrun; see docs/distributed.md)")
@@ -183,6 +193,9 @@ def _specs(args: argparse.Namespace, optimizers: list[str], seeds: list[int]) ->
                 holdout=args.holdout, data_dir=args.data_dir, device=args.device,
                 task_options={"dataset": args.dataset} if args.dataset else {},
                 checkpoint_every=getattr(args, "checkpoint_every", 120.0),
+                schedule=getattr(args, "schedule", "constant"),
+                warmup_fraction=getattr(args, "warmup_fraction", 0.0),
+                clock=getattr(args, "clock", "wall"),
             )
             validate(spec)
             specs.append(spec)

@@ -58,6 +58,7 @@ from mbf_bench import parallel
 from mbf_bench.data import DataError
 from mbf_bench.optimizers import OPTIMIZERS, build_optimizer, defaults_for
 from mbf_bench.problems import Problem
+from mbf_bench.schedule import lr_factor
 from mbf_bench.settings import format_value, parse_value
 from mbf_bench.tasks import Task, default_data_dir, get_task, load_data, make_problem
 
@@ -84,8 +85,10 @@ METRICS = "metrics.jsonl"
 # Settings that define a run's trajectory: resuming with different ones would not continue it.
 _TRAJECTORY_KEYS = (
     "task", "optimizer", "seed", "hparams", "batch_size", "subset", "holdout", "task_options",
-    "lr_milestone_epochs",
+    "lr_milestone_epochs", "schedule", "warmup_fraction", "clock",
 )
+_ADDED_KEY_DEFAULTS = {"schedule": "constant", "warmup_fraction": 0.0, "clock": "wall"}
+CLOCKS = ("wall", "cpu")
 
 
 class ResumeError(ValueError):
@@ -106,7 +109,17 @@ class RunSpec:
     """What to run. ``hparams`` are overrides on top of the optimizer's defaults for the task's
     family; without ``epochs``, ``budget_seconds`` and ``max_steps`` a run lasts the task's
     default number of epochs. ``checkpoint_every`` is in wall-clock seconds (0: every step);
-    ``checkpoint_every_steps``, when set, checkpoints every that many steps instead."""
+    ``checkpoint_every_steps``, when set, checkpoints every that many steps instead.
+
+    ``schedule`` (:data:`mbf_bench.schedule.SCHEDULES`) scales the learning rate by the
+    fraction of the budget spent (seconds under ``budget_seconds``, else steps of
+    ``max_steps`` or of the epochs; the largest when several are set), so that a decay ends
+    with the budget; any schedule but ``"constant"`` replaces the task's step decay
+    (``lr_milestones``). ``warmup_fraction``: the fraction of the budget warmed up linearly.
+    ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU
+    seconds of this process, immune to other work on a shared machine; the comparison
+    protocol's clock). Under ``"cpu"`` the optimizer's construction also counts against the
+    budget, with the start-up work of its first steps, which every clock counts."""
 
     task: str
     optimizer: str
@@ -123,6 +136,9 @@ class RunSpec:
     device: str = "cpu"
     checkpoint_every: float = 120.0
     checkpoint_every_steps: int | None = None
+    schedule: str = "constant"
+    warmup_fraction: float = 0.0
+    clock: str = "wall"
 
 
 @dataclass
@@ -195,6 +211,9 @@ def validate(spec: RunSpec) -> Task:
             raise ValueError(f"{name} must be positive, got {value}")
     if spec.budget_seconds is not None and spec.budget_seconds <= 0:
         raise ValueError(f"budget_seconds must be positive, got {spec.budget_seconds}")
+    lr_factor(spec.schedule, 0.0, spec.warmup_fraction)  # checks both
+    if spec.clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {spec.clock!r}")
     if spec.holdout is not None and not 0.0 < spec.holdout < 1.0:
         raise ValueError(f"--holdout must be a fraction in (0, 1), got {spec.holdout}")
     _device(spec.device)
@@ -404,6 +423,10 @@ def rerun_command(spec: RunSpec, out: Path, hparams: dict[str, Any]) -> str:
                         ("--data-dir", spec.data_dir)):
         if value is not None:
             parts += [flag, str(value)]
+    if spec.schedule != "constant":
+        parts += ["--schedule", spec.schedule, "--warmup-fraction", str(spec.warmup_fraction)]
+    if spec.clock != "wall":
+        parts += ["--clock", spec.clock]
     for key, value in spec.task_options.items():
         parts += [f"--{key}", value]
     for key, value in hparams.items():
@@ -413,8 +436,29 @@ def rerun_command(spec: RunSpec, out: Path, hparams: dict[str, Any]) -> str:
 
 
 def _milestones(task: Task, spec: RunSpec) -> list[int]:
+    if spec.schedule != "constant":
+        return []
     planned = spec.epochs or task.epochs
     return [max(1, round(f * planned)) for f in task.lr_milestones]
+
+
+def _clock(spec: RunSpec) -> Callable[[], float]:
+    return time.process_time if spec.clock == "cpu" else time.perf_counter
+
+
+def _progress(spec: RunSpec, task: Task, pos: _Position, steps_per_epoch: int) -> float:
+    """The fraction of the run's budget spent: the largest over the limits it has."""
+    fractions = []
+    if spec.budget_seconds is not None:
+        fractions.append(pos.seconds / spec.budget_seconds)
+    if spec.max_steps is not None:
+        fractions.append(pos.step / spec.max_steps)
+    epochs = spec.epochs
+    if epochs is None and spec.budget_seconds is None and spec.max_steps is None:
+        epochs = task.epochs
+    if epochs is not None:
+        fractions.append(pos.step / (epochs * steps_per_epoch))
+    return max(fractions)
 
 
 def _stopped(spec: RunSpec, task: Task, pos: _Position) -> bool:
@@ -434,7 +478,8 @@ def _check_resumable(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise ResumeError(f"cannot resume {directory}: {CONFIG} unreadable ({error})") from None
     for key in _TRAJECTORY_KEYS:
-        if saved.get(key) != config[key]:
+        # Runs saved before a key existed had its default (the schedule options, the clock).
+        if saved.get(key, _ADDED_KEY_DEFAULTS.get(key)) != config[key]:
             raise ResumeError(
                 f"cannot resume {directory}: it was started with {key}={saved.get(key)!r}, "
                 f"now {config[key]!r}; use another --out or drop --resume to start over"
@@ -524,7 +569,9 @@ def run(
     _numpy_random().seed(spec.seed)  # numpy's global generator, which PSGD-Kron draws from
     module = task.model(data).to(device)
     model = module if dp is None else dp.wrap(module)
+    started = _clock(spec)()
     optimizer = build_optimizer(spec.optimizer, model, hparams)
+    setup_seconds = _clock(spec)() - started
     # Before any restore: a checkpoint holds the scheduled (decayed) rates, not the base ones.
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
@@ -542,6 +589,7 @@ def run(
         "lr_milestone_epochs": milestones,
         "lr_gamma": task.lr_gamma,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "setup_seconds": setup_seconds,
         "versions": versions(),
         "rerun": rerun_command(spec, out, hparams),
         "status": "running",
@@ -549,7 +597,8 @@ def run(
     if dp is not None:
         config["processes"] = dp.world_size
         config["rerun"] += f" --nproc {dp.world_size}"
-    pos = _Position()
+    # Under the CPU clock (the protocol's), the optimizer's construction is inside the budget.
+    pos = _Position(seconds=setup_seconds if spec.clock == "cpu" else 0.0)
     metrics_path, checkpoint_path = directory / METRICS, directory / CHECKPOINT
     if resume and _checkpoints(directory):
         saved = _check_resumable(directory, config)
@@ -670,9 +719,13 @@ class _Loop:
         """One optimizer step at the current position; returns (loss, seconds it took)."""
         pos = self.pos
         factor = self.task.lr_gamma ** sum(pos.epoch >= m for m in self.milestones)
+        if self.spec.schedule != "constant":
+            progress = _progress(self.spec, self.task, pos, self.problem.steps_per_epoch)
+            factor *= lr_factor(self.spec.schedule, progress, self.spec.warmup_fraction)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
-        start = time.perf_counter()
+        clock = _clock(self.spec)
+        start = clock()
         batch = self.problem.batch(pos.epoch, pos.index)
         if self.dp is not None:
             batch, _ = self.dp.shard(batch)
@@ -681,7 +734,7 @@ class _Loop:
         loss.backward()
         self.optimizer.step()
         value = float(loss.detach())  # waits for the step's kernels on an accelerator
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if self.dp is not None:  # the global mean loss and the slowest rank's time
             value, elapsed = self.dp.step_summary(value, batch[0].shape[0], elapsed)
         pos.seconds += elapsed
