@@ -45,7 +45,7 @@ def _reference(d: Tensor, sq: Tensor, buf: Tensor, beta2: float, mu: float, eps:
 @pytest.mark.slow  # one torch.compile of a small kernel: seconds to a minute on a loaded CPU
 def test_compiled_step_equals_eager_to_float32_rounding() -> None:
     """Moments on their own against float64, then whole steps against the eager optimizer."""
-    moments = Moments(compile=True)
+    moments = Moments(compile=True, min_numel=0)  # these tensors are small: compile them all
     gen = torch.Generator().manual_seed(1)
     for shape in [(5, 3), (17,), (4, 2, 3)]:  # shapes vary: one dynamic compilation serves all
         d = torch.randn(shape, generator=gen)
@@ -63,7 +63,9 @@ def test_compiled_step_equals_eager_to_float32_rounding() -> None:
     eager_model, compiled_model = _net(), _net()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
-        compiled = _run(MBF(compiled_model, lr=0.01, compile=True), compiled_model, 6)
+        opt = MBF(compiled_model, lr=0.01, compile=True)
+        opt._moments = Moments(compile=True, min_numel=0)
+        compiled = _run(opt, compiled_model, 6)
     eager = _run(MBF(eager_model, lr=0.01), eager_model, 6)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -71,6 +73,29 @@ def test_compiled_step_equals_eager_to_float32_rounding() -> None:
 
 def _compile_fails(*args: object, **kwargs: object) -> object:
     raise RuntimeError("no C++ compiler here")
+
+
+def test_small_tensors_run_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``min_numel`` the compiled function is not called (its overhead would dominate)."""
+    calls: list[int] = []
+
+    def counting(fn: object, **kwargs: object) -> object:
+        def run(d: Tensor, *args: Tensor) -> Tensor:
+            calls.append(d.numel())
+            return _moments_eagerly(d, *args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting)
+    moments = Moments(compile=True, min_numel=10)
+    for n in (9, 10, 11):
+        moments(torch.ones(n), torch.ones(n), torch.ones(n), 0.9, 0.9, 1e-3)
+    assert calls == [10, 11]
+
+
+def _moments_eagerly(d: Tensor, sq: Tensor, buf: Tensor, scalars: Tensor) -> Tensor:
+    beta2, mu, eps = (float(x) for x in scalars)
+    return adam_moments(d, sq, buf, beta2, mu, eps)
 
 
 def _compiled_code_fails(fn: object, **kwargs: object) -> object:
@@ -89,6 +114,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = MBF(model, lr=0.01, compile=True)
+        opt._moments.min_numel = 0  # the test's tensors are small: compile them all
         got = _run(opt, model, 4)
     messages = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
     assert len(messages) == 1 and "compile=True" in messages[0]
@@ -117,5 +143,7 @@ def test_an_optimizer_with_compile_copies_and_pickles(monkeypatch: pytest.Monkey
     """The copy keeps the option and compiles afresh (lazily: nothing is compiled here)."""
     model = _net()
     opt = MBF(model, compile=True)
+    opt._moments.min_numel = 5
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert clone.compile and clone._moments.compiled is not None
+        assert clone._moments.min_numel == 5

@@ -194,10 +194,11 @@ class MBF(torch.optim.Optimizer):
             ``False``: a single-process optimizer even then. Or an explicit ``ProcessGroup``.
         compile: run the step's elementwise work on each parameter (Adam's second moment, the
             momentum and Adam's step for the graft: six passes over the parameters) as one
-            loop compiled by ``torch.compile`` (``mbf.direction.Moments``). Equal to the eager
-            step to float32 rounding, not bitwise. Compiling takes seconds to a minute at the
-            first step (a C++ compiler on CPU); where it fails, MBF warns once and steps
-            eagerly. ``docs/cost.md`` has what it saves.
+            loop compiled by ``torch.compile`` (``mbf.direction.Moments``; tensors under 65,536
+            entries stay eager). Equal to the eager step to float32 rounding, not bitwise.
+            Compiling takes seconds to a minute at the first step (a C++ compiler on CPU);
+            where it fails, MBF warns once and steps eagerly. ``docs/cost.md`` has what it
+            saves (a few percent at best on CPU: off by default).
     """
 
     def __init__(
