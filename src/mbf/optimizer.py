@@ -651,13 +651,13 @@ class MBF(torch.optim.Optimizer):
             lr = group["lr"]
             wd = group["weight_decay"]
             scale = scale_of_group.get(unit.group, 1.0)
-            shaped = unit.layout.from_blocks(directions[id(unit)][0])
-            for p, d in zip(unit.params, shaped, strict=True):
+            blocks = directions[id(unit)][0]
+            for index, p in enumerate(unit.params):
                 if p.grad is None:
                     continue
                 if wd and group["decoupled_weight_decay"]:
                     p.mul_(1.0 - lr * wd)
-                p.add_(d.to(p.dtype), alpha=-lr * scale)
+                unit.layout.add_blocks_to_(index, p, blocks, alpha=-lr * scale)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
