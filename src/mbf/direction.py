@@ -159,14 +159,20 @@ def form_vector(
             adam_steps.append(torch.div(d, denom, out=denom))
             adam_scales.append(first * root_b)
         bufs.append(d)
-    unit.layout.to_blocks(bufs, out=out)
+    lengths = None
     if graft == "adam":
         if len(set(adam_scales)) > 1:  # parameters of the unit that started at different steps
             for step, scale in zip(adam_steps, adam_scales, strict=True):
                 step.mul_(scale)
             adam_scales = [1.0]
-        lengths = torch.linalg.vector_norm(unit.layout.to_blocks(adam_steps), dim=1)
-        return lengths.mul_(adam_scales[0])
+        # Adam's step as blocks: a view where the layout allows one, else written into ``out``
+        # (overwritten by the momentum below) rather than a fresh tensor each step.
+        is_view = len(adam_steps) == 1 and not unit.layout.padded
+        steps = unit.layout.to_blocks(adam_steps, out=None if is_view else out)
+        lengths = torch.linalg.vector_norm(steps, dim=1).mul_(adam_scales[0])
+    unit.layout.to_blocks(bufs, out=out)
+    if lengths is not None:
+        return lengths
     if graft == "sgd":
         return torch.linalg.vector_norm(out, dim=1)
     return None
