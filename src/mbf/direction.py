@@ -67,7 +67,7 @@ class Moments:
         if self.compiled is not None and d.numel() >= self.min_numel:
             try:
                 scalars = torch.tensor([beta2, mu, eps], dtype=torch.float64)
-                return self.compiled(d, sq, buf, scalars.to(sq.dtype))
+                return self.compiled(d, sq, buf, scalars.to(device=sq.device, dtype=sq.dtype))
             except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
                 self._fall_back(error)
         return adam_moments(d, sq, buf, beta2, mu, eps)
