@@ -138,6 +138,32 @@ def test_strided_packing_matches_the_gather_route(mbs: int, bias: bool) -> None:
             assert torch.equal(back, original)
 
 
+@pytest.mark.parametrize("mbs", [1, 3, 8, 32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_adding_blocks_to_the_tensors_is_adding_their_parts(mbs: int, bias: bool) -> None:
+    # add_blocks_to_ (the update straight from the blocks, by strided pieces) must give the bits
+    # of adding from_blocks' parts, padded or not, for contiguous and strided tensors alike; the
+    # padding slots (NaN here) must never reach a tensor.
+    gen = torch.Generator().manual_seed(mbs)
+    for in_features in range(1, 70):
+        weight = torch.randn(3, in_features, generator=gen)
+        tensors = [weight, torch.randn(3, generator=gen)] if bias else [weight]
+        layout = linear_layout(weight, tensors[1] if bias else None, mbs)
+        blocks = layout.to_blocks([torch.randn(t.shape, generator=gen) for t in tensors])
+        for block, real in zip(blocks, layout.dense_indices(), strict=True):
+            block[len(real) :] = float("nan")  # a block's padding follows its entries
+        parts = layout.from_blocks(blocks)
+        want = [t.clone().add_(part, alpha=-0.3) for t, part in zip(tensors, parts, strict=True)]
+        for index, tensor in enumerate(tensors):
+            got = tensor.clone()
+            layout.add_blocks_to_(index, got, blocks, alpha=-0.3)
+            assert torch.equal(got, want[index])
+            if tensor.dim() == 2 and in_features > 1:  # a transposed view: not contiguous
+                strided = tensor.t().contiguous().t()
+                layout.add_blocks_to_(index, strided, blocks, alpha=-0.3)
+                assert torch.equal(strided, want[index])
+
+
 def test_kind_is_a_label_only() -> None:
     # The same structure under another label cuts and restores tensors identically: no code
     # depends on ``kind``.

@@ -272,6 +272,25 @@ class BlockLayout:
             parts.append(part.reshape(shape))
         return parts
 
+    def add_blocks_to_(self, index: int, tensor: Tensor, blocks: Tensor, alpha: float) -> None:
+        """``tensor += alpha * part``, with ``part`` the unit's tensor ``index`` in ``(num_blocks,
+        block_size)`` ``blocks``: the update of a parameter straight from its direction's blocks.
+
+        With padding, strided adds of the same rectangular pieces as :meth:`to_blocks` (no copy
+        of the part, which :meth:`from_blocks` makes); the same values, bit for bit.
+        """
+        if self._pads is None or not tensor.is_contiguous():
+            tensor.add_(self.from_blocks(blocks)[index].to(tensor.dtype), alpha=alpha)
+            return
+        grid = blocks.view(self.rows, self.chunks, self.block_size)
+        values = tensor.view(self.rows, -1)
+        for pc in self._pieces[index]:
+            target = values[:, pc.src_start : pc.src_end].view(
+                self.rows, pc.end_chunk - pc.first_chunk, pc.end_offset - pc.first_offset
+            )
+            part = grid[:, pc.first_chunk : pc.end_chunk, pc.first_offset : pc.end_offset]
+            target.add_(part.to(tensor.dtype), alpha=alpha)
+
     def dense_indices(self) -> list[Tensor]:
         """For tests and diagnostics: each block's coordinates in the unit's flattened tensors.
 

@@ -14,7 +14,7 @@ from . import amp as _amp
 from . import checkpoint
 from .blocks import BlockLayout
 from .diagnostics import Diagnostics
-from .direction import finish, form_vector, kl_term
+from .direction import Moments, finish, form_vector, kl_term
 from .distributed import ShardedEngine, fingerprint, make_engine
 from .engine import Work
 from .hooks import PerExampleHooks
@@ -193,6 +193,13 @@ class MBF(torch.optim.Optimizer):
             memory are then sharded over the ranks and per-example statistics summed over them.
             ``True``: the same, but an error when ``torch.distributed`` is not initialized.
             ``False``: a single-process optimizer even then. Or an explicit ``ProcessGroup``.
+        compile: run the step's elementwise work on each parameter (Adam's second moment, the
+            momentum and Adam's step for the graft: six passes over the parameters) as one
+            loop compiled by ``torch.compile`` (``mbf.direction.Moments``; tensors under 65,536
+            entries stay eager). Equal to the eager step to float32 rounding, not bitwise.
+            Compiling takes seconds to a minute at the first step (a C++ compiler on CPU);
+            where it fails, MBF warns once and steps eagerly. ``docs/cost.md`` has what it
+            saves (a few percent at best on CPU: off by default).
     """
 
     def __init__(
@@ -224,6 +231,7 @@ class MBF(torch.optim.Optimizer):
         stat_buffer: int = 4,
         storage: str = "full",
         process_group: Any = None,
+        compile: bool = False,
     ) -> None:
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("loss_reduction", loss_reduction, REDUCTIONS)
@@ -234,6 +242,10 @@ class MBF(torch.optim.Optimizer):
             max_state_bytes = positive_int("max_state_bytes", max_state_bytes)
         self.stat_buffer = stat_buffer
         self.storage = storage
+        if not isinstance(compile, bool):
+            raise TypeError(f"MBF: compile must be True or False, got {compile!r}")
+        self.compile = compile
+        self._moments = Moments(compile)
         self._diag = Diagnostics()
         self._store = CurvatureStore(storage_named(storage), stat_buffer, self._diag)
         self._counters = self._store.counters
@@ -562,7 +574,8 @@ class MBF(torch.optim.Optimizer):
                 rhs.zero_()
             for u in members:
                 out = rhs[u.offset : u.offset + u.layout.num_blocks]
-                graft_norms[id(u)] = form_vector(u, groups[u.group], self.state, out)
+                graft_norms[id(u)] = form_vector(u, groups[u.group], self.state, out,
+                                                 self._moments)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
         directions: dict[int, list[Tensor]] = {}
@@ -640,13 +653,13 @@ class MBF(torch.optim.Optimizer):
             lr = group["lr"]
             wd = group["weight_decay"]
             scale = scale_of_group.get(unit.group, 1.0)
-            shaped = unit.layout.from_blocks(directions[id(unit)][0])
-            for p, d in zip(unit.params, shaped, strict=True):
+            blocks = directions[id(unit)][0]
+            for index, p in enumerate(unit.params):
                 if p.grad is None:
                     continue
                 if wd and group["decoupled_weight_decay"]:
                     p.mul_(1.0 - lr * wd)
-                p.add_(d.to(p.dtype), alpha=-lr * scale)
+                unit.layout.add_blocks_to_(index, p, blocks, alpha=-lr * scale)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
