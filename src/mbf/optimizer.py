@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -17,6 +17,7 @@ from .diagnostics import Diagnostics
 from .direction import finish, form_vector, kl_term
 from .distributed import ShardedEngine, fingerprint, make_engine
 from .engine import Work
+from .fsdp import FSDPEngine, find_mesh_group
 from .hooks import PerExampleHooks
 from .storage import storage_named
 from .store import CurvatureStore, Kept
@@ -277,7 +278,7 @@ class MBF(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_group(group)
         # One process or K ranks (mbf.engine, mbf.distributed): who owns which blocks.
-        self._engine = make_engine(process_group, model)
+        self._engine = _make_engine(self.param_groups, process_group, model)
         self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
         self._rebuild()
         self._ready = True
@@ -328,13 +329,17 @@ class MBF(torch.optim.Optimizer):
         """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
-        self._warn_fallbacks(units)
+        # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
+        self._whole_units = units
+        if isinstance(self._engine, FSDPEngine):
+            units = self._engine.split(units, self.state)
+        self._warn_fallbacks(self._whole_units)
         self._store.build(
             units, self._engine.plan, self._engine.rank, kept or {}, self.max_state_bytes
         )
         self._engine.invalidate()
         self._hooks.remove()
-        self._hooks.add(units)
+        self._hooks.add(self._whole_units)
         self._schedule_collection()
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -346,7 +351,7 @@ class MBF(torch.optim.Optimizer):
             "storage": self.storage,
             "stat_buffer": self.stat_buffer,
         }
-        return fingerprint(self.param_groups, self._store.units, settings)
+        return fingerprint(self.param_groups, self._collecting, settings)
     def _warn_fallbacks(self, units: list[Unit]) -> None:
         if self.estimator != "per_example":
             return
@@ -366,6 +371,12 @@ class MBF(torch.optim.Optimizer):
     @property
     def _units(self) -> list[Unit]:
         return self._store.units
+
+    @property
+    def _collecting(self) -> list[Unit]:
+        """The units the per-example hooks fill: the store's, or under FSDP2 the whole units
+        (every rank computes the statistics of every block from its own examples)."""
+        return self._whole_units if isinstance(self._engine, FSDPEngine) else self._store.units
 
     @property
     def distributed(self) -> ShardedEngine | None:
@@ -446,7 +457,7 @@ class MBF(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
         self._hooks.remove()
-        for unit in self._units:
+        for unit in self._units + self._collecting:
             unit.per_example = False
             unit.clear_pending()
 
@@ -457,6 +468,9 @@ class MBF(torch.optim.Optimizer):
     def _schedule_collection(self) -> None:
         for unit in self._units:
             unit.collect = unit.per_example and self._is_stat_step(unit)
+        if isinstance(self._engine, FSDPEngine):
+            for unit in self._whole_units:
+                unit.collect = unit.per_example and self._is_stat_step(unit)
         self._hooks.new_step()
 
     def _grads(self, unit: Unit) -> list[Tensor] | None:
@@ -515,24 +529,34 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not isinstance(self._engine, FSDPEngine):
+            return self._step(loss)
+        self._engine.bind()  # FSDP2: the local units on this step's shards and gradients
+        try:
+            return self._step(loss)
+        finally:
+            self._engine.release()
+
+    def _step(self, loss: float | None) -> float | None:
+        """The step after the closure (see :meth:`step`)."""
         self._counters["scaler_skipped_steps"] += self._hooks.scaler_skips
         self._hooks.scaler_skips = 0
         scaler = _amp.read_scaler_signal(self)  # set by torch.amp.GradScaler.step (mbf.amp)
         if scaler.found_inf:
             self._counters["scaler_skipped_steps"] += 1
-            for unit in self._units:
+            for unit in self._units + self._collecting:
                 unit.clear_pending()
             self._hooks.new_step()
             return loss
-        self._hooks.finish(self._units, scaler)  # per-example sums -> empirical Fisher scale
+        self._hooks.finish(self._collecting, scaler)  # per-example sums -> empirical Fisher scale
         if scaler.grad_scale is not None:
             _amp.unscale_grads_(self.param_groups, scaler.grad_scale)
         active = [(u, self._grads(u)) for u in self._units]
         live = [(u, g) for u, g in active if g is not None]
-        if not self._all_finite([g for _, g in live]):
+        if not self._agreed(self._all_finite([g for _, g in live])):
             self._counters["skipped_steps"] += 1
             self._note_skip()
-            for unit in self._units:
+            for unit in self._units + self._collecting:
                 unit.clear_pending()
             self._hooks.new_step()
             if self.nonfinite == "raise":
@@ -560,7 +584,7 @@ class MBF(torch.optim.Optimizer):
                 rhs.zero_()
             for u in members:
                 out = rhs[u.offset : u.offset + u.layout.num_blocks]
-                graft_norms[id(u)] = form_vector(u, groups[u.group], self.state, out)
+                graft_norms[id(u)] = form_vector(u, groups[u.group], self._param_state, out)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
         directions: dict[int, list[Tensor]] = {}
@@ -571,7 +595,7 @@ class MBF(torch.optim.Optimizer):
                 directions[id(u)] = [finish(whole[view], graft_norms[id(u)], u.inverse_scale)]
                 vectors[id(u)] = item.rhs[view]
         self._diag.record_step(live, directions)
-        if self._all_finite(list(directions.values())):
+        if self._agreed(self._all_finite(list(directions.values()))):
             self._apply(live, directions, vectors)
             self._consecutive_skips = 0
         else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
@@ -580,6 +604,18 @@ class MBF(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._schedule_collection()
         return loss
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` on every rank of an FSDP2 model (each sees only its shards), else as is."""
+        return self._engine.all_true(flag) if isinstance(self._engine, FSDPEngine) else flag
+
+    @property
+    def _param_state(self) -> MutableMapping[Tensor, Any]:
+        """The per-parameter state as the units' tensors reach it (FSDP2: through the local
+        shards, kept under the DTensor parameters)."""
+        if isinstance(self._engine, FSDPEngine) and self._engine.param_state is not None:
+            return self._engine.param_state
+        return self.state
+
     def _note_skip(self) -> None:
         """Warn when steps start being skipped, and again at 10, 100, ... skips in a row."""
         self._consecutive_skips += 1
@@ -619,16 +655,22 @@ class MBF(torch.optim.Optimizer):
         """``theta <- theta - lr * scale * d`` (and decoupled decay); ``scale`` is the KL clip's,
         from the directions' blocks and the ``vectors`` they preconditioned."""
         scale_of_group: dict[int, float] = {}
+        terms_of_group: dict[int, float] = {}
         for g, group in enumerate(self.param_groups):
-            clip = group["kl_clip"]
-            if clip is None:
+            if group["kl_clip"] is None:
                 continue
-            lr = float(group["lr"])
             terms = [
                 kl_term(directions[id(u)][0], vectors[id(u)]) for u, _ in live if u.group == g
             ]
             # One host sync per group (a model may span devices: gather the terms on one).
             vg = float(torch.stack([t.to(terms[0].device) for t in terms]).sum()) if terms else 0.0
+            terms_of_group[g] = vg
+        if terms_of_group and isinstance(self._engine, FSDPEngine):  # each rank has its rows
+            local = torch.tensor(list(terms_of_group.values()), dtype=torch.float64)
+            summed = self._engine.sum(local)
+            terms_of_group = dict(zip(terms_of_group, summed.tolist(), strict=True))
+        for g, vg in terms_of_group.items():
+            clip, lr = self.param_groups[g]["kl_clip"], float(self.param_groups[g]["lr"])
             scale_of_group[g] = (
                 min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
             )
@@ -820,3 +862,19 @@ class MBF(torch.optim.Optimizer):
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
+
+
+def _make_engine(groups: list[dict[str, Any]], process_group: Any, model: nn.Module | None) -> Any:
+    """An :class:`~mbf.fsdp.FSDPEngine` when the parameters are FSDP2 / ``Shard(0)`` DTensors
+    (their mesh's group; other placements are refused), else :func:`mbf.distributed.make_engine`."""
+    params = [p for group in groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    group = find_mesh_group(params, names)
+    if group is None:
+        return make_engine(process_group, model)
+    if process_group is False:
+        raise ValueError(
+            "MBF: process_group=False, but the parameters are sharded DTensors (FSDP2); "
+            "a single-process optimizer cannot step shards"
+        )
+    return FSDPEngine(group)
