@@ -36,7 +36,7 @@ strided shard) are refused at construction, naming the parameter and the placeme
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +183,9 @@ class ShardedUnit:
                 shard.grad = None
 
 
-def split_units(units: list[Unit], world_size: int, rank: int) -> list[ShardedUnit]:
+def split_units(
+    units: list[Unit], world_size: int, rank: int, max_block_size: Sequence[int]
+) -> list[ShardedUnit]:
     """Each whole unit with this rank's part of it (see the module docstring).
 
     A unit whose tensors share dim 0 and whose row matrix has a whole number of rows per index
@@ -212,7 +214,7 @@ def split_units(units: list[Unit], world_size: int, rank: int) -> list[ShardedUn
             start, stop = shard_rows(n, world_size, rank)
             local = None
             if stop > start:
-                limit = max(layout.block_size, 1)
+                limit = max_block_size[unit.group]
                 local = _local_unit(unit, row_layout([(stop - start,)], 1, limit, "flat"))
             unit.per_example = False  # its statistics are not cut like its blocks
             if local is not None:
@@ -270,9 +272,12 @@ class FSDPEngine(ShardedEngine):
         self.sharded: list[ShardedUnit] = []
         self.param_state: ParamState | None = None
 
-    def split(self, units: list[Unit], state: MutableMapping[Tensor, Any]) -> list[Unit]:
+    def split(
+        self, units: list[Unit], groups: list[dict[str, Any]], state: MutableMapping[Tensor, Any]
+    ) -> list[Unit]:
         """This rank's local units of ``units`` (kept with their whole units)."""
-        self.sharded = split_units(units, self.world_size, self.rank)
+        limits = [int(g["max_block_size"]) for g in groups]
+        self.sharded = split_units(units, self.world_size, self.rank, limits)
         self.param_state = ParamState(state)
         return [s.local for s in self.sharded if s.local is not None]
 
@@ -315,8 +320,17 @@ class FSDPEngine(ShardedEngine):
         return [[(0, total)] * self.world_size for total in totals]
 
     def count(self, store: CurvatureStore, report: FactorReport, factorizations: int) -> None:
-        """Counters of this rank's factorizations (each rank factors its own blocks)."""
-        store.count(report, factorizations)
+        """Sum the ranks' factorization reports, so that the counters agree on every rank (and
+        checkpoint alike). Every rank calls it on every step, factored or not, so the
+        all-reduce is entered by all. ``factorizations`` counts the ranks' bucket
+        factorizations together."""
+        device = _comm_device(self.group, torch.device("cpu"))
+        fields = (report.blocks, report.retried, report.fallback, report.nonfinite,
+                  factorizations)
+        counts = torch.tensor(fields, dtype=torch.int64, device=device)
+        self._run("counters", "sum of factorization counters", dist.all_reduce, counts)
+        blocks, retried, fallback, nonfinite, factorizations = counts.tolist()
+        store.count(FactorReport(blocks, retried, fallback, nonfinite), factorizations)
 
     def exchange(self, work: list[Work], solved: list[Tensor]) -> list[Tensor]:
         return solved
@@ -392,15 +406,105 @@ class FSDPEngine(ShardedEngine):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def shard_entry(engine: FSDPEngine, index_of: dict[int, int]) -> dict[str, Any]:
-    """What a per-rank file records of the shards: per parameter index, the rows of dim 0 its
-    state holds here, and the number of rows of the whole parameter."""
+RecordFn = Callable[[Unit], dict[str, Any]]
+
+
+def shard_records(
+    engine: FSDPEngine, store: CurvatureStore, index_of: dict[int, int], record: RecordFn
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A per-rank file's unit records and its ``"fsdp"`` entry.
+
+    Every whole row-structured unit has a record on every rank, its blocks numbered as in the
+    whole unit (``"blocks"``; empty on a rank without rows of it), so that the files join like
+    those of data-parallel ranks (``mbf.checkpoint.join_shards``). The ``"fsdp"`` entry holds
+    per parameter index the rows ``[start, stop)`` of dim 0 this rank's state holds and the
+    whole number of rows, the records of units cut within the shard (``"within"``, with the
+    elements they cover) and whether each unit's bucket was factored.
+    """
+    records, within, factored = [], {}, {}
+    factored_of = {id(u): b.factored for b in store.buckets for u in b.units}
+    for s in engine.sharded:
+        local, whole = s.local, s.whole
+        if local is not None:
+            factored[whole.name] = factored_of[id(local)]
+        if not s.row_structured:
+            if local is not None:
+                start, stop = shard_rows(int(whole.params[0].shape[0]), engine.world_size,
+                                         engine.rank)
+                within[whole.name] = dict(record(local), elements=[start, stop])
+            continue
+        a, b = s.blocks_of(engine.rank, engine.world_size)
+        if local is not None:
+            entry = record(local)
+        else:
+            size = whole.layout.block_size
+            empty = torch.empty(0, *store.storage.block_shape(size), dtype=whole.dtype)
+            entry = {"name": whole.name, "block_size": size, "fisher": empty,
+                     "inverse": empty, "stat_updates": 0, "stat_mass": 0.0,
+                     "inverse_scale": 1.0, "queued": None, "queued_weights": []}
+        records.append(dict(entry, num_blocks=whole.layout.num_blocks, blocks=[a, b]))
     rows: dict[int, list[int]] = {}
     for s in engine.sharded:
         for p in s.whole.params:
             n = int(p.shape[0])
             rows[index_of[id(p)]] = [*shard_rows(n, engine.world_size, engine.rank), n]
-    return {"rows": rows}
+    return records, {"rows": rows, "within": within, "factored": factored}
+
+
+def restore_units(
+    engine: FSDPEngine, store: CurvatureStore, extra: dict[str, Any],
+    fsdp: dict[str, Any],
+) -> list[str]:
+    """Copy this rank's blocks out of joined per-rank files (``extra``, with the ``"fsdp"``
+    entries of all files merged in ``fsdp``); the names of units restarted afresh."""
+    from .checkpoint import kept
+
+    by_name = {r["name"]: r for r in extra["units"]}
+    restarted = []
+    for s in engine.sharded:
+        local = s.local
+        if local is None:
+            continue
+        if s.row_structured:
+            record = by_name.get(local.name)
+            if record is None:
+                raise ValueError(
+                    f"MBF: unit {local.name} of this optimizer is not in the per-rank state "
+                    "dicts; were they saved for another model?"
+                )
+            saved = kept(record, s.blocks_of(engine.rank, engine.world_size))
+            saved.first_block, saved.num_blocks = 0, None  # exactly the local unit's blocks
+            store.restore(local, saved)
+            continue
+        start, stop = shard_rows(int(s.whole.params[0].shape[0]), engine.world_size,
+                                 engine.rank)
+        # A unit cut within the shard resumes only where it is cut as it was.
+        same = [r for r in fsdp["within"].get(local.name, []) if r["elements"] == [start, stop]]
+        if same:
+            store.restore(local, kept(same[0]))
+        else:
+            restarted.append(local.name)
+    for bucket in store.buckets:
+        bucket.factored = all(
+            fsdp["factored"].get(u.name, u.stat_updates > 0) and u.stat_updates > 0
+            for u in bucket.units
+        )
+    return restarted
+
+
+def merged_entry(state_dicts: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``"fsdp"`` entries of per-rank files merged (``None`` for files of data-parallel
+    ranks): every file's units cut within the shard, and the factored flags."""
+    entries = [sd["mbf"]["shard"].get("fsdp") for sd in state_dicts]
+    if entries[0] is None:
+        return None
+    within: dict[str, list[dict[str, Any]]] = {}
+    factored: dict[str, bool] = {}
+    for entry in entries:
+        for name, record in entry["within"].items():
+            within.setdefault(name, []).append(record)
+        factored.update(entry["factored"])
+    return {"within": within, "factored": factored}
 
 
 def join_param_state(
@@ -436,7 +540,7 @@ def join_param_state(
                 entry[key][max(start, a) - a : min(stop, b) - a]
                 for a, b, entry in parts
                 if a < stop and start < b
-            ]
+            ] or [value[:0]]  # no row here: an empty piece of the right shape
             covered = sum(len(c) for c in cut)
             if covered != stop - start:
                 raise ValueError(

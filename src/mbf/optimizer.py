@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import amp as _amp
-from . import checkpoint
+from . import checkpoint, fsdp
 from .blocks import BlockLayout
 from .diagnostics import Diagnostics
 from .direction import finish, form_vector, kl_term
@@ -332,7 +332,7 @@ class MBF(torch.optim.Optimizer):
         # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
         self._whole_units = units
         if isinstance(self._engine, FSDPEngine):
-            units = self._engine.split(units, self.state)
+            units = self._engine.split(units, self.param_groups, self.state)
         self._warn_fallbacks(self._whole_units)
         self._store.build(
             units, self._engine.plan, self._engine.rank, kept or {}, self.max_state_bytes
@@ -730,16 +730,27 @@ class MBF(torch.optim.Optimizer):
         ``state_dict``, the tensors are the live ones: save it before the next step.
         """
         sd = super().state_dict()
-        records = []
-        for u in self._store.units:
-            queued = None
-            if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
-                queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
-            records.append(checkpoint.shard_record(u, u.fisher, u.inverse, queued,
-                                                   u.queue_weights))
-        sd["mbf"] = self._curvature_entry(records)
-        sd["mbf"]["shard"] = {"rank": self._engine.rank, "world_size": self._engine.world_size}
+        shard: dict[str, Any] = {"rank": self._engine.rank, "world_size": self._engine.world_size}
+        if isinstance(self._engine, FSDPEngine):  # blocks and rows numbered as in whole units
+            index_of = {id(p): i for i, p in enumerate(
+                p for group in self.param_groups for p in group["params"])}
+            records, shard["fsdp"] = fsdp.shard_records(
+                self._engine, self._store, index_of, self._shard_record
+            )
+            sd["mbf"] = self._curvature_entry(records)
+            sd["mbf"]["factored"] = []  # per unit in shard["fsdp"]: the ranks' buckets differ
+        else:
+            sd["mbf"] = self._curvature_entry([self._shard_record(u) for u in self._store.units])
+        sd["mbf"]["shard"] = shard
         return sd
+
+    @staticmethod
+    def _shard_record(u: Unit) -> dict[str, Any]:
+        """One unit's record in a per-rank file: this rank's blocks of it."""
+        queued = None
+        if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
+            queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
+        return checkpoint.shard_record(u, u.fisher, u.inverse, queued, u.queue_weights)
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything, for ``copy.deepcopy`` and pickling (``torch.Optimizer`` keeps only the
@@ -812,9 +823,28 @@ class MBF(torch.optim.Optimizer):
         extra = checkpoint.join_shards([sd.get("mbf") for sd in state_dicts])
         ranked = {int(sd["mbf"]["shard"]["rank"]): sd for sd in state_dicts}
         sd = {k: v for k, v in ranked[0].items() if k != "mbf"}
-        self._load_checked(sd, extra)
+        sharded = fsdp.merged_entry(state_dicts)
+        if sharded is not None:  # files of FSDP2 ranks: the rows of every parameter's state
+            sd["state"] = fsdp.join_param_state(state_dicts, self._wanted_rows())
+        self._load_checked(sd, extra, sharded)
 
-    def _load_checked(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _wanted_rows(self) -> dict[int, tuple[int, int]]:
+        """The rows of each parameter's state held here, by index (FSDP2: the local shard's;
+        absent: all of them)."""
+        if not isinstance(self._engine, FSDPEngine):
+            return {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        index_of = {id(p): i for i, p in enumerate(params)}
+        engine = self._engine
+        return {
+            index_of[id(p)]: fsdp.shard_rows(int(p.shape[0]), engine.world_size, engine.rank)
+            for s in engine.sharded
+            for p in s.whole.params
+        }
+
+    def _load_checked(
+        self, sd: dict[str, Any], extra: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> None:
         """Load ``sd`` (without its ``"mbf"`` entry) and the migrated ``extra``; on any error
         the optimizer is left exactly as it was."""
         store = self._store
@@ -825,7 +855,7 @@ class MBF(torch.optim.Optimizer):
             store.buckets,
         )
         try:
-            self._load(sd, extra)
+            self._load(sd, extra, sharded)
         except Exception:
             # A state dict that does not fit leaves the optimizer exactly as it was.
             groups, state, store.units, store.buckets = backup
@@ -839,7 +869,9 @@ class MBF(torch.optim.Optimizer):
             self._schedule_collection()
             raise
 
-    def _load(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _load(
+        self, sd: dict[str, Any], extra: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> None:
         saved_state = sd.get("state", {})
         super().load_state_dict(sd)
         for group in self.param_groups:
@@ -854,11 +886,30 @@ class MBF(torch.optim.Optimizer):
                         value = value.to(device=p.device, dtype=state_dtype(p.dtype))
                         self.state[p][key] = value.clone()
                 index += 1
-        units = self._store.units
-        for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
-            self._store.restore(unit, saved)
-        for bucket, factored in zip(self._store.buckets, extra.get("factored", []), strict=False):
-            bucket.factored = bool(factored)
+        if isinstance(self._engine, FSDPEngine):
+            if sharded is None:
+                raise ValueError(
+                    "MBF: an FSDP2 optimizer loads the per-rank files of FSDP2 ranks "
+                    "(sharded_state_dict), not a whole state dict or data-parallel ranks' files"
+                )
+            fsdp.warn_restarted(fsdp.restore_units(self._engine, self._store, extra, sharded))
+        else:
+            units = self._store.units
+            restarted = []
+            if sharded is not None:  # units FSDP2 cut within each shard: not whole blocks here
+                restarted = [u.name for u in units if u.name in sharded["within"]]
+                units = [u for u in units if u.name not in sharded["within"]]
+            for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
+                self._store.restore(unit, saved)
+            for bucket, factored in zip(self._store.buckets, extra.get("factored", []),
+                                        strict=False):
+                bucket.factored = bool(factored)
+            if sharded is not None:
+                for bucket in self._store.buckets:
+                    bucket.factored = all(
+                        sharded["factored"].get(u.name, False) for u in bucket.units
+                    )
+            fsdp.warn_restarted(restarted)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
