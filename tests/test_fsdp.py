@@ -174,6 +174,7 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
         units = got["convbias_units"]
         if held:  # one block per local entry of the 3-entry bias (blocks of at most 5)
             assert units["0 (Conv2d).bias"] == 1
-            assert units["0 (Conv2d)"] == held * 2  # kernels: local output channels x 2 inputs
+            # kernels: local output channels x 2 inputs, 9 entries in 2 blocks of at most 5
+            assert units["0 (Conv2d)"] == held * 2 * 2
         else:
             assert "0 (Conv2d).bias" not in units

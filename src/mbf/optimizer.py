@@ -121,8 +121,9 @@ class MBF(torch.optim.Optimizer):
 
     Args:
         params: an ``nn.Module`` (module-aware blocks, per-example hooks; a
-            ``DistributedDataParallel`` wrapper is looked through), or an iterable of parameters
-            or param groups (blocks from shapes, unless ``model`` is given too).
+            ``DistributedDataParallel`` wrapper is looked through; a model sharded with FSDP2's
+            ``fully_shard`` is stepped shard by shard, see ``mbf.fsdp``), or an iterable of
+            parameters or param groups (blocks from shapes, unless ``model`` is given too).
         lr: learning rate.
         momentum: heavy-ball momentum, applied before preconditioning.
         damping: ``lambda`` added to every block's diagonal.
@@ -193,6 +194,9 @@ class MBF(torch.optim.Optimizer):
             memory are then sharded over the ranks and per-example statistics summed over them.
             ``True``: the same, but an error when ``torch.distributed`` is not initialized.
             ``False``: a single-process optimizer even then. Or an explicit ``ProcessGroup``.
+            Parameters that are ``Shard(0)`` DTensors (FSDP2) always use their mesh's group:
+            each rank keeps and steps the blocks of its own rows (``docs/distributed.md``);
+            other placements are refused.
     """
 
     def __init__(

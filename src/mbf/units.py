@@ -82,7 +82,7 @@ def _type_name(module: nn.Module) -> str:
     """The module's class name; for a module FSDP2's ``fully_shard`` has wrapped (its class
     becomes ``FSDP<Name>``), the original class's, so that units are named alike with and
     without FSDP2 (checkpoints match units by name)."""
-    cls = type(module)
+    cls: type = type(module)
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without distributed
