@@ -12,6 +12,10 @@ numbers of ranks are bitwise the saved ones.
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import fsdp_elastic as E
 import fsdp_workers as F
+import mbf
 from mbf import MBF
 from mbf.fsdp import shard_rows
 from ranks import run_ranks
@@ -178,3 +184,38 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
             assert units["0 (Conv2d)"] == held * 2 * 2
         else:
             assert "0 (Conv2d).bias" not in units
+
+
+def _torchrun(*args: str, restarts: int) -> subprocess.CompletedProcess:
+    script = Path(__file__).with_name("fsdp_elastic.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "--max-restarts", str(restarts), str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
+               PYTHONPATH=os.pathsep.join([str(Path(mbf.__file__).parents[1]),
+                                           os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_a_run_survives_a_rank_killed_mid_step(tmp_path: Path) -> None:
+    """torchrun restarts the job after rank 1 is SIGKILLed at a random moment (before its
+    forward pass, inside MBF.step, or while writing a checkpoint); every rank resumes from the
+    last complete checkpoint and ends where an uninterrupted run from it ends, bit for bit."""
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    phase = rng.choice(["forward", "step", "save"])
+    if phase == "save":  # rank 1 has written its file of this checkpoint, rank 0 maybe not
+        step = rng.choice(range(2 * E.EVERY, E.STEPS + 1, E.EVERY))
+        expected = step - E.EVERY
+    else:
+        step = rng.randrange(E.EVERY, E.STEPS)
+        expected = step // E.EVERY * E.EVERY
+    kill = f"{step}:{phase}"
+    run = _torchrun(str(tmp_path), kill, restarts=1)
+    assert run.returncode == 0, f"seed {seed}, kill {kill}:\n{run.stderr[-3000:]}"
+    assert "exitcode: -9" in run.stderr, f"rank 1 was not killed:\n{run.stderr[-2000:]}"
+    final = torch.load(tmp_path / "final.pt")
+    assert final["resumed_from"] == expected, f"seed {seed}, kill {kill}"
+    reference = _torchrun(str(tmp_path), "--from", str(expected), restarts=0)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = torch.load(tmp_path / "reference" / "final.pt")
+    assert torch.equal(final["params"], uninterrupted["params"]), f"seed {seed}, kill {kill}"
