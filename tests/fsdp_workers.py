@@ -176,6 +176,17 @@ def scenario_refusals(rank: int, world: int, outdir: Path) -> dict:
         except ValueError as exc:
             out[label] = str(exc)
     # Shard(0) DTensors without FSDP: the same state as FSDP2's, stepped alike.
+    if world == 4:  # a 2-d mesh (HSDP's replicate x shard, or tensor parallelism's)
+        mesh2 = init_device_mesh("cpu", (2, 2))
+        model = nn.Sequential(nn.Linear(8, 6))
+        for name, p in list(model[0].named_parameters(recurse=False)):
+            dt = distribute_tensor(p.detach(), mesh2, [Replicate(), Shard(0)])
+            setattr(model[0], name, nn.Parameter(dt))
+        try:
+            MBF(model)
+            out["mesh2d"] = None
+        except ValueError as exc:
+            out["mesh2d"] = str(exc)
     # The gradient of the whole batch, computed in full on every rank and then sharded.
     model = make_model("mlp")
     x, y = global_batch(0, "mlp")

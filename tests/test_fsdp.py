@@ -151,6 +151,8 @@ def test_bad_placements_are_refused_naming_parameter_and_placement(runs, world: 
         got = results[world][rank]["refusals"]
         assert "parameter 0.weight" in got["shard1"] and "Shard(dim=1)" in got["shard1"]
         assert "parameter 0.weight" in got["replicate"] and "Replicate()" in got["replicate"]
+        if world == 4:
+            assert "parameter 0.weight" in got["mesh2d"] and "2-d mesh" in got["mesh2d"]
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -858,18 +858,22 @@ class MBF(torch.optim.Optimizer):
             store.units,
             store.buckets,
         )
+        whole_units, sharded_units = self._whole_units, getattr(self._engine, "sharded", None)
         try:
             self._load(sd, extra, sharded)
         except Exception:
             # A state dict that does not fit leaves the optimizer exactly as it was.
             groups, state, store.units, store.buckets = backup
+            self._whole_units = whole_units
+            if isinstance(self._engine, FSDPEngine) and sharded_units is not None:
+                self._engine.sharded = sharded_units
             for group, saved in zip(self.param_groups, groups, strict=True):
                 group.clear()
                 group.update(saved)
             self.state.clear()
             self.state.update(state)
             self._hooks.remove()
-            self._hooks.add(store.units)
+            self._hooks.add(self._whole_units)
             self._schedule_collection()
             raise
 
