@@ -21,13 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fsdp_elastic as E
 import fsdp_workers as F
 import mbf
 from mbf import MBF
-from mbf.fsdp import shard_rows
+from mbf.fsdp import join_param_state, shard_rows
 from ranks import run_ranks
 
 pytestmark = [
@@ -37,6 +39,38 @@ pytestmark = [
 
 PARAM_TOL = {"rtol": 1e-8, "atol": 1e-10}
 WORLDS = (2, 3, 4)
+
+
+# ---------------------------------------------------------------------- without processes
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 200), world=st.integers(1, 9))
+def test_shard_rows_is_torch_chunks_cut(n: int, world: int) -> None:
+    """FSDP2 cuts dim 0 as ``torch.chunk`` does; ``shard_rows`` must name the same rows."""
+    pieces = torch.arange(n).chunk(world) if n else ()
+    for rank in range(world):
+        start, stop = shard_rows(n, world, rank)
+        expected = pieces[rank].tolist() if rank < len(pieces) else []
+        assert list(range(start, stop)) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 40), saved=st.integers(1, 6), world=st.integers(1, 6),
+       cols=st.integers(1, 3))
+def test_param_state_recut_for_any_ranks(n: int, saved: int, world: int, cols: int) -> None:
+    """Momentum saved as the rows of ``saved`` ranks is re-cut exactly for ``world`` ranks."""
+    whole = torch.randn(n, cols)
+    files = []
+    for rank in range(saved):
+        start, stop = shard_rows(n, saved, rank)
+        state = {0: {"momentum_buffer": whole[start:stop].clone(), "momentum_steps": 3}}
+        files.append({"state": state if stop > start else {},
+                      "mbf": {"shard": {"fsdp": {"rows": {0: [start, stop, n]}}}}})
+    for rank in range(world):
+        start, stop = shard_rows(n, world, rank)
+        got = join_param_state(files[::-1], {0: (start, stop)})[0]
+        assert torch.equal(got["momentum_buffer"], whole[start:stop])
+        assert got["momentum_steps"] == 3
+    assert torch.equal(join_param_state(files, {})[0]["momentum_buffer"], whole)
 
 
 @pytest.fixture(scope="module")
