@@ -559,5 +559,5 @@ def warn_restarted(names: list[str]) -> None:
         warnings.warn(
             "MBF: the curvature of units cut into blocks within each rank's shard (no row "
             f"structure) starts afresh, the shards being cut differently now: {', '.join(names)}",
-            stacklevel=3,
+            stacklevel=5,  # the caller of load_sharded_state_dict
         )

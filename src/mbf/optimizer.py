@@ -521,7 +521,7 @@ class MBF(torch.optim.Optimizer):
                 f"MBF: {unit.name} received a gradient but its forward hook never ran (applied "
                 "functionally, outside its forward?); it uses the 'batch' estimator instead of "
                 "per-example statistics.",
-                stacklevel=7,  # the caller of step()
+                stacklevel=8,  # the caller of step() (past step and _step)
             )
 
     @torch.no_grad()
@@ -628,13 +628,13 @@ class MBF(torch.optim.Optimizer):
             warnings.warn(
                 "MBF: skipped a step whose gradient is not finite (parameters and statistics "
                 "left as they were); optimizer.counters['skipped_steps'] counts them",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
         elif run >= 10 and math.log10(run).is_integer() and self.nonfinite == "skip":
             warnings.warn(
                 f"MBF: the last {run} steps were all skipped for non-finite gradients: "
                 "training has stalled (check the loss, the learning rate, the data)",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
 
     def _note_overflow(self) -> None:
@@ -647,7 +647,7 @@ class MBF(torch.optim.Optimizer):
             warnings.warn(
                 "MBF: a preconditioned update was not finite and was not applied (parameters "
                 "left as they were; counters['overflowed_updates']); raise the damping",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
 
     def _apply(
