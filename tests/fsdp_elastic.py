@@ -1,7 +1,7 @@
 """A training script for ``torchrun --max-restarts``: FSDP2 + MBF that checkpoints every
 ``EVERY`` steps and resumes from the last complete checkpoint (``tests/test_fsdp.py``).
 
-    torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/fsdp_elastic.py OUT [KILL]
+    torchrun --standalone --nproc-per-node 2 --max-restarts 3 tests/fsdp_elastic.py OUT [KILL]
 
 ``KILL`` = ``"step:phase"``: on the first attempt, rank 1 SIGKILLs itself at that step, in that
 phase (``forward``, ``step``: inside ``MBF.step``'s statistics, or ``save``: after writing its
@@ -14,6 +14,7 @@ At the end rank 0 writes the whole parameters and the step resumed from to ``OUT
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -60,7 +61,7 @@ def main() -> None:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     kill = args[0] if args and start_from is None and first_attempt else ""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = F.make_model("mlp")
     saved = complete(out) if start_from is None else [start_from]

@@ -206,6 +206,19 @@ def scenario_refusals(rank: int, world: int, outdir: Path) -> dict:
     train(model, opt, "conv", range(2), rank, world)
     out["convbias"] = full_params(model)
     out["convbias_units"] = {u.name: u.layout.num_blocks for u in opt._units}
+    # What FSDP2 cannot offer: refused with an error, the optimizer left as it was.
+    refused = {}
+    single = MBF(make_model("convbias"), process_group=False)
+    for label, call in (("whole state dict", lambda: opt.load_state_dict(single.state_dict())),
+                        ("state_dict", opt.state_dict),
+                        ("add_param_group", lambda: opt.add_param_group({"params": []}))):
+        try:
+            call()
+            refused[label] = None
+        except (ValueError, RuntimeError, NotImplementedError) as exc:
+            refused[label] = str(exc)
+    train(model, opt, "conv", range(2, 3), rank, world)  # still steps, on every rank
+    out["refused"] = refused
     return out
 
 

@@ -220,6 +220,10 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
             assert units["0 (Conv2d)"] == held * 2 * 2
         else:
             assert "0 (Conv2d).bias" not in units
+        refused = got["refused"]
+        assert "per-rank files of FSDP2 ranks" in refused["whole state dict"]
+        assert "sharded_state_dict" in refused["state_dict"]
+        assert "add_param_group is not supported on FSDP2" in refused["add_param_group"]
 
 
 def _torchrun(*args: str, restarts: int) -> subprocess.CompletedProcess:
@@ -246,7 +250,10 @@ def test_a_run_survives_a_rank_killed_mid_step(tmp_path: Path) -> None:
         step = rng.randrange(E.EVERY, E.STEPS)
         expected = step // E.EVERY * E.EVERY
     kill = f"{step}:{phase}"
-    run = _torchrun(str(tmp_path), kill, restarts=1)
+    # More than one restart allowed: on a loaded machine a restarted rank's gloo connection
+    # may time out once (seen: "connectFullMesh failed ... Connection refused"); the kill
+    # happens on the first attempt only.
+    run = _torchrun(str(tmp_path), kill, restarts=3)
     assert run.returncode == 0, f"seed {seed}, kill {kill}:\n{run.stderr[-3000:]}"
     assert "exitcode: -9" in run.stderr, f"rank 1 was not killed:\n{run.stderr[-2000:]}"
     final = torch.load(tmp_path / "final.pt")

@@ -298,6 +298,12 @@ class MBF(torch.optim.Optimizer):
         if not getattr(self, "_ready", False):  # construction: __init__ checks every group
             super().add_param_group(param_group)
             return
+        if isinstance(self._engine, FSDPEngine):
+            raise NotImplementedError(
+                "MBF: add_param_group is not supported on FSDP2 models (the local units are "
+                "rebuilt from fresh views of the shards, so the curvature of the units already "
+                "there would be lost); build MBF with every param group"
+            )
         count, rebuilt = len(self.param_groups), False
         kept = self._kept()
         try:
