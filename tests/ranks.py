@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,11 +27,13 @@ def run_ranks(
     outdir: Path,
     dies: tuple[tuple[int, str], ...] = (),
     timeout: float = LAUNCH_TIMEOUT,
+    main: Callable[..., None] = W.main,
 ) -> list[dict[str, dict]]:
     """Spawn ``world`` ranks running ``scenarios``; ``results[rank][scenario]``.
 
     ``dies`` lists ``(rank, scenario)`` pairs that must end their process (no result);
-    ``timeout`` bounds the whole launch in seconds.
+    ``timeout`` bounds the whole launch in seconds; ``main`` is the rank program
+    (``distributed_workers.main`` unless another workers module is meant).
     """
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 cores: oversubscription is 100x
     if sys.platform.startswith("linux"):
@@ -39,7 +42,7 @@ def run_ranks(
     store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=W.main, args=(scenarios, r, world, store.port, str(outdir)), daemon=True)
+        ctx.Process(target=main, args=(scenarios, r, world, store.port, str(outdir)), daemon=True)
         for r in range(world)
     ]
     with pytest.MonkeyPatch.context() as mp:

@@ -220,13 +220,17 @@ _SHARED = ("name", "num_blocks", "block_size", "stat_updates", "stat_mass", "inv
 def _join_unit(position: int, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One unit's record from the ranks' records of it: the shared fields, checked equal, and
     the pieces sorted by their first block, checked to cover every block once."""
-    head = records[0]
+    # Ranks that hold no block of the unit (FSDP2 ranks past its last row) know nothing of its
+    # statistics' bookkeeping: only the ranks holding blocks must agree on it.
+    holding = [(rank, r) for rank, r in enumerate(records) if _held(r)] or [(0, records[0])]
+    first, head = holding[0]
     name = head.get("name", f"#{position}")
-    for rank, r in enumerate(records[1:], 1):
-        for key in _SHARED:
+    for rank, r in enumerate(records):
+        keys = _SHARED if _held(r) else ("name", "num_blocks", "block_size")
+        for key in keys:
             if r.get(key) != head.get(key):
                 raise ValueError(
-                    f"MBF: unit {name}: ranks 0 and {rank} saved different {key!r} "
+                    f"MBF: unit {name}: ranks {first} and {rank} saved different {key!r} "
                     f"({head.get(key)!r} vs {r.get(key)!r}): files of different checkpoints?"
                 )
     pieces = sorted(
@@ -249,6 +253,12 @@ def _join_unit(position: int, records: Sequence[dict[str, Any]]) -> dict[str, An
         )
     return {**{k: head[k] for k in head if k not in ("fisher", "inverse", "queued", "blocks")},
             "pieces": [p for p in pieces if p[1] > p[0]] or pieces[:1]}
+
+
+def _held(record: dict[str, Any]) -> bool:
+    """Whether a per-rank record holds blocks of its unit."""
+    start, stop = record.get("blocks", (0, 1))
+    return int(stop) > int(start)
 
 
 def _rows(

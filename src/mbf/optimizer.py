@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import amp as _amp
-from . import checkpoint
+from . import checkpoint, fsdp
 from .blocks import BlockLayout
 from .diagnostics import Diagnostics
 from .direction import Moments, finish, form_vector, kl_term
 from .distributed import ShardedEngine, fingerprint, make_engine
 from .engine import Work
+from .fsdp import FSDPEngine, find_mesh_group
 from .hooks import PerExampleHooks
 from .storage import storage_named
 from .store import CurvatureStore, Kept
@@ -120,8 +121,9 @@ class MBF(torch.optim.Optimizer):
 
     Args:
         params: an ``nn.Module`` (module-aware blocks, per-example hooks; a
-            ``DistributedDataParallel`` wrapper is looked through), or an iterable of parameters
-            or param groups (blocks from shapes, unless ``model`` is given too).
+            ``DistributedDataParallel`` wrapper is looked through; a model sharded with FSDP2's
+            ``fully_shard`` is stepped shard by shard, see ``mbf.fsdp``), or an iterable of
+            parameters or param groups (blocks from shapes, unless ``model`` is given too).
         lr: learning rate.
         momentum: heavy-ball momentum, applied before preconditioning.
         damping: ``lambda`` added to every block's diagonal.
@@ -193,6 +195,9 @@ class MBF(torch.optim.Optimizer):
             memory are then sharded over the ranks and per-example statistics summed over them.
             ``True``: the same, but an error when ``torch.distributed`` is not initialized.
             ``False``: a single-process optimizer even then. Or an explicit ``ProcessGroup``.
+            Parameters that are ``Shard(0)`` DTensors (FSDP2) always use their mesh's group:
+            each rank keeps and steps the blocks of its own rows (``docs/distributed.md``);
+            other placements are refused.
         compile: run the step's elementwise work on each parameter (Adam's second moment, the
             momentum and Adam's step for the graft: six passes over the parameters) as one
             loop compiled by ``torch.compile`` (``mbf.direction.Moments``; tensors under 65,536
@@ -290,7 +295,7 @@ class MBF(torch.optim.Optimizer):
         for group in self.param_groups:
             _check_group(group)
         # One process or K ranks (mbf.engine, mbf.distributed): who owns which blocks.
-        self._engine = make_engine(process_group, model)
+        self._engine = _make_engine(self.param_groups, process_group, model)
         self._hooks = PerExampleHooks([], loss_reduction, chunk_elements)
         self._rebuild()
         self._ready = True
@@ -306,6 +311,12 @@ class MBF(torch.optim.Optimizer):
         if not getattr(self, "_ready", False):  # construction: __init__ checks every group
             super().add_param_group(param_group)
             return
+        if isinstance(self._engine, FSDPEngine):
+            raise NotImplementedError(
+                "MBF: add_param_group is not supported on FSDP2 models (the local units are "
+                "rebuilt from fresh views of the shards, so the curvature of the units already "
+                "there would be lost); build MBF with every param group"
+            )
         count, rebuilt = len(self.param_groups), False
         kept = self._kept()
         try:
@@ -341,13 +352,17 @@ class MBF(torch.optim.Optimizer):
         """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
-        self._warn_fallbacks(units)
+        # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
+        self._whole_units = units
+        if isinstance(self._engine, FSDPEngine):
+            units = self._engine.split(units, self.param_groups, self.state)
+        self._warn_fallbacks(self._whole_units)
         self._store.build(
             units, self._engine.plan, self._engine.rank, kept or {}, self.max_state_bytes
         )
         self._engine.invalidate()
         self._hooks.remove()
-        self._hooks.add(units)
+        self._hooks.add(self._whole_units)
         self._schedule_collection()
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -359,7 +374,7 @@ class MBF(torch.optim.Optimizer):
             "storage": self.storage,
             "stat_buffer": self.stat_buffer,
         }
-        return fingerprint(self.param_groups, self._store.units, settings)
+        return fingerprint(self.param_groups, self._collecting, settings)
     def _warn_fallbacks(self, units: list[Unit]) -> None:
         if self.estimator != "per_example":
             return
@@ -380,6 +395,12 @@ class MBF(torch.optim.Optimizer):
     @property
     def _units(self) -> list[Unit]:
         return self._store.units
+
+    @property
+    def _collecting(self) -> list[Unit]:
+        """The units the per-example hooks fill: the store's, or under FSDP2 the whole units
+        (every rank computes the statistics of every block from its own examples)."""
+        return self._whole_units if isinstance(self._engine, FSDPEngine) else self._store.units
 
     @property
     def distributed(self) -> ShardedEngine | None:
@@ -460,7 +481,7 @@ class MBF(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the per-example hooks from the model; the optimizer goes on as ``batch``."""
         self._hooks.remove()
-        for unit in self._units:
+        for unit in self._units + self._collecting:
             unit.per_example = False
             unit.clear_pending()
 
@@ -471,6 +492,9 @@ class MBF(torch.optim.Optimizer):
     def _schedule_collection(self) -> None:
         for unit in self._units:
             unit.collect = unit.per_example and self._is_stat_step(unit)
+        if isinstance(self._engine, FSDPEngine):
+            for unit in self._whole_units:
+                unit.collect = unit.per_example and self._is_stat_step(unit)
         self._hooks.new_step()
 
     def _grads(self, unit: Unit) -> list[Tensor] | None:
@@ -517,7 +541,7 @@ class MBF(torch.optim.Optimizer):
                 f"MBF: {unit.name} received a gradient but its forward hook never ran (applied "
                 "functionally, outside its forward?); it uses the 'batch' estimator instead of "
                 "per-example statistics.",
-                stacklevel=7,  # the caller of step()
+                stacklevel=8,  # the caller of step() (past step and _step)
             )
 
     @torch.no_grad()
@@ -529,24 +553,34 @@ class MBF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not isinstance(self._engine, FSDPEngine):
+            return self._step(loss)
+        self._engine.bind()  # FSDP2: the local units on this step's shards and gradients
+        try:
+            return self._step(loss)
+        finally:
+            self._engine.release()
+
+    def _step(self, loss: float | None) -> float | None:
+        """The step after the closure (see :meth:`step`)."""
         self._counters["scaler_skipped_steps"] += self._hooks.scaler_skips
         self._hooks.scaler_skips = 0
         scaler = _amp.read_scaler_signal(self)  # set by torch.amp.GradScaler.step (mbf.amp)
         if scaler.found_inf:
             self._counters["scaler_skipped_steps"] += 1
-            for unit in self._units:
+            for unit in self._units + self._collecting:
                 unit.clear_pending()
             self._hooks.new_step()
             return loss
-        self._hooks.finish(self._units, scaler)  # per-example sums -> empirical Fisher scale
+        self._hooks.finish(self._collecting, scaler)  # per-example sums -> empirical Fisher scale
         if scaler.grad_scale is not None:
             _amp.unscale_grads_(self.param_groups, scaler.grad_scale)
         active = [(u, self._grads(u)) for u in self._units]
         live = [(u, g) for u, g in active if g is not None]
-        if not self._all_finite([g for _, g in live]):
+        if not self._agreed(self._all_finite([g for _, g in live])):
             self._counters["skipped_steps"] += 1
             self._note_skip()
-            for unit in self._units:
+            for unit in self._units + self._collecting:
                 unit.clear_pending()
             self._hooks.new_step()
             if self.nonfinite == "raise":
@@ -574,7 +608,7 @@ class MBF(torch.optim.Optimizer):
                 rhs.zero_()
             for u in members:
                 out = rhs[u.offset : u.offset + u.layout.num_blocks]
-                graft_norms[id(u)] = form_vector(u, groups[u.group], self.state, out,
+                graft_norms[id(u)] = form_vector(u, groups[u.group], self._param_state, out,
                                                  self._moments)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
@@ -586,7 +620,7 @@ class MBF(torch.optim.Optimizer):
                 directions[id(u)] = [finish(whole[view], graft_norms[id(u)], u.inverse_scale)]
                 vectors[id(u)] = item.rhs[view]
         self._diag.record_step(live, directions)
-        if self._all_finite(list(directions.values())):
+        if self._agreed(self._all_finite(list(directions.values()))):
             self._apply(live, directions, vectors)
             self._consecutive_skips = 0
         else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
@@ -595,6 +629,18 @@ class MBF(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._schedule_collection()
         return loss
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` on every rank of an FSDP2 model (each sees only its shards), else as is."""
+        return self._engine.all_true(flag) if isinstance(self._engine, FSDPEngine) else flag
+
+    @property
+    def _param_state(self) -> MutableMapping[Tensor, Any]:
+        """The per-parameter state as the units' tensors reach it (FSDP2: through the local
+        shards, kept under the DTensor parameters)."""
+        if isinstance(self._engine, FSDPEngine) and self._engine.param_state is not None:
+            return self._engine.param_state
+        return self.state
+
     def _note_skip(self) -> None:
         """Warn when steps start being skipped, and again at 10, 100, ... skips in a row."""
         self._consecutive_skips += 1
@@ -603,13 +649,13 @@ class MBF(torch.optim.Optimizer):
             warnings.warn(
                 "MBF: skipped a step whose gradient is not finite (parameters and statistics "
                 "left as they were); optimizer.counters['skipped_steps'] counts them",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
         elif run >= 10 and math.log10(run).is_integer() and self.nonfinite == "skip":
             warnings.warn(
                 f"MBF: the last {run} steps were all skipped for non-finite gradients: "
                 "training has stalled (check the loss, the learning rate, the data)",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
 
     def _note_overflow(self) -> None:
@@ -622,7 +668,7 @@ class MBF(torch.optim.Optimizer):
             warnings.warn(
                 "MBF: a preconditioned update was not finite and was not applied (parameters "
                 "left as they were; counters['overflowed_updates']); raise the damping",
-                stacklevel=5,  # past the torch wrappers of step(): the caller
+                stacklevel=6,  # past the torch wrappers of step(): the caller
             )
 
     def _apply(
@@ -634,16 +680,22 @@ class MBF(torch.optim.Optimizer):
         """``theta <- theta - lr * scale * d`` (and decoupled decay); ``scale`` is the KL clip's,
         from the directions' blocks and the ``vectors`` they preconditioned."""
         scale_of_group: dict[int, float] = {}
+        terms_of_group: dict[int, float] = {}
         for g, group in enumerate(self.param_groups):
-            clip = group["kl_clip"]
-            if clip is None:
+            if group["kl_clip"] is None:
                 continue
-            lr = float(group["lr"])
             terms = [
                 kl_term(directions[id(u)][0], vectors[id(u)]) for u, _ in live if u.group == g
             ]
             # One host sync per group (a model may span devices: gather the terms on one).
             vg = float(torch.stack([t.to(terms[0].device) for t in terms]).sum()) if terms else 0.0
+            terms_of_group[g] = vg
+        if terms_of_group and isinstance(self._engine, FSDPEngine):  # each rank has its rows
+            local = torch.tensor(list(terms_of_group.values()), dtype=torch.float64)
+            summed = self._engine.sum(local)
+            terms_of_group = dict(zip(terms_of_group, summed.tolist(), strict=True))
+        for g, vg in terms_of_group.items():
+            clip, lr = self.param_groups[g]["kl_clip"], float(self.param_groups[g]["lr"])
             scale_of_group[g] = (
                 min(1.0, math.sqrt(clip / (lr * lr * vg))) if vg > 0 and lr > 0 else 1.0
             )
@@ -703,16 +755,27 @@ class MBF(torch.optim.Optimizer):
         ``state_dict``, the tensors are the live ones: save it before the next step.
         """
         sd = super().state_dict()
-        records = []
-        for u in self._store.units:
-            queued = None
-            if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
-                queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
-            records.append(checkpoint.shard_record(u, u.fisher, u.inverse, queued,
-                                                   u.queue_weights))
-        sd["mbf"] = self._curvature_entry(records)
-        sd["mbf"]["shard"] = {"rank": self._engine.rank, "world_size": self._engine.world_size}
+        shard: dict[str, Any] = {"rank": self._engine.rank, "world_size": self._engine.world_size}
+        if isinstance(self._engine, FSDPEngine):  # blocks and rows numbered as in whole units
+            index_of = {id(p): i for i, p in enumerate(
+                p for group in self.param_groups for p in group["params"])}
+            records, shard["fsdp"] = fsdp.shard_records(
+                self._engine, self._store, index_of, self._shard_record
+            )
+            sd["mbf"] = self._curvature_entry(records)
+            sd["mbf"]["factored"] = []  # per unit in shard["fsdp"]: the ranks' buckets differ
+        else:
+            sd["mbf"] = self._curvature_entry([self._shard_record(u) for u in self._store.units])
+        sd["mbf"]["shard"] = shard
         return sd
+
+    @staticmethod
+    def _shard_record(u: Unit) -> dict[str, Any]:
+        """One unit's record in a per-rank file: this rank's blocks of it."""
+        queued = None
+        if u.queue is not None and u.queue_weights:  # the filled part only (torch.save
+            queued = u.queue[:, : len(u.queue_weights)].contiguous()  # keeps a view's base)
+        return checkpoint.shard_record(u, u.fisher, u.inverse, queued, u.queue_weights)
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything, for ``copy.deepcopy`` and pickling (``torch.Optimizer`` keeps only the
@@ -785,9 +848,28 @@ class MBF(torch.optim.Optimizer):
         extra = checkpoint.join_shards([sd.get("mbf") for sd in state_dicts])
         ranked = {int(sd["mbf"]["shard"]["rank"]): sd for sd in state_dicts}
         sd = {k: v for k, v in ranked[0].items() if k != "mbf"}
-        self._load_checked(sd, extra)
+        sharded = fsdp.merged_entry(state_dicts)
+        if sharded is not None:  # files of FSDP2 ranks: the rows of every parameter's state
+            sd["state"] = fsdp.join_param_state(state_dicts, self._wanted_rows())
+        self._load_checked(sd, extra, sharded)
 
-    def _load_checked(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _wanted_rows(self) -> dict[int, tuple[int, int]]:
+        """The rows of each parameter's state held here, by index (FSDP2: the local shard's;
+        absent: all of them)."""
+        if not isinstance(self._engine, FSDPEngine):
+            return {}
+        params = [p for group in self.param_groups for p in group["params"]]
+        index_of = {id(p): i for i, p in enumerate(params)}
+        engine = self._engine
+        return {
+            index_of[id(p)]: fsdp.shard_rows(int(p.shape[0]), engine.world_size, engine.rank)
+            for s in engine.sharded
+            for p in s.whole.params
+        }
+
+    def _load_checked(
+        self, sd: dict[str, Any], extra: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> None:
         """Load ``sd`` (without its ``"mbf"`` entry) and the migrated ``extra``; on any error
         the optimizer is left exactly as it was."""
         store = self._store
@@ -797,22 +879,28 @@ class MBF(torch.optim.Optimizer):
             store.units,
             store.buckets,
         )
+        whole_units, sharded_units = self._whole_units, getattr(self._engine, "sharded", None)
         try:
-            self._load(sd, extra)
+            self._load(sd, extra, sharded)
         except Exception:
             # A state dict that does not fit leaves the optimizer exactly as it was.
             groups, state, store.units, store.buckets = backup
+            self._whole_units = whole_units
+            if isinstance(self._engine, FSDPEngine) and sharded_units is not None:
+                self._engine.sharded = sharded_units
             for group, saved in zip(self.param_groups, groups, strict=True):
                 group.clear()
                 group.update(saved)
             self.state.clear()
             self.state.update(state)
             self._hooks.remove()
-            self._hooks.add(store.units)
+            self._hooks.add(self._whole_units)
             self._schedule_collection()
             raise
 
-    def _load(self, sd: dict[str, Any], extra: dict[str, Any]) -> None:
+    def _load(
+        self, sd: dict[str, Any], extra: dict[str, Any], sharded: dict[str, Any] | None = None
+    ) -> None:
         saved_state = sd.get("state", {})
         super().load_state_dict(sd)
         for group in self.param_groups:
@@ -827,11 +915,46 @@ class MBF(torch.optim.Optimizer):
                         value = value.to(device=p.device, dtype=state_dtype(p.dtype))
                         self.state[p][key] = value.clone()
                 index += 1
-        units = self._store.units
-        for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
-            self._store.restore(unit, saved)
-        for bucket, factored in zip(self._store.buckets, extra.get("factored", []), strict=False):
-            bucket.factored = bool(factored)
+        if isinstance(self._engine, FSDPEngine):
+            if sharded is None:
+                raise ValueError(
+                    "MBF: an FSDP2 optimizer loads the per-rank files of FSDP2 ranks "
+                    "(sharded_state_dict), not a whole state dict or data-parallel ranks' files"
+                )
+            fsdp.warn_restarted(fsdp.restore_units(self._engine, self._store, extra, sharded))
+        else:
+            units = self._store.units
+            restarted = []
+            if sharded is not None:  # units FSDP2 cut within each shard: not whole blocks here
+                restarted = [u.name for u in units if u.name in sharded["within"]]
+                units = [u for u in units if u.name not in sharded["within"]]
+            for unit, saved in zip(units, checkpoint.saved_units(extra, units), strict=True):
+                self._store.restore(unit, saved)
+            for bucket, factored in zip(self._store.buckets, extra.get("factored", []),
+                                        strict=False):
+                bucket.factored = bool(factored)
+            if sharded is not None:
+                for bucket in self._store.buckets:
+                    bucket.factored = all(
+                        sharded["factored"].get(u.name, False) for u in bucket.units
+                    )
+            fsdp.warn_restarted(restarted)
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
+
+
+def _make_engine(groups: list[dict[str, Any]], process_group: Any, model: nn.Module | None) -> Any:
+    """An :class:`~mbf.fsdp.FSDPEngine` when the parameters are FSDP2 / ``Shard(0)`` DTensors
+    (their mesh's group; other placements are refused), else :func:`mbf.distributed.make_engine`."""
+    params = [p for group in groups for p in group["params"]]
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    group = find_mesh_group(params, names)
+    if group is None:
+        return make_engine(process_group, model)
+    if process_group is False:
+        raise ValueError(
+            "MBF: process_group=False, but the parameters are sharded DTensors (FSDP2); "
+            "a single-process optimizer cannot step shards"
+        )
+    return FSDPEngine(group)

@@ -78,6 +78,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _type_name(module: nn.Module) -> str:
+    """The module's class name; for a module FSDP2's ``fully_shard`` has wrapped (its class
+    becomes ``FSDP<Name>``), the original class's, so that units are named alike with and
+    without FSDP2 (checkpoints match units by name)."""
+    cls: type = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return cls.__name__
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
 def _module_units(
     name: str, module: nn.Module, params: ModuleParams, per_example: bool
 ) -> list[Unit]:
@@ -85,7 +99,7 @@ def _module_units(
     rule = rule_for(type(module))
     if rule is None:
         return []
-    label = f"{name or '<root>'} ({type(module).__name__})"
+    label = f"{name or '<root>'} ({_type_name(module)})"
     served = per_example and rule.per_example
     units = []
     for spec in rule.units(module, params):
