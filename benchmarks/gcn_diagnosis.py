@@ -188,7 +188,9 @@ class VariantStorage(FullStorage):
     def __init__(self, precondition: Preconditioner, lam: float) -> None:
         self.precondition, self.lam = precondition, lam
 
-    def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
+    def factor(
+        self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+    ) -> FactorReport:
         out.copy_(self.precondition(stored.double(), self.lam))
         return FactorReport(blocks=stored.shape[0])
 
