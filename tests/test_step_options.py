@@ -34,6 +34,7 @@ BASE = dict(
     bias_correction=False,
     early_refresh=False,
     relative_damping=False,
+    inverse_root=1,
 )
 
 
@@ -50,6 +51,14 @@ def _loss(model: nn.Module, step: int) -> Tensor:
     x = torch.randn(8, 2, 4, 4, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 3, (8,), generator=gen)
     return nn.functional.cross_entropy(model(x), y)
+
+
+def _inverse_power(matrix: Tensor, root: int) -> Tensor:
+    """``matrix^(-1/root)`` of a symmetric positive definite matrix (float64)."""
+    if root == 1:
+        return torch.linalg.inv(matrix)
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.pow(-1.0 / root)) @ vectors.T
 
 
 class Reference:
@@ -83,7 +92,7 @@ class Reference:
         else:
             dampings = [hp["damping"]] * len(blocks)
         self.inverse[i] = [
-            torch.linalg.inv(blk + lam * eye[idx][:, idx])
+            _inverse_power(blk + lam * eye[idx][:, idx], hp["inverse_root"])
             for blk, lam, idx in zip(blocks, dampings, layout.dense_indices(), strict=True)
         ]
 
@@ -154,6 +163,10 @@ def _flat(model: nn.Module) -> Tensor:
         {"relative_damping": True, "damping": 0.1, "bias_correction": True, "inv_every": 2},
         {"relative_damping": True, "damping": 1e-3, "graft": "adam", "bias_correction": True,
          "early_refresh": True, "inv_every": 5},
+        {"inverse_root": 2},
+        {"inverse_root": 2, "bias_correction": True, "inv_every": 3},
+        {"inverse_root": 2, "relative_damping": True, "damping": 1e-3, "graft": "adam",
+         "bias_correction": True, "early_refresh": True, "inv_every": 5},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper",
 )
@@ -400,3 +413,25 @@ def test_relative_damping_of_a_block_does_not_depend_on_its_neighbours() -> None
         for lo, hi in ((0, 3), (2, 3), (3, 6)):
             part = store.relative_damping(stored[lo:hi], 4, 0.1, scale=0.3)
             assert torch.equal(part, whole[lo:hi]), (name, lo, hi)
+
+
+@pytest.mark.parametrize("storage", ["full", "packed"])
+def test_inverse_root_blocks_are_the_inverse_square_roots(storage: str) -> None:
+    """``inverse_root=2`` keeps ``(F_b + damping I)^-1/2`` of the statistics (in either
+    storage): symmetric, and its square is the damped inverse."""
+    model = _net()
+    opt = MBF(model, **{**BASE, "damping": 0.05, "inverse_root": 2}, storage=storage)
+    for step in range(3):
+        _step_each(((model, opt),), step)
+    eye = torch.eye(BASE["max_block_size"], dtype=torch.float64)
+    for unit in opt.blocks():  # factored at every step (inv_every=1)
+        expected = torch.stack([_inverse_power(f + 0.05 * eye, 2) for f in unit.fisher])
+        torch.testing.assert_close(unit.inverse, expected, rtol=1e-9, atol=1e-12)
+        inverse = torch.linalg.inv(unit.fisher + 0.05 * eye)
+        torch.testing.assert_close(unit.inverse @ unit.inverse, inverse, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0, 3, 1.5, True, "2"])
+def test_inverse_root_other_than_one_or_two_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="inverse_root"):
+        MBF(_net(), inverse_root=value)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FactorReport", "damped_inverse", "solve_blocks"]
+__all__ = ["FactorReport", "damped_inverse", "damped_inverse_root", "solve_blocks"]
 
 RETRY_FACTORS = (10.0, 100.0, 1000.0)
 
@@ -51,21 +51,59 @@ def _retry_damping(fisher: Tensor, damping: float | Tensor) -> Tensor:
 
 
 def damped_inverse(
-    fisher: Tensor, damping: float | Tensor, out: Tensor | None = None
+    fisher: Tensor, damping: float | Tensor, out: Tensor | None = None, root: int = 1
 ) -> tuple[Tensor, FactorReport]:
     """``(fisher + damping * I)^-1`` for a ``(B, s, s)`` stack of symmetric blocks.
 
-    ``damping``: one number, or a ``(B,)`` tensor with each block's own.
+    ``damping``: one number, or a ``(B,)`` tensor with each block's own. ``root=2`` gives
+    the inverse square root ``(fisher + damping * I)^-1/2`` instead
+    (:func:`damped_inverse_root`).
 
     ``fisher`` is not modified. The inverses (symmetric, of ``fisher``'s dtype) are written into
     ``out`` when given (a ``(B, s, s)`` buffer, e.g. last time's inverses), else a new tensor.
     Returns them and a report.
     """
+    if root == 2:
+        return damped_inverse_root(fisher, damping, out=out)
+    if root != 1:
+        raise ValueError(f"damped_inverse: root must be 1 or 2, got {root!r}")
     factor, report = damped_cholesky(fisher, damping, out=out)
     # The factor's column-major view is an upper factor: LAPACK then works in place, without
     # the two transposing copies that a row-major (B, s, s) input costs it.
     torch.cholesky_inverse(factor.mT, upper=True, out=factor.mT)
     return factor, report
+
+
+def damped_inverse_root(
+    fisher: Tensor, damping: float | Tensor, out: Tensor | None = None
+) -> tuple[Tensor, FactorReport]:
+    """``(fisher + damping * I)^-1/2`` for a ``(B, s, s)`` stack of symmetric PSD blocks.
+
+    Through a batched eigendecomposition (about four times the cost of the Cholesky inverse on
+    CPU for blocks of 32). Eigenvalues are floored at the block's damping (their exact lower
+    bound; rounding can put them just below), or, without damping, at ``eps`` times the
+    block's largest. Blocks with a non-finite entry are counted and treated as zero statistics
+    (the damping alone). ``fisher`` is not modified; the result goes into ``out`` when given.
+    """
+    report = FactorReport(blocks=fisher.shape[0])
+    result = torch.empty_like(fisher) if out is None else out
+    if fisher.shape[0] == 0:
+        return result, report
+    finite = torch.isfinite(fisher).all(dim=(-2, -1))
+    report.nonfinite = int((~finite).sum())
+    damped = torch.where(finite[:, None, None], fisher, torch.zeros((), dtype=fisher.dtype,
+                                                                    device=fisher.device))
+    per_block = torch.as_tensor(damping, dtype=fisher.dtype, device=fisher.device)
+    per_block = per_block.expand(fisher.shape[0])
+    damped = damped + per_block[:, None, None] * _identity_like(fisher)
+    values, vectors = torch.linalg.eigh(damped)
+    info = torch.finfo(fisher.dtype)
+    floor = torch.where(
+        per_block > 0, per_block, (values.amax(-1) * info.eps).clamp_min(info.tiny)
+    )
+    scales = values.clamp_min(floor[:, None]).rsqrt()
+    torch.matmul(vectors * scales.unsqueeze(-2), vectors.mT, out=result)
+    return result, report
 
 
 def damped_cholesky(

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "bias_correction": True,
     "early_refresh": True,
     "relative_damping": True,
+    "inverse_root": 1,
 }
 """The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
 lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
@@ -70,6 +71,7 @@ PAPER: dict[str, Any] = {
     "bias_correction": False,
     "early_refresh": False,
     "relative_damping": False,
+    "inverse_root": 1,
 }
 """The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
 ``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
@@ -153,6 +155,14 @@ class MBF(torch.optim.Optimizer):
         relative_damping: add ``damping * tr(F_b) / s`` to each block (damping measured in
             units of the block's mean eigenvalue, so one value serves blocks of any scale)
             instead of ``damping`` itself.
+        inverse_root: ``1`` (the paper) preconditions each block by ``(F_b + damping I)^-1``;
+            ``2`` by its inverse square root ``(F_b + damping I)^-1/2``, the power Adam applies
+            to its diagonal second moment and Shampoo to its factors (computed by an
+            eigendecomposition, about four times the cost of a factorization). With the
+            ``batch`` estimator ``F_b`` is a running second moment of the gradient, whose
+            inverse steps each direction by about ``1 / |g|``: where a block mixes coordinates
+            of very different gradient scale (sparse inputs such as bag-of-words features),
+            the root keeps the step on the frequent coordinates (``docs/results.md``, GCN).
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear, ConvNd, Embedding and LayerNorm modules, and module types
@@ -227,6 +237,7 @@ class MBF(torch.optim.Optimizer):
         bias_correction: bool = DEFAULTS["bias_correction"],
         early_refresh: bool = DEFAULTS["early_refresh"],
         relative_damping: bool = DEFAULTS["relative_damping"],
+        inverse_root: int = DEFAULTS["inverse_root"],
         estimator: str = "batch",
         loss_reduction: str = "mean",
         model: nn.Module | None = None,
@@ -290,6 +301,7 @@ class MBF(torch.optim.Optimizer):
             bias_correction=bias_correction,
             early_refresh=early_refresh,
             relative_damping=relative_damping,
+            inverse_root=inverse_root,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -904,6 +916,7 @@ class MBF(torch.optim.Optimizer):
         saved_state = sd.get("state", {})
         super().load_state_dict(sd)
         for group in self.param_groups:
+            group.setdefault("inverse_root", 1)  # saved before the option: the inverse
             _check_group(group)
         self._rebuild()
         # torch casts state to the parameter dtype; MBF keeps float32 state for half params.

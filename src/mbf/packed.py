@@ -93,9 +93,11 @@ class SymmetricPacking:
         self._chunked(inverse, work, solve_chunk)
         return out
 
-    def invert_into(self, fisher: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report of
-        :func:`mbf.linalg.damped_inverse` over the chunks.
+    def invert_into(
+        self, fisher: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+    ) -> FactorReport:
+        """Packed ``(F + damping I)^-1`` (``root=2``: ``^-1/2``) of packed ``fisher`` into
+        ``out``; the merged report of :func:`mbf.linalg.damped_inverse` over the chunks.
 
         ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
         report = FactorReport()
@@ -104,7 +106,7 @@ class SymmetricPacking:
 
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             part_damping = damping[lo:hi] if isinstance(damping, Tensor) else damping
-            _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo])
+            _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo], root=root)
             out[lo:hi] = self.pack(inverse[: hi - lo])
             report.add(part)
 

@@ -85,8 +85,11 @@ class Storage(ABC):
         """Traces ``(B,)`` of the stored blocks."""
 
     @abstractmethod
-    def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        """``(F + damping I)^-1`` of every block into ``out`` (same storage); the report.
+    def factor(
+        self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+    ) -> FactorReport:
+        """``(F + damping I)^-1`` (``root=2``: ``^-1/2``) of every block into ``out`` (same
+        storage); the report.
 
         ``damping``: one number or a ``(B,)`` tensor. Blocks whose statistics are not finite
         are reset to zero in ``stored`` (they would poison every later step).
@@ -154,8 +157,10 @@ class FullStorage(Storage):
     def trace(self, stored: Tensor) -> Tensor:
         return stored.diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        _, report = damped_inverse(stored, damping, out=out)
+    def factor(
+        self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+    ) -> FactorReport:
+        _, report = damped_inverse(stored, damping, out=out, root=root)
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report
@@ -210,8 +215,10 @@ class PackedStorage(Storage):
     def trace(self, stored: Tensor) -> Tensor:
         return self._packing(stored).trace(stored)
 
-    def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        report = self._packing(stored).invert_into(stored, damping, out=out)
+    def factor(
+        self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+    ) -> FactorReport:
+        report = self._packing(stored).invert_into(stored, damping, out=out, root=root)
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report

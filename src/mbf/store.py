@@ -331,15 +331,17 @@ class CurvatureStore:
         The inverse of the corrected statistics ``(F / c + damping I)^-1`` is
         ``c (F + c damping I)^-1``, with ``c`` the unit's ``stat_mass``: blocks are factored
         with damping ``c * damping`` in runs of units of equal ``c`` (one run as a rule), and
-        ``c`` is kept as the unit's ``inverse_scale`` for the solve. Every rank sets every
-        unit's scale, since every rank applies every direction.
+        ``c`` is kept as the unit's ``inverse_scale`` for the solve (``c^(1/2)`` for the
+        inverse square root of ``inverse_root=2``). Every rank sets every unit's scale, since
+        every rank applies every direction.
         """
         with self.diag.timed("factorization"):
             report = FactorReport()
-            damping = group["damping"]
+            damping, root = group["damping"], group["inverse_root"]
             runs: list[tuple[int, int, float]] = []
             for unit in bucket.units:
-                scale = unit.inverse_scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
+                scale = unit.stat_mass if unit.stat_mass > 0 else 1.0
+                unit.inverse_scale = scale ** (1.0 / root)
                 self.fold(unit)  # also where this rank owns none of it: one queue depth everywhere
                 view = bucket.local(unit)
                 if view.start >= view.stop:
@@ -354,7 +356,8 @@ class CurvatureStore:
                 if group["relative_damping"]:
                     block_damping = self.relative_damping(fisher, bucket.block_size, damping,
                                                           scale)
-                report.add(self.storage.factor(fisher, block_damping, out=bucket.inverse[a:b]))
+                report.add(self.storage.factor(fisher, block_damping, out=bucket.inverse[a:b],
+                                               root=root))
         bucket.factored = True
         return report
 

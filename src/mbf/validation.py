@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "ESTIMATORS",
     "GRAFTS",
+    "INVERSE_ROOTS",
     "NONFINITE_POLICIES",
     "REDUCTIONS",
     "check_choice",
@@ -31,6 +32,8 @@ __all__ = [
 
 #: Step lengths a block's direction can be grafted onto (MBF's ``graft``): Adam's or SGD-m's.
 GRAFTS = (None, "adam", "sgd")
+#: MBF's ``inverse_root``: each block preconditioned by ``(F + damping I)^(-1/r)``.
+INVERSE_ROOTS = (1, 2)
 #: MBF's ``estimator``, ``loss_reduction`` and ``nonfinite`` choices.
 ESTIMATORS = ("batch", "per_example")
 REDUCTIONS = ("mean", "sum")
@@ -103,6 +106,11 @@ def check_group(group: dict[str, Any]) -> None:
     eps = _real("graft_eps", group["graft_eps"])
     if not (eps > 0.0 and math.isfinite(eps)):
         raise ValueError(f"MBF: graft_eps must be a finite number > 0, got {group['graft_eps']!r}")
+    if group["inverse_root"] not in INVERSE_ROOTS or isinstance(group["inverse_root"], bool):
+        raise ValueError(
+            f"MBF: inverse_root must be one of {INVERSE_ROOTS}, got {group['inverse_root']!r}"
+        )
+    group["inverse_root"] = int(group["inverse_root"])
     for key in ("decoupled_weight_decay", "bias_correction", "early_refresh", "relative_damping"):
         if not isinstance(group[key], bool):
             raise TypeError(f"MBF: {key} must be True or False, got {group[key]!r}")
