@@ -4,7 +4,8 @@ A ``(B, s, s)`` stack of symmetric blocks holds ``s(s+1)/2`` distinct numbers pe
 only those (a ``(B, s(s+1)/2)`` tensor) nearly halves the memory of the running-average statistics
 and of the inverses. Everything that needs whole blocks (the factorization, the solve) unpacks a
 few thousand blocks at a time into a reused buffer that stays in cache, so the extra memory is a
-fixed workspace, not a second copy of the state.
+fixed workspace, not a second copy of the state. Triangles kept in a 16-bit dtype are widened
+to float32 a chunk at a time (every sum, fold and factorization in float32, rounded once).
 """
 
 from __future__ import annotations
@@ -59,16 +60,21 @@ class SymmetricPacking:
         return out
 
     def unpack(self, packed: Tensor, out: Tensor | None = None) -> Tensor:
-        """Whole symmetric blocks ``(B, s, s)`` from their packed triangles."""
+        """Whole symmetric blocks ``(B, s, s)`` from their packed triangles (in ``out``'s dtype,
+        when given: 16-bit triangles are widened before they are unpacked)."""
         n = packed.shape[0]
         if out is None:
             out = packed.new_empty(n, self.size, self.size)
+        elif out.dtype != packed.dtype:
+            packed = packed.to(out.dtype)
         torch.index_select(packed, 1, self.full, out=out.view(n, self.size * self.size))
         return out
 
     def trace(self, packed: Tensor) -> Tensor:
-        """Traces ``(B,)`` of packed symmetric blocks."""
-        return packed.index_select(1, self.diagonal).sum(1)
+        """Traces ``(B,)`` of packed symmetric blocks (summed in float32 for 16-bit blocks)."""
+        return packed.index_select(1, self.diagonal).sum(
+            1, dtype=torch.promote_types(packed.dtype, torch.float32)
+        )
 
     def outer(self, vectors: Tensor) -> Tensor:
         """Packed ``v v^T`` for ``(B, s)`` vectors."""
@@ -79,7 +85,12 @@ class SymmetricPacking:
         (so the packed outer products stay in cache)."""
         for lo in range(0, packed.shape[0], CHUNK_BLOCKS):
             hi = min(lo + CHUNK_BLOCKS, packed.shape[0])
-            packed[lo:hi].lerp_(self.outer(vectors[lo:hi]), weight)
+            if packed.dtype == vectors.dtype:
+                packed[lo:hi].lerp_(self.outer(vectors[lo:hi]), weight)
+            else:  # 16-bit statistics: in the vectors' dtype, rounded once
+                packed[lo:hi] = packed[lo:hi].to(vectors.dtype).lerp_(
+                    self.outer(vectors[lo:hi]), weight
+                )
 
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
         """``inverse_b @ rhs_b`` for packed symmetric ``inverse`` and ``(B, s)`` ``rhs``."""
@@ -99,7 +110,9 @@ class SymmetricPacking:
 
         ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
         report = FactorReport()
-        work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size)
+        wide = torch.promote_types(fisher.dtype, torch.float32)  # 16-bit: factored in float32
+        work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size,
+                                dtype=wide)
         inverse = torch.empty_like(work)
 
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
