@@ -50,7 +50,7 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _widened(
     stored: Tensor,
-    body: Callable[[int, int, Tensor], None],
+    body: Callable[[int, int, Tensor], object],
     *,
     write_back: bool = True,
     dtype: torch.dtype | None = None,
