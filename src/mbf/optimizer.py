@@ -571,7 +571,9 @@ class MBF(torch.optim.Optimizer):
             members = [u for u in bucket.units if id(u) in live_ids]
             if not members:
                 continue
-            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size)
+            # In the units' dtype (float32), not the curvature's (maybe 16-bit).
+            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size,
+                                          dtype=members[0].dtype)
             if len(members) < len(bucket.units):  # blocks without gradients: zero
                 rhs.zero_()
             for u in members:
