@@ -188,7 +188,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         OptimizerSpec(
             "mbf-bf16",
-            "mini-block Fisher with curvature_dtype='bfloat16' (statistics and inverses in 16 bits)",
+            "mini-block Fisher with curvature_dtype='bfloat16' (statistics and inverses in 16 "
+            "bits)",
             {
                 **mbf.DEFAULTS,
                 "estimator": _MBF_DEFAULT_ESTIMATOR,
