@@ -503,7 +503,8 @@ def test_mbf_estimators_are_selectable() -> None:
 
 _CHOICES = {"estimator": ("batch", "per_example"), "storage": ("full", "packed"),
             "loss_reduction": ("mean", "sum"), "accumulate": ACCUMULATE,
-            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None)}
+            "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None),
+            "curvature_dtype": (None, torch.float32, torch.bfloat16)}
 _ALIASES = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # torch's Adam keeps a pair
 
 
