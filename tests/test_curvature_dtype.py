@@ -99,13 +99,17 @@ def test_updates_folds_factorizations_and_solves_round_float32_work_once(kind: s
     torch.testing.assert_close(trace.double(), _whole(kind, stored, s).diagonal(0, 1, 2).sum(-1),
                                rtol=4 * F32, atol=0)
 
-    # The factorization: the float64 inverse of the stored statistics, rounded once.
+    # The factorization: the float64 inverse of the stored statistics, with the damping raised
+    # by what rounding can hide (half an ulp of each block's largest absolute row sum), rounded
+    # once.
     damping = torch.rand(n, dtype=torch.float32, generator=gen) + 0.5
     out = torch.empty_like(stored)
     report = storage.factor(stored, damping, out=out)
     assert (report.blocks, report.retried, report.fallback) == (n, 0, 0)
     eye = torch.eye(s, dtype=torch.float64)
-    want = torch.linalg.inv(_whole(kind, stored, s) + damping.double()[:, None, None] * eye)
+    whole = _whole(kind, stored, s)
+    raised = damping.double() + HALF_ULP * whole.abs().sum(-1).amax(-1)
+    want = torch.linalg.inv(whole + raised[:, None, None] * eye)
     cond = float(torch.linalg.cond(want).max())
     _assert_rounded_once(_whole(kind, out, s), want, slack=8 * cond)
 
@@ -117,6 +121,21 @@ def test_updates_folds_factorizations_and_solves_round_float32_work_once(kind: s
     want = (_whole(kind, out, s) @ rhs.double()[:, :, None])[..., 0]
     scale = (_whole(kind, out, s).abs() @ rhs.double().abs()[:, :, None])[..., 0]
     assert float(((got.double() - want).abs() - 2 * s * F32 * scale).max()) <= 0
+
+
+@pytest.mark.parametrize("kind", ["full", "packed"])
+def test_rounded_low_rank_statistics_factor_without_retries(kind: str) -> None:
+    """Rank-one blocks ``g g^T`` rounded to bfloat16 are indefinite as often as not at a damping
+    of 1e-4 of their trace; the raised damping makes every one positive definite."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(64, 32, dtype=torch.float64, generator=gen)
+    blocks = g[:, :, None] * g[:, None, :]
+    stored = _stored(kind, blocks)
+    damping = 1e-4 * blocks.diagonal(0, 1, 2).sum(-1).float()
+    report = STORAGES[kind].factor(stored, damping, out=torch.empty_like(stored))
+    assert (report.retried, report.fallback) == (0, 0)
+    exact = torch.linalg.eigvalsh(_whole(kind, stored, 32)) + damping.double()[:, None]
+    assert bool((exact.amin(-1) < 0).any())  # without the raise some would have failed
 
 
 def test_a_poisoned_16_bit_block_is_reset_and_falls_back() -> None:

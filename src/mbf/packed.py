@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .linalg import FactorReport, damped_inverse
 
-__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size"]
+__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size", "rounding_damping"]
 
 #: Blocks unpacked at once for a solve or a factorization (~1-4 MB of workspace at s = 9-32).
 CHUNK_BLOCKS = 1024
@@ -27,6 +27,20 @@ CHUNK_BLOCKS = 1024
 def packed_size(size: int) -> int:
     """Numbers stored per ``size x size`` symmetric block."""
     return size * (size + 1) // 2
+
+
+def rounding_damping(blocks: Tensor, error: float) -> Tensor:
+    """``(B,)``: ``error`` times each block's largest absolute row sum.
+
+    Statistics rounded entry by entry (relative error up to ``error``) differ from the exact ones
+    by a symmetric ``E`` with ``|E_ij| <= error |F_ij|``, whose eigenvalues lie within
+    ``error * max_i sum_j |F_ij|`` (Gershgorin): a positive semi-definite block rounded to 16 bits
+    may have negative eigenvalues that large, and with this much added damping it cannot. Without
+    it a low-rank bfloat16 block at the default damping fails its Cholesky factorization about
+    as often as not (retried in float64 with ten times the damping, one block at a time). A
+    block that is not finite gets none (it is reset and falls back as before)."""
+    shift = blocks.abs().sum(-1).amax(-1).mul_(error)
+    return shift.nan_to_num_(nan=0.0, posinf=0.0)  # a non-finite block keeps its damping
 
 
 class SymmetricPacking:
@@ -104,11 +118,15 @@ class SymmetricPacking:
         self._chunked(inverse, work, solve_chunk)
         return out
 
-    def invert_into(self, fisher: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
+    def invert_into(
+        self, fisher: Tensor, damping: float | Tensor, out: Tensor, rounded: float = 0.0
+    ) -> FactorReport:
         """Packed ``(F + damping I)^-1`` of packed ``fisher`` into ``out``; the merged report of
         :func:`mbf.linalg.damped_inverse` over the chunks.
 
-        ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
+        ``damping``: one number, or a ``(B,)`` tensor with each block's own. ``rounded``: the
+        relative rounding error of 16-bit statistics, which raises each block's damping by
+        ``rounded`` times its largest absolute row sum (:func:`rounding_damping`)."""
         report = FactorReport()
         wide = torch.promote_types(fisher.dtype, torch.float32)  # 16-bit: factored in float32
         work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size,
@@ -117,6 +135,8 @@ class SymmetricPacking:
 
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             part_damping = damping[lo:hi] if isinstance(damping, Tensor) else damping
+            if rounded:
+                part_damping = rounding_damping(blocks, rounded).add_(part_damping)
             _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo])
             out[lo:hi] = self.pack(inverse[: hi - lo])
             report.add(part)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import packed
 from .linalg import FactorReport, damped_inverse, solve_blocks
-from .packed import SymmetricPacking, packed_size
+from .packed import SymmetricPacking, packed_size, rounding_damping
 from .validation import check_choice
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "PackedStorage",
     "Storage",
     "fold_rows",
+    "rounding_damping",
+    "rounding_error",
     "storage_named",
     "wide_dtype",
 ]
@@ -46,6 +48,12 @@ __all__ = [
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype stored blocks are worked on in: float32 for 16-bit blocks, else their own."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def rounding_error(dtype: torch.dtype) -> float:
+    """The largest relative error of one rounding to ``dtype`` (half its epsilon), or 0 for
+    blocks kept in float32 or wider (worked on as they are)."""
+    return 0.0 if wide_dtype(dtype) == dtype else torch.finfo(dtype).eps / 2
 
 
 def _widened(
@@ -239,8 +247,11 @@ class FullStorage(Storage):
                 (min(packed.CHUNK_BLOCKS, stored.shape[0]), *stored.shape[1:]), dtype=torch.float32
             )
 
+            error = rounding_error(stored.dtype)
+
             def invert_chunk(lo: int, hi: int, wide: Tensor) -> None:
                 part = damping[lo:hi] if isinstance(damping, Tensor) else damping
+                part = rounding_damping(wide, error).add_(part)
                 _, chunk = damped_inverse(wide, part, out=inverse[: hi - lo])
                 out[lo:hi].copy_(inverse[: hi - lo])
                 report.add(chunk)
@@ -316,7 +327,8 @@ class PackedStorage(Storage):
         return self._packing(stored).trace(stored)
 
     def factor(self, stored: Tensor, damping: float | Tensor, out: Tensor) -> FactorReport:
-        report = self._packing(stored).invert_into(stored, damping, out=out)
+        report = self._packing(stored).invert_into(stored, damping, out=out,
+                                                    rounded=rounding_error(stored.dtype))
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report
