@@ -38,7 +38,6 @@ __all__ = [
     "PackedStorage",
     "Storage",
     "fold_rows",
-    "rounding_damping",
     "rounding_error",
     "storage_named",
     "wide_dtype",
