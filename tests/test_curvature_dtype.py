@@ -99,17 +99,14 @@ def test_updates_folds_factorizations_and_solves_round_float32_work_once(kind: s
     torch.testing.assert_close(trace.double(), _whole(kind, stored, s).diagonal(0, 1, 2).sum(-1),
                                rtol=4 * F32, atol=0)
 
-    # The factorization: the float64 inverse of the stored statistics, with the damping raised
-    # by what rounding can hide (half an ulp of each block's largest absolute row sum), rounded
-    # once.
+    # The factorization: the float64 inverse of the stored statistics (positive definite: no
+    # damping raise), rounded once.
     damping = torch.rand(n, dtype=torch.float32, generator=gen) + 0.5
     out = torch.empty_like(stored)
     report = storage.factor(stored, damping, out=out)
     assert (report.blocks, report.retried, report.fallback) == (n, 0, 0)
     eye = torch.eye(s, dtype=torch.float64)
-    whole = _whole(kind, stored, s)
-    raised = damping.double() + HALF_ULP * whole.abs().sum(-1).amax(-1)
-    want = torch.linalg.inv(whole + raised[:, None, None] * eye)
+    want = torch.linalg.inv(_whole(kind, stored, s) + damping.double()[:, None, None] * eye)
     cond = float(torch.linalg.cond(want).max())
     _assert_rounded_once(_whole(kind, out, s), want, slack=8 * cond)
 
@@ -125,17 +122,29 @@ def test_updates_folds_factorizations_and_solves_round_float32_work_once(kind: s
 
 @pytest.mark.parametrize("kind", ["full", "packed"])
 def test_rounded_low_rank_statistics_factor_without_retries(kind: str) -> None:
-    """Rank-one blocks ``g g^T`` rounded to bfloat16 are indefinite as often as not at a damping
-    of 1e-4 of their trace; the raised damping makes every one positive definite."""
+    """Rank-one blocks ``g g^T`` rounded to bfloat16 are indefinite at a damping of 1e-4 of
+    their trace; the raised damping makes those positive definite, and only those: the
+    full-rank blocks beside them keep the damping they were given."""
     gen = torch.Generator().manual_seed(3)
-    g = torch.randn(64, 32, dtype=torch.float64, generator=gen)
-    blocks = g[:, :, None] * g[:, None, :]
+    g = torch.randn(32, 32, dtype=torch.float64, generator=gen)
+    blocks = torch.cat([g[:, :, None] * g[:, None, :], _symmetric(32, 32, gen)])
     stored = _stored(kind, blocks)
     damping = 1e-4 * blocks.diagonal(0, 1, 2).sum(-1).float()
     report = STORAGES[kind].factor(stored, damping, out=torch.empty_like(stored))
     assert (report.retried, report.fallback) == (0, 0)
     exact = torch.linalg.eigvalsh(_whole(kind, stored, 32)) + damping.double()[:, None]
-    assert bool((exact.amin(-1) < 0).any())  # without the raise some would have failed
+    failing = exact.amin(-1) < 0
+    assert bool(failing.any()) and not bool(failing.all())  # without the raise some would fail
+    # Only those get more damping: the others' inverses are those of the given damping.
+    inverse = torch.empty_like(stored)
+    STORAGES[kind].factor(stored, damping, out=inverse)
+    eye = torch.eye(32, dtype=torch.float64)
+    fine = ~failing
+    want = torch.linalg.inv(
+        _whole(kind, stored, 32)[fine] + damping.double()[fine, None, None] * eye
+    )
+    got = _whole(kind, inverse, 32)[fine]
+    assert float(((got - want).abs() / want.abs().amax((1, 2), keepdim=True)).max()) < 0.05
 
 
 def test_a_poisoned_16_bit_block_is_reset_and_falls_back() -> None:

@@ -29,18 +29,26 @@ def packed_size(size: int) -> int:
     return size * (size + 1) // 2
 
 
-def rounding_damping(blocks: Tensor, error: float) -> Tensor:
-    """``(B,)``: ``error`` times each block's largest absolute row sum.
+def rounding_damping(blocks: Tensor, damping: float | Tensor, error: float) -> Tensor:
+    """``(B,)`` dampings for blocks rounded entry by entry (relative error up to ``error``):
+    ``damping``, raised by ``error`` times the block's largest absolute row sum for the blocks
+    whose Cholesky factorization at ``damping`` fails (in ``blocks``' dtype, float32).
 
-    Statistics rounded entry by entry (relative error up to ``error``) differ from the exact ones
-    by a symmetric ``E`` with ``|E_ij| <= error |F_ij|``, whose eigenvalues lie within
-    ``error * max_i sum_j |F_ij|`` (Gershgorin): a positive semi-definite block rounded to 16 bits
-    may have negative eigenvalues that large, and with this much added damping it cannot. Without
-    it a low-rank bfloat16 block at the default damping fails its Cholesky factorization about
-    as often as not (retried in float64 with ten times the damping, one block at a time). A
-    block that is not finite gets none (it is reset and falls back as before)."""
-    shift = blocks.abs().sum(-1).amax(-1).mul_(error)
-    return shift.nan_to_num_(nan=0.0, posinf=0.0)  # a non-finite block keeps its damping
+    Rounded statistics differ from the exact ones by a symmetric ``E`` with
+    ``|E_ij| <= error |F_ij|``, whose eigenvalues lie within ``error * max_i sum_j |F_ij|``
+    (Gershgorin): a positive semi-definite block rounded to 16 bits may have negative
+    eigenvalues that large, and with that much more damping it cannot. Low-rank bfloat16 blocks
+    at the default damping fail as often as not (and went through the float64 retries one block
+    at a time); raising every block's damping by the bound made mnist-ae train as slowly as
+    float32 with that damping, so only the blocks that fail get it. A block that is not finite
+    keeps its damping (it is reset and falls back as before)."""
+    given = torch.as_tensor(damping, dtype=blocks.dtype, device=blocks.device)
+    given = given.expand(blocks.shape[0]).clone()
+    trial = blocks.clone()
+    trial.diagonal(dim1=-2, dim2=-1).add_(given.unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(trial)
+    shift = blocks.abs().sum(-1).amax(-1).mul_(error).nan_to_num_(nan=0.0, posinf=0.0)
+    return torch.where(info != 0, given + shift, given)
 
 
 class SymmetricPacking:
@@ -125,8 +133,8 @@ class SymmetricPacking:
         :func:`mbf.linalg.damped_inverse` over the chunks.
 
         ``damping``: one number, or a ``(B,)`` tensor with each block's own. ``rounded``: the
-        relative rounding error of 16-bit statistics, which raises each block's damping by
-        ``rounded`` times its largest absolute row sum (:func:`rounding_damping`)."""
+        relative rounding error of 16-bit statistics, which raises the damping of the blocks that
+        need it (:func:`rounding_damping`)."""
         report = FactorReport()
         wide = torch.promote_types(fisher.dtype, torch.float32)  # 16-bit: factored in float32
         work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size,
@@ -136,7 +144,7 @@ class SymmetricPacking:
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             part_damping = damping[lo:hi] if isinstance(damping, Tensor) else damping
             if rounded:
-                part_damping = rounding_damping(blocks, rounded).add_(part_damping)
+                part_damping = rounding_damping(blocks, part_damping, rounded)
             _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo])
             out[lo:hi] = self.pack(inverse[: hi - lo])
             report.add(part)

@@ -250,7 +250,7 @@ class FullStorage(Storage):
 
             def invert_chunk(lo: int, hi: int, wide: Tensor) -> None:
                 part = damping[lo:hi] if isinstance(damping, Tensor) else damping
-                part = rounding_damping(wide, error).add_(part)
+                part = rounding_damping(wide, part, error)
                 _, chunk = damped_inverse(wide, part, out=inverse[: hi - lo])
                 out[lo:hi].copy_(inverse[: hi - lo])
                 report.add(chunk)
