@@ -198,9 +198,10 @@ class MBF(torch.optim.Optimizer):
             and load into an optimizer of any ``curvature_dtype``. A 16-bit factorization adds
             what rounding can hide to the damping of each block whose factorization would
             fail, and on mnist-ae bfloat16 curvature has trained measurably slower than float32
-            at the protocol's damping (``docs/results.md``), hence not the default. ``torch.float16`` is refused
-            (its range cannot hold the statistics and inverses without a scale per block;
-            ``docs/decisions.md``), as is a dtype the device cannot update and factor.
+            at the protocol's damping (``docs/results.md``), hence not the default.
+            ``torch.float16`` is refused (its range cannot hold the statistics and inverses
+            without a scale per block; ``docs/decisions.md``), as is a dtype the device cannot
+            update and factor.
         process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work and
