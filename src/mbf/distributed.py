@@ -378,7 +378,7 @@ class ShardedEngine(LocalEngine):
         if not work:
             return []
         buckets = [item.bucket for item in work]
-        dtype, device = self._wire(buckets)
+        dtype, device = self._wire([item.rhs for item in work])  # not the (16-bit) curvature
         sizes = [
             sum((b.ranges[r][1] - b.ranges[r][0]) * b.block_size for b in buckets)
             for r in range(self.world_size)
@@ -403,12 +403,13 @@ class ShardedEngine(LocalEngine):
             whole.append(out)
         return whole
 
-    def _wire(self, buckets: list[Any]) -> tuple[torch.dtype, torch.device]:
-        """One dtype and device for a collective over several buckets' blocks."""
-        dtype = buckets[0].fisher.dtype
-        for b in buckets[1:]:
-            dtype = torch.promote_types(dtype, b.fisher.dtype)
-        return dtype, _comm_device(self.group, buckets[0].fisher.device)
+    def _wire(self, tensors: list[Tensor]) -> tuple[torch.dtype, torch.device]:
+        """One dtype (that holds every one of ``tensors`` exactly) and device for a collective
+        over them."""
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return dtype, _comm_device(self.group, tensors[0].device)
 
     # -------------------------------------------------------------- checkpoints
     def whole_curvature(self, store: CurvatureStore) -> Whole:
@@ -417,7 +418,10 @@ class ShardedEngine(LocalEngine):
         buckets = store.buckets
         if not buckets:
             return Whole({}, {})
-        dtype, device = self._wire(buckets)
+        # Statistics and inverses, and queued estimates (in the units' dtype: float32 when the
+        # curvature is 16-bit), all exactly.
+        queues = [u.queue for u in store.units if u.queue is not None]
+        dtype, device = self._wire([t for b in buckets for t in (b.fisher, b.inverse)] + queues)
         storage = store.storage
         # Queued estimates: every rank has queued as many for a unit (one schedule).
         depth = {id(u): len(u.queue_weights) if u.queue is not None else 0 for u in store.units}
@@ -456,10 +460,11 @@ class ShardedEngine(LocalEngine):
 
         for b in buckets:
             first = b.units[0]
-            pair = [storage.allocate(b.total, b.block_size, first.dtype, first.device)
+            pair = [storage.allocate(b.total, b.block_size, b.fisher.dtype, first.device)
                     for _ in range(2)]
             queued = {
-                id(u): first.fisher.new_empty(u.layout.num_blocks, depth[id(u)], b.block_size)
+                id(u): first.fisher.new_empty(u.layout.num_blocks, depth[id(u)], b.block_size,
+                                              dtype=first.dtype)
                 for u in b.units if depth[id(u)]
             }
             t = packed_size(b.block_size)

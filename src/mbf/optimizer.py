@@ -28,6 +28,7 @@ from .validation import (
     NONFINITE_POLICIES,
     REDUCTIONS,
     check_choice,
+    check_curvature_dtype,
     check_group,
     check_params,
     positive_int,
@@ -199,6 +200,21 @@ class MBF(torch.optim.Optimizer):
             a few thousand blocks at a time to factor and solve, which makes the step slower
             (``docs/results.md``). ``"packed"`` folds statistics at once (no queue). Both work
             on several ranks, each rank keeping only its share (``mbf.storage``).
+        curvature_dtype: the dtype of the statistics and inverses. ``None`` (default): the
+            parameters' dtype, at least float32 (float32 for float32, bfloat16 and float16
+            parameters), as momentum. ``torch.float32``: float32 whatever the parameters.
+            ``torch.bfloat16`` halves their memory (with ``storage="packed"`` about
+            ``s / 2 + 3`` floats' worth per parameter): each update, fold and factorization
+            widens a chunk of blocks to float32 and rounds the result once, and the solve
+            widens the inverses a chunk at a time; the queue (``stat_buffer``), momentum and
+            Adam's second moment stay in float32. Checkpoints hold the curvature in this dtype
+            and load into an optimizer of any ``curvature_dtype``. A 16-bit factorization adds
+            what rounding can hide to the damping of each block whose factorization would
+            fail, and on mnist-ae bfloat16 curvature has trained measurably slower than float32
+            at the protocol's damping (``docs/results.md``), hence not the default.
+            ``torch.float16`` is refused (its range cannot hold the statistics and inverses
+            without a scale per block; ``docs/decisions.md``), as is a dtype the device cannot
+            update and factor.
         process_group: data parallelism (see ``mbf.distributed``). ``None`` (default): the
             ``DistributedDataParallel`` model's group, else the default group, when
             ``torch.distributed`` is initialized with several ranks; the curvature work and
@@ -246,6 +262,7 @@ class MBF(torch.optim.Optimizer):
         chunk_elements: int = 1 << 24,
         stat_buffer: int = 4,
         storage: str = "full",
+        curvature_dtype: torch.dtype | str | None = None,
         process_group: Any = None,
         compile: bool = False,
     ) -> None:
@@ -262,8 +279,10 @@ class MBF(torch.optim.Optimizer):
             raise TypeError(f"MBF: compile must be True or False, got {compile!r}")
         self.compile = compile
         self._moments = Moments(compile)
+        self.curvature_dtype = check_curvature_dtype(curvature_dtype)
         self._diag = Diagnostics()
-        self._store = CurvatureStore(storage_named(storage), stat_buffer, self._diag)
+        self._store = CurvatureStore(storage_named(storage), stat_buffer, self._diag,
+                                     self.curvature_dtype)
         self._counters = self._store.counters
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
@@ -385,6 +404,7 @@ class MBF(torch.optim.Optimizer):
             "nonfinite": self.nonfinite,
             "storage": self.storage,
             "stat_buffer": self.stat_buffer,
+            "curvature_dtype": str(self.curvature_dtype),
         }
         return fingerprint(self.param_groups, self._collecting, settings)
     def _warn_fallbacks(self, units: list[Unit]) -> None:
@@ -615,7 +635,9 @@ class MBF(torch.optim.Optimizer):
             members = [u for u in bucket.units if id(u) in live_ids]
             if not members:
                 continue
-            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size)
+            # In the units' dtype (float32), not the curvature's (maybe 16-bit).
+            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size,
+                                          dtype=members[0].dtype)
             if len(members) < len(bucket.units):  # blocks without gradients: zero
                 rhs.zero_()
             for u in members:

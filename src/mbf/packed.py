@@ -4,7 +4,8 @@ A ``(B, s, s)`` stack of symmetric blocks holds ``s(s+1)/2`` distinct numbers pe
 only those (a ``(B, s(s+1)/2)`` tensor) nearly halves the memory of the running-average statistics
 and of the inverses. Everything that needs whole blocks (the factorization, the solve) unpacks a
 few thousand blocks at a time into a reused buffer that stays in cache, so the extra memory is a
-fixed workspace, not a second copy of the state.
+fixed workspace, not a second copy of the state. Triangles kept in a 16-bit dtype are widened
+to float32 a chunk at a time (every sum, fold and factorization in float32, rounded once).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from .linalg import FactorReport, damped_inverse
 
-__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size"]
+__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size", "rounding_damping"]
 
 #: Blocks unpacked at once for a solve or a factorization (~1-4 MB of workspace at s = 9-32).
 CHUNK_BLOCKS = 1024
@@ -26,6 +27,28 @@ CHUNK_BLOCKS = 1024
 def packed_size(size: int) -> int:
     """Numbers stored per ``size x size`` symmetric block."""
     return size * (size + 1) // 2
+
+
+def rounding_damping(blocks: Tensor, damping: float | Tensor, error: float) -> Tensor:
+    """``(B,)`` dampings for blocks rounded entry by entry (relative error up to ``error``):
+    ``damping``, raised by ``error`` times the block's largest absolute row sum for the blocks
+    whose Cholesky factorization at ``damping`` fails (in ``blocks``' dtype, float32).
+
+    Rounded statistics differ from the exact ones by a symmetric ``E`` with
+    ``|E_ij| <= error |F_ij|``, whose eigenvalues lie within ``error * max_i sum_j |F_ij|``
+    (Gershgorin): a positive semi-definite block rounded to 16 bits may have negative
+    eigenvalues that large, and with that much more damping it cannot. Low-rank bfloat16 blocks
+    at the default damping fail as often as not (and went through the float64 retries one block
+    at a time); raising every block's damping by the bound made mnist-ae train as slowly as
+    float32 with that damping, so only the blocks that fail get it. A block that is not finite
+    keeps its damping (it is reset and falls back as before)."""
+    given = torch.as_tensor(damping, dtype=blocks.dtype, device=blocks.device)
+    given = given.expand(blocks.shape[0]).clone()
+    trial = blocks.clone()
+    trial.diagonal(dim1=-2, dim2=-1).add_(given.unsqueeze(-1))
+    _, info = torch.linalg.cholesky_ex(trial)
+    shift = blocks.abs().sum(-1).amax(-1).mul_(error).nan_to_num_(nan=0.0, posinf=0.0)
+    return torch.where(info != 0, given + shift, given)
 
 
 class SymmetricPacking:
@@ -59,16 +82,21 @@ class SymmetricPacking:
         return out
 
     def unpack(self, packed: Tensor, out: Tensor | None = None) -> Tensor:
-        """Whole symmetric blocks ``(B, s, s)`` from their packed triangles."""
+        """Whole symmetric blocks ``(B, s, s)`` from their packed triangles (in ``out``'s dtype,
+        when given: 16-bit triangles are widened before they are unpacked)."""
         n = packed.shape[0]
         if out is None:
             out = packed.new_empty(n, self.size, self.size)
+        elif out.dtype != packed.dtype:
+            packed = packed.to(out.dtype)
         torch.index_select(packed, 1, self.full, out=out.view(n, self.size * self.size))
         return out
 
     def trace(self, packed: Tensor) -> Tensor:
-        """Traces ``(B,)`` of packed symmetric blocks."""
-        return packed.index_select(1, self.diagonal).sum(1)
+        """Traces ``(B,)`` of packed symmetric blocks (summed in float32 for 16-bit blocks)."""
+        return packed.index_select(1, self.diagonal).sum(
+            1, dtype=torch.promote_types(packed.dtype, torch.float32)
+        )
 
     def outer(self, vectors: Tensor) -> Tensor:
         """Packed ``v v^T`` for ``(B, s)`` vectors."""
@@ -79,7 +107,12 @@ class SymmetricPacking:
         (so the packed outer products stay in cache)."""
         for lo in range(0, packed.shape[0], CHUNK_BLOCKS):
             hi = min(lo + CHUNK_BLOCKS, packed.shape[0])
-            packed[lo:hi].lerp_(self.outer(vectors[lo:hi]), weight)
+            if packed.dtype == vectors.dtype:
+                packed[lo:hi].lerp_(self.outer(vectors[lo:hi]), weight)
+            else:  # 16-bit statistics: in the vectors' dtype, rounded once
+                packed[lo:hi] = packed[lo:hi].to(vectors.dtype).lerp_(
+                    self.outer(vectors[lo:hi]), weight
+                )
 
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
         """``inverse_b @ rhs_b`` for packed symmetric ``inverse`` and ``(B, s)`` ``rhs``."""
@@ -94,18 +127,25 @@ class SymmetricPacking:
         return out
 
     def invert_into(
-        self, fisher: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
+        self, fisher: Tensor, damping: float | Tensor, out: Tensor, root: int = 1,
+        rounded: float = 0.0,
     ) -> FactorReport:
         """Packed ``(F + damping I)^-1`` (``root=2``: ``^-1/2``) of packed ``fisher`` into
         ``out``; the merged report of :func:`mbf.linalg.damped_inverse` over the chunks.
 
-        ``damping``: one number, or a ``(B,)`` tensor with each block's own."""
+        ``damping``: one number, or a ``(B,)`` tensor with each block's own. ``rounded``: the
+        relative rounding error of 16-bit statistics, which raises the damping of the blocks that
+        need it (:func:`rounding_damping`)."""
         report = FactorReport()
-        work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size)
+        wide = torch.promote_types(fisher.dtype, torch.float32)  # 16-bit: factored in float32
+        work = fisher.new_empty(min(CHUNK_BLOCKS, fisher.shape[0]), self.size, self.size,
+                                dtype=wide)
         inverse = torch.empty_like(work)
 
         def invert_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             part_damping = damping[lo:hi] if isinstance(damping, Tensor) else damping
+            if rounded:
+                part_damping = rounding_damping(blocks, part_damping, rounded)
             _, part = damped_inverse(blocks, part_damping, out=inverse[: hi - lo], root=root)
             out[lo:hi] = self.pack(inverse[: hi - lo])
             report.add(part)

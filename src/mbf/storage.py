@@ -9,21 +9,73 @@ exchange between ranks, which always travels as upper triangles). The curvature 
 - :class:`FullStorage` keeps every block as an ``s x s`` matrix: the fastest.
 - :class:`PackedStorage` keeps the upper triangles (:class:`mbf.packed.SymmetricPacking`), about
   half the memory, and unpacks a few thousand blocks at a time to fold, factor and solve.
+
+Both keep their blocks in the dtype they were allocated in (MBF's ``curvature_dtype``). Blocks
+narrower than the vectors they meet (16-bit blocks, float32 gradients) are widened a chunk of
+:data:`mbf.packed.CHUNK_BLOCKS` at a time: every update and fold runs in the vectors' dtype on
+the chunk and rounds the result once, factorizations run in float32 (:func:`wide_dtype`), and
+the solve reads the 16-bit inverses widened per chunk. Blocks of the vectors' own dtype are
+worked on in place, as they always were.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from . import packed
 from .linalg import FactorReport, damped_inverse, solve_blocks
-from .packed import CHUNK_BLOCKS, SymmetricPacking, packed_size
+from .packed import SymmetricPacking, packed_size, rounding_damping
 from .validation import check_choice
 
-__all__ = ["STORAGES", "FullStorage", "PackedStorage", "Storage", "fold_rows", "storage_named"]
+__all__ = [
+    "STORAGES",
+    "FullStorage",
+    "PackedStorage",
+    "Storage",
+    "fold_rows",
+    "rounding_error",
+    "storage_named",
+    "wide_dtype",
+]
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype stored blocks are worked on in: float32 for 16-bit blocks, else their own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rounding_error(dtype: torch.dtype) -> float:
+    """The largest relative error of one rounding to ``dtype`` (half its epsilon), or 0 for
+    blocks kept in float32 or wider (worked on as they are)."""
+    return 0.0 if wide_dtype(dtype) == dtype else torch.finfo(dtype).eps / 2
+
+
+def _widened(
+    stored: Tensor,
+    body: Callable[[int, int, Tensor], object],
+    *,
+    write_back: bool = True,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """``body(lo, hi, wide)`` on each run of ``mbf.packed.CHUNK_BLOCKS`` stored (16-bit)
+    blocks, copied into a reused workspace ``wide`` of ``dtype`` (default float32); with
+    ``write_back`` the changed ``wide`` is rounded back into ``stored[lo:hi]``, once. Never
+    called for no blocks (a rank may own none of a bucket)."""
+    work = stored.new_empty(
+        (min(packed.CHUNK_BLOCKS, stored.shape[0]), *stored.shape[1:]),
+        dtype=dtype or wide_dtype(stored.dtype),
+    )
+    for lo in range(0, stored.shape[0], max(1, work.shape[0])):
+        hi = min(lo + work.shape[0], stored.shape[0])
+        wide = work[: hi - lo].copy_(stored[lo:hi])
+        body(lo, hi, wide)
+        if write_back:
+            stored[lo:hi].copy_(wide)
 
 
 def fold_rows(fisher: Tensor, rows: Tensor, weights: list[float]) -> None:
@@ -115,6 +167,25 @@ class Storage(ABC):
     def from_triangles(self, triangles: Tensor, size: int, out: Tensor) -> None:
         """Write ``(B, s(s+1)/2)`` upper triangles into ``out`` (this storage's form)."""
 
+    def check_dtype(self, dtype: torch.dtype, device: torch.device, work: torch.dtype) -> None:
+        """Refuse, naming MBF's ``curvature_dtype``, blocks of ``dtype`` on ``device`` that this
+        storage cannot update, factor and solve with ``work``-dtype vectors (an operation
+        missing for that dtype on that device): tried on two small blocks."""
+        if dtype == work:
+            return
+        try:
+            stored, inverse = (self.allocate(2, 2, dtype, device) for _ in range(2))
+            vectors = torch.ones(2, 2, dtype=work, device=device)
+            self.add_outer_(stored, vectors, 0.5)
+            self.fold_(stored, vectors.unsqueeze(1).clone(), [0.5])
+            self.factor(stored, 1.0, out=inverse)
+            self.solve(inverse, vectors)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            raise ValueError(
+                f"MBF: curvature_dtype={dtype} cannot be used on {device} with {self.name} "
+                f"storage ({type(exc).__name__}: {exc}); choose another curvature_dtype"
+            ) from exc
+
     def convert(self, saved: Tensor, size: int) -> Tensor:
         """Saved blocks of either storage (``(B, s, s)`` whole, ``(B, s(s+1)/2)`` packed) in
         this one's form, so checkpoints load across storages; a tensor of another block size is
@@ -142,6 +213,10 @@ class FullStorage(Storage):
         return (size, size)
 
     def add_outer_(self, stored: Tensor, vectors: Tensor, weight: float) -> None:
+        if stored.dtype != vectors.dtype:
+            _widened(stored, lambda lo, hi, wide: self.add_outer_(wide, vectors[lo:hi], weight),
+                     dtype=vectors.dtype)
+            return
         # Fused so that no (B, s, s) temporary is made (unsqueeze(1) rather than a transposed
         # view: CPU bmm is ~2.4x faster on it).
         stored.baddbmm_(
@@ -149,24 +224,57 @@ class FullStorage(Storage):
         )
 
     def lerp_(self, stored: Tensor, blocks: Tensor, weight: float) -> None:
+        if stored.dtype != blocks.dtype:
+            _widened(stored, lambda lo, hi, wide: wide.lerp_(blocks[lo:hi], weight),
+                     dtype=blocks.dtype)
+            return
         stored.lerp_(blocks, weight)
 
     def fold_(self, stored: Tensor, rows: Tensor, weights: list[float]) -> None:
+        if stored.dtype != rows.dtype:
+            _widened(stored, lambda lo, hi, wide: fold_rows(wide, rows[lo:hi], weights),
+                     dtype=rows.dtype)
+            return
         fold_rows(stored, rows, weights)
 
     def trace(self, stored: Tensor) -> Tensor:
-        return stored.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return stored.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=wide_dtype(stored.dtype))
 
     def factor(
         self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
     ) -> FactorReport:
-        _, report = damped_inverse(stored, damping, out=out, root=root)
+        if stored.dtype == wide_dtype(stored.dtype):
+            _, report = damped_inverse(stored, damping, out=out, root=root)
+        else:  # float32 statistics and inverses of a chunk at a time, each rounded once
+            report = FactorReport()
+            inverse = stored.new_empty(
+                (min(packed.CHUNK_BLOCKS, stored.shape[0]), *stored.shape[1:]), dtype=torch.float32
+            )
+
+            error = rounding_error(stored.dtype)
+
+            def invert_chunk(lo: int, hi: int, wide: Tensor) -> None:
+                part = damping[lo:hi] if isinstance(damping, Tensor) else damping
+                part = rounding_damping(wide, part, error)
+                _, chunk = damped_inverse(wide, part, out=inverse[: hi - lo], root=root)
+                out[lo:hi].copy_(inverse[: hi - lo])
+                report.add(chunk)
+
+            _widened(stored, invert_chunk, write_back=False)
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report
 
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
-        return solve_blocks(inverse, rhs)
+        if inverse.dtype == rhs.dtype:
+            return solve_blocks(inverse, rhs)
+        out = torch.empty_like(rhs)
+
+        def solve_chunk(lo: int, hi: int, wide: Tensor) -> None:
+            torch.bmm(rhs[lo:hi].unsqueeze(1), wide, out=out[lo:hi].unsqueeze(1))
+
+        _widened(inverse, solve_chunk, write_back=False, dtype=rhs.dtype)
+        return out
 
     def to_blocks(self, stored: Tensor, size: int) -> Tensor:
         return stored
@@ -200,12 +308,19 @@ class PackedStorage(Storage):
         self._packing(stored).lerp_outer_(stored, vectors, weight)
 
     def lerp_(self, stored: Tensor, blocks: Tensor, weight: float) -> None:
-        stored.lerp_(self._packing(stored).pack(blocks), weight)
+        packing = self._packing(stored)
+        if stored.dtype != blocks.dtype:
+            _widened(stored, lambda lo, hi, wide: wide.lerp_(packing.pack(blocks[lo:hi]), weight),
+                     dtype=blocks.dtype)
+            return
+        stored.lerp_(packing.pack(blocks), weight)
 
     def fold_(self, stored: Tensor, rows: Tensor, weights: list[float]) -> None:
-        # Whole blocks a chunk at a time: the same products as full storage, so the same bits.
+        # Whole blocks a chunk at a time: the same products as full storage, so the same bits
+        # (in float32 for 16-bit statistics, rounded once per chunk).
         packing = self._packing(stored)
-        work = stored.new_empty(min(CHUNK_BLOCKS, stored.shape[0]), packing.size, packing.size)
+        work = stored.new_empty(min(packed.CHUNK_BLOCKS, stored.shape[0]), packing.size,
+                                packing.size, dtype=rows.dtype)
         for lo in range(0, stored.shape[0], max(1, work.shape[0])):  # none: a rank may own none
             hi = min(lo + work.shape[0], stored.shape[0])
             blocks = packing.unpack(stored[lo:hi], out=work[: hi - lo])
@@ -218,7 +333,8 @@ class PackedStorage(Storage):
     def factor(
         self, stored: Tensor, damping: float | Tensor, out: Tensor, root: int = 1
     ) -> FactorReport:
-        report = self._packing(stored).invert_into(stored, damping, out=out, root=root)
+        report = self._packing(stored).invert_into(stored, damping, out=out, root=root,
+                                                    rounded=rounding_error(stored.dtype))
         if report.nonfinite:
             _zero_nonfinite(stored)
         return report

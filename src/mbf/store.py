@@ -120,9 +120,18 @@ def early_refresh_due(updates: int, group: dict[str, Any]) -> bool:
 class CurvatureStore:
     """Units, buckets and counters; fold, factor and solve over this rank's blocks."""
 
-    def __init__(self, storage: Storage, stat_buffer: int, diag: Diagnostics) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        stat_buffer: int,
+        diag: Diagnostics,
+        curvature_dtype: torch.dtype | None = None,
+    ) -> None:
         self.storage = storage
         self.stat_buffer = stat_buffer
+        # The dtype of statistics and inverses (MBF's ``curvature_dtype``); ``None``: each
+        # unit's own (its parameters' dtype, at least float32), like momentum.
+        self.curvature_dtype = curvature_dtype
         self.diag = diag
         self.units: list[Unit] = []
         self.buckets: list[Bucket] = []
@@ -156,12 +165,15 @@ class CurvatureStore:
                 unit.own = span(unit, *ranges[rank])
                 offset += unit.layout.num_blocks
         self._check_budget(units, max_bytes)
+        for members in members_of:
+            self.storage.check_dtype(self.dtype_of(members[0]), members[0].device,
+                                     members[0].dtype)
         buckets = []
         for members, ranges in zip(members_of, ranges_of, strict=True):
             first = members[0]
             lo, hi = ranges[rank]
-            fisher = self.storage.allocate(hi - lo, first.layout.block_size, first.dtype,
-                                           first.device)
+            fisher = self.storage.allocate(hi - lo, first.layout.block_size,
+                                           self.dtype_of(first), first.device)
             bucket = Bucket(first.group, first.layout.block_size, members, ranges, rank, fisher,
                             torch.zeros_like(fisher))
             for unit in members:
@@ -219,7 +231,8 @@ class CurvatureStore:
         unit.inverse_scale = float(saved.inverse_scale)
         unit.queue, unit.queue_weights = None, []
         if queued is not None and weights:
-            unit.queue = unit.fisher.new_empty(b - a, unit.queue_capacity, size)
+            unit.queue = unit.fisher.new_empty(b - a, unit.queue_capacity, size,
+                                               dtype=unit.dtype)
             unit.queue[:, : len(weights)].copy_(queued)
             unit.queue_weights = weights
 
@@ -235,12 +248,16 @@ class CurvatureStore:
                 unit.fisher, unit.inverse = fisher[view], inverse[view]
             bucket.fisher, bucket.inverse = fisher, inverse
 
+    def dtype_of(self, unit: Unit) -> torch.dtype:
+        """The dtype of the unit's statistics and inverses."""
+        return self.curvature_dtype or unit.dtype
+
     def unit_bytes(self, unit: Unit) -> dict[str, int]:
         """This rank's bytes of the unit's statistics, inverses, queue and momentum."""
         item = torch.empty((), dtype=unit.dtype).element_size()
         owned = unit.own[1] - unit.own[0]
         size = unit.layout.block_size
-        block = self.storage.block_bytes(size, item)
+        block = self.storage.block_bytes(size, self.dtype_of(unit).itemsize)
         return {
             "statistics": owned * block,
             "inverse": owned * block,

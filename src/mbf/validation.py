@@ -18,12 +18,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CURVATURE_DTYPES",
     "ESTIMATORS",
     "GRAFTS",
     "INVERSE_ROOTS",
     "NONFINITE_POLICIES",
     "REDUCTIONS",
     "check_choice",
+    "check_curvature_dtype",
     "check_group",
     "check_params",
     "format_bytes",
@@ -38,12 +40,42 @@ INVERSE_ROOTS = (1, 2)
 ESTIMATORS = ("batch", "per_example")
 REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("skip", "raise")
+#: MBF's ``curvature_dtype`` choices (``None``: the parameters' dtype, at least float32).
+CURVATURE_DTYPES = (None, torch.float32, torch.bfloat16)
+#: Why ``torch.float16`` is refused (``docs/decisions.md``, 16-bit curvature).
+_FLOAT16_REFUSED = (
+    "torch.float16 would need a scale per block: squared gradients underflow its range (smallest "
+    "normal 6.1e-5) and the inverses of small blocks overflow it (largest 65504); use "
+    "torch.bfloat16 (float32's range)"
+)
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """A ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"MBF: {name} must be one of {choices}, got {value!r}")
+
+
+def check_curvature_dtype(value: Any) -> torch.dtype | None:
+    """MBF's ``curvature_dtype`` as a ``torch.dtype`` (or ``None``); a name such as
+    ``"bfloat16"`` is accepted for configuration files. Anything else is refused, naming the
+    option: a ``TypeError`` for a value that is not a dtype, a ``ValueError`` for another one."""
+    if isinstance(value, str):
+        named = getattr(torch, value.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(
+                f"MBF: curvature_dtype must be one of {CURVATURE_DTYPES}, got {value!r}"
+            )
+        value = named
+    if value is not None and not isinstance(value, torch.dtype):
+        raise TypeError(
+            f"MBF: curvature_dtype must be a torch.dtype or None, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if value is torch.float16:
+        raise ValueError(f"MBF: curvature_dtype={value} is not supported: {_FLOAT16_REFUSED}")
+    check_choice("curvature_dtype", value, CURVATURE_DTYPES)
+    return value
 
 
 def _real(name: str, value: Any) -> float:

@@ -138,7 +138,9 @@ def _tnt(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
 _MBF_SIGNATURE = inspect.signature(mbf.MBF).parameters
 _MBF_DEFAULT_ESTIMATOR: str = _MBF_SIGNATURE["estimator"].default
 # Constructor options of MBF that a run may override (`--set stat_buffer=8`), at MBF's defaults.
-_MBF_OPTIONS = {k: _MBF_SIGNATURE[k].default for k in ("stat_buffer", "storage")}
+_MBF_OPTIONS = {
+    k: _MBF_SIGNATURE[k].default for k in ("stat_buffer", "storage", "curvature_dtype")
+}
 
 # The schedule shared by the second-order methods (framework defaults; per task in TASK_DEFAULTS).
 _CURVATURE = {"momentum": 0.9, "stat_decay": 0.9, "stat_every": 1, "inv_every": 20}
@@ -205,6 +207,33 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 "estimator": _MBF_DEFAULT_ESTIMATOR,
                 **_MBF_OPTIONS,
                 "storage": "packed",
+            },
+            _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
+            "mbf-bf16",
+            "mini-block Fisher with curvature_dtype='bfloat16' (statistics and inverses in 16 "
+            "bits)",
+            {
+                **mbf.DEFAULTS,
+                "estimator": _MBF_DEFAULT_ESTIMATOR,
+                **_MBF_OPTIONS,
+                "curvature_dtype": "bfloat16",
+            },
+            _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
+            "mbf-packed-bf16",
+            "mini-block Fisher with storage='packed' and curvature_dtype='bfloat16' (the least "
+            "state)",
+            {
+                **mbf.DEFAULTS,
+                "estimator": _MBF_DEFAULT_ESTIMATOR,
+                **_MBF_OPTIONS,
+                "storage": "packed",
+                "curvature_dtype": "bfloat16",
             },
             _mbf(None),
             needs_model=True,
@@ -308,8 +337,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 _SCHED_AE = {"stat_every": 1, "inv_every": 20}
 _SCHED_CNN = {"stat_every": 10, "inv_every": 100}
 _SECOND_ORDER = (
-    "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-sgd", "mbf-paper", "kfac",
-    "shampoo-ours", "tnt",
+    "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-bf16", "mbf-packed-bf16", "mbf-sgd",
+    "mbf-paper", "kfac", "shampoo-ours", "tnt",
 )
 
 #: Per task family, per optimizer: overrides of the spec defaults. The searched values (lr,
@@ -332,6 +361,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "mbf-batch": _MBF_AE,
         "mbf-per_example": _MBF_AE,  # not tuned itself: the batch estimator's selection
         "mbf-packed": _MBF_AE,
+        "mbf-bf16": _MBF_AE,  # not tuned itself: the float32 curvature's selection
+        "mbf-packed-bf16": _MBF_AE,
         "mbf-sgd": {**_SCHED_AE},  # not in the protocol for this family
         "mbf-paper": {**_SCHED_AE, "lr": 6.27e-3, "damping": 0.763},
         "kfac": {**_SCHED_AE, "lr": 0.788, "damping": 518.0},
@@ -346,6 +377,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "mbf-batch": _MBF_CNN,
         "mbf-per_example": _MBF_CNN,  # not tuned itself: the batch estimator's selection
         "mbf-packed": _MBF_CNN,
+        "mbf-bf16": _MBF_CNN,  # not tuned itself: the float32 curvature's selection
+        "mbf-packed-bf16": _MBF_CNN,
         "mbf-sgd": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 0.149, "damping": 9.85e-3},
         "mbf-paper": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 1.12e-3, "damping": 3.54e-2},
         "kfac": {**_SCHED_CNN, "weight_decay": 5e-4, "lr": 0.249, "damping": 6.69e-2},
@@ -360,6 +393,8 @@ TASK_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "mbf": _MBF_GCN,
         "mbf-batch": _MBF_GCN,
         "mbf-packed": _MBF_GCN,
+        "mbf-bf16": _MBF_GCN,  # not tuned itself: the float32 curvature's selection
+        "mbf-packed-bf16": _MBF_GCN,
         "mbf-sgd": {**_SCHED_AE, "lr": 0.353, "damping": 4.57e-4},
         "mbf-paper": {**_SCHED_AE, "lr": 3.53e-2, "damping": 4.57e-3},
         "kfac": {**_SCHED_AE, "lr": 0.249, "damping": 6.69e-2},

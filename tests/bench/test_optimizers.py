@@ -530,7 +530,8 @@ def test_mbf_estimators_are_selectable() -> None:
 _CHOICES = {"estimator": ("batch", "per_example"), "storage": ("full", "packed"),
             "loss_reduction": ("mean", "sum"), "accumulate": ACCUMULATE,
             "conv_reshape": CONV_RESHAPES, "graft": ("adam", "sgd", None),
-            "memory_save_mode": (None, "one_diag")}
+            "memory_save_mode": (None, "one_diag"),
+            "curvature_dtype": (None, torch.float32, torch.bfloat16)}
 _ALIASES = {"beta1": ("betas", 0), "beta2": ("betas", 1)}  # torch's Adam keeps a pair
 # Muon's AdamW settings live in its AdamW group under the plain names.
 _MUON_ADAMW = {"adamw_lr": ("lr", None), "adamw_beta1": ("betas", 0),
