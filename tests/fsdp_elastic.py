@@ -54,6 +54,22 @@ def save(out: Path, step: int, model: nn.Module, opt: MBF, rank: int, kill: str)
     dist.barrier()
 
 
+def _init_group(timeout: datetime.timedelta) -> None:
+    """The gloo group, on keys of this attempt only.
+
+    torchrun's agent store outlives a restart, so a restarted rank could read the address its
+    peer published in the attempt before, connect to a dead socket and wait for ever (seen: both
+    ranks of a restarted job stuck in gloo's connectFullMesh). A prefix per restart keeps every
+    attempt's rendezvous to itself.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     args = sys.argv[2:]
@@ -61,7 +77,7 @@ def main() -> None:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     kill = args[0] if args and start_from is None and first_attempt else ""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    _init_group(datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     model = F.make_model("mlp")
     saved = complete(out) if start_from is None else [start_from]
