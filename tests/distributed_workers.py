@@ -308,7 +308,20 @@ SCENARIOS: dict[str, Callable[..., dict]] = {
 
 
 def main(scenarios: list[tuple[str, dict]], rank: int, world: int, port: int, outdir: str) -> None:
-    """One spawned rank: join the group, run the scenarios in turn, save each one's result.
+    """One spawned rank of this module's scenarios (:func:`run_scenarios`)."""
+    run_scenarios(SCENARIOS, scenarios, rank, world, port, outdir)
+
+
+def run_scenarios(
+    table: dict[str, Callable[..., dict]],
+    scenarios: list[tuple[str, dict]],
+    rank: int,
+    world: int,
+    port: int,
+    outdir: str,
+) -> None:
+    """One spawned rank: join the group, run the scenarios of ``table`` in turn, save each one's
+    result.
 
     Results go to ``outdir/rank{r}_{scenario}.pt`` as soon as a scenario ends (a scenario that
     kills its rank must come last), the traceback instead when it raises.
@@ -322,7 +335,7 @@ def main(scenarios: list[tuple[str, dict]], rank: int, world: int, port: int, ou
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         for name, kw in scenarios:
-            result = SCENARIOS[name](rank, world, path, **kw)
+            result = table[name](rank, world, path, **kw)
             torch.save(result, path / f"rank{rank}_{name}.pt")
     except BaseException:
         torch.save({"error": traceback.format_exc()}, path / f"rank{rank}_{name}.pt")

@@ -8,17 +8,13 @@ on 2 ranks are 3 + 2, on 4 ranks 2 + 2 + 1 + 0 (the last rank holds none).
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from distributed_workers import run_scenarios
 from mbf import MBF
 
 GLOBAL_BATCH = 12  # divisible by 2, 3 and 4
@@ -226,19 +222,5 @@ SCENARIOS = {"train": scenario_train, "resume": scenario_resume, "refusals": sce
 
 
 def main(scenarios: list[tuple[str, dict]], rank: int, world: int, port: int, outdir: str) -> None:
-    """One spawned rank: join the group, run the scenarios, save each one's result (or its
-    traceback) to ``outdir/rank{r}_{scenario}.pt``."""
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="MBF: per-example statistics serve")
-    path = Path(outdir)
-    name = "setup"
-    try:
-        timeout = datetime.timedelta(seconds=30)
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-        for name, kw in scenarios:
-            result = SCENARIOS[name](rank, world, path, **kw)
-            torch.save(result, path / f"rank{rank}_{name}.pt")
-    except BaseException:
-        torch.save({"error": traceback.format_exc()}, path / f"rank{rank}_{name}.pt")
-    os._exit(0)
+    """One spawned rank of the FSDP2 scenarios (``distributed_workers.run_scenarios``)."""
+    run_scenarios(SCENARIOS, scenarios, rank, world, port, outdir)
