@@ -30,6 +30,7 @@ __all__ = [
     "build_shampoo",
     "build_soap",
     "muon_split",
+    "trainable",
 ]
 
 #: The optional extra of ``mbf-optim`` that installs the baseline libraries.
@@ -52,7 +53,8 @@ def _library(module: str, distribution: str, optimizer: str) -> ModuleType:
         ) from None
 
 
-def _params(model: nn.Module) -> list[nn.Parameter]:
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that require gradients; an error if there are none."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("build_optimizer: the model has no trainable parameters")
@@ -64,7 +66,7 @@ def build_soap(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     po = _library("pytorch_optimizer", "pytorch-optimizer", "soap")
     kw = dict(hp)
     betas = (kw.pop("beta1"), kw.pop("beta2"))
-    return po.SOAP(_params(model), betas=betas, **kw)
+    return po.SOAP(trainable(model), betas=betas, **kw)
 
 
 def build_psgd_kron(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
@@ -76,13 +78,13 @@ def build_psgd_kron(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimiz
     """
     po = _library("pytorch_optimizer", "pytorch-optimizer", "psgd-kron")
     _library("opt_einsum", "opt-einsum", "psgd-kron")
-    return po.Kron(_params(model), **hp)
+    return po.Kron(trainable(model), **hp)
 
 
 def build_shampoo(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     """``pytorch_optimizer.Shampoo`` (Gupta, Koren & Singer 2018), the library's plain form."""
     po = _library("pytorch_optimizer", "pytorch-optimizer", "shampoo")
-    return po.Shampoo(_params(model), **hp)
+    return po.Shampoo(trainable(model), **hp)
 
 
 def build_schedulefree_adamw(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
@@ -96,7 +98,7 @@ def build_schedulefree_adamw(model: nn.Module, hp: dict[str, Any]) -> torch.opti
     sf = _library("schedulefree", "schedulefree", "schedulefree-adamw")
     kw = dict(hp)
     betas = (kw.pop("beta1"), kw.pop("beta2"))
-    opt: torch.optim.Optimizer = sf.AdamWScheduleFree(_params(model), betas=betas, **kw)
+    opt: torch.optim.Optimizer = sf.AdamWScheduleFree(trainable(model), betas=betas, **kw)
     opt.train()  # type: ignore[attr-defined]
     return opt
 
@@ -112,12 +114,12 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     Everything else (biases, norm gains, embeddings, input layer, head) is ``other``. A model
     with fewer than three such layers has no hidden matrix, and Muon is then AdamW.
     """
-    params = _params(model)
-    trainable = {id(p) for p in params}
+    params = trainable(model)
+    wanted = {id(p) for p in params}
 
     def matrices(module: nn.Module) -> set[int]:
         return {id(p) for p in module.parameters(recurse=False)
-                if p.ndim >= 2 and id(p) in trainable}
+                if p.ndim >= 2 and id(p) in wanted}
 
     layers = [m for m in model.modules() if matrices(m)]
     hidden_ids = set().union(*(matrices(m) for m in layers))

@@ -81,16 +81,9 @@ def display_name(name: str) -> str:
     return f"{name} {NOT_VALIDATED}" if spec is not None and not spec.validated else name
 
 
-def _trainable(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("build_optimizer: the model has no trainable parameters")
-    return params
-
-
 def _sgdm(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.SGD(
-        _trainable(model),
+        baselines.trainable(model),
         lr=hp["lr"],
         momentum=hp["momentum"],
         weight_decay=hp["weight_decay"],
@@ -103,7 +96,7 @@ def _adam_like(
 ) -> Callable[[nn.Module, dict[str, Any]], torch.optim.Optimizer]:
     def build(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
         return cls(  # type: ignore[call-arg]
-            _trainable(model),
+            baselines.trainable(model),
             lr=hp["lr"],
             betas=(hp["beta1"], hp["beta2"]),
             eps=hp["eps"],
@@ -128,11 +121,11 @@ def _kfac(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
 
 
 def _shampoo(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
-    return Shampoo(_trainable(model), **hp)
+    return Shampoo(baselines.trainable(model), **hp)
 
 
 def _tnt(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
-    return TNT(_trainable(model), **hp)
+    return TNT(baselines.trainable(model), **hp)
 
 
 _MBF_SIGNATURE = inspect.signature(mbf.MBF).parameters
