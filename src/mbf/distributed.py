@@ -324,35 +324,10 @@ class ShardedEngine(LocalEngine):
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].device)
             spans = [[span(u, *ranges[id(u)][r]) for u in members] for r in range(self.world_size)]
-            tri = [packed_size(u.layout.block_size) for u in members]
-            sizes = [sum((b - a) * t for (a, b), t in zip(sp, tri, strict=True)) for sp in spans]
-            chunk = max(sizes) + len(members)  # padded to one size; counts at the end
-            chunks = self._buffer("scatter", dtype, device, self.world_size * chunk)
-            chunks = chunks.view(self.world_size, chunk)
-            counts = torch.tensor([float(u.pending_count) for u in members], dtype=dtype)
-            for r in range(self.world_size):
-                offset = 0
-                for u, (a, b), t in zip(members, spans[r], tri, strict=True):
-                    part = chunks[r, offset : offset + (b - a) * t]
-                    offset += part.numel()
-                    if u.pending is None:
-                        part.zero_()
-                        continue
-                    packing = SymmetricPacking.of(u.layout.block_size, u.pending.device)
-                    if u.pending.device == device:
-                        packing.pack(u.pending[a:b], out=part)
-                    else:
-                        part.copy_(packing.pack(u.pending[a:b]).reshape(-1))
-                chunks[r, offset : chunk - len(members)] = 0.0
-                chunks[r, chunk - len(members) :] = counts
-            mine = self._reduce_scatter("statistics", "sum of per-example statistics", chunks)
-            totals = mine[chunk - len(members) :].tolist()
-            offset = 0
-            for u, (a, b), t, total in zip(members, spans[self.rank], tri, totals, strict=True):
-                part = mine[offset : offset + (b - a) * t].view(b - a, t)
-                offset += part.numel()
-                u.pending_count = int(round(total))
-                if u.pending_count == 0:
+            summed = self.sum_statistics(members, spans, dtype, device)
+            for u, (a, b), (part, total) in zip(members, spans[self.rank], summed, strict=True):
+                u.pending_count = total
+                if total == 0:
                     u.clear_pending()
                     continue
                 packing = SymmetricPacking.of(u.layout.block_size, device)
@@ -360,6 +335,50 @@ class ShardedEngine(LocalEngine):
                     u.pending = packing.unpack(part, out=u.pending[a:b])  # in place
                 else:
                     u.pending = packing.unpack(part).to(u.device)
+
+    def sum_statistics(
+        self, sources: list[Unit], spans: list[list[tuple[int, int]]], dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[tuple[Tensor, int]]:
+        """Sum the ``sources``' per-example statistics over the ranks, rank ``r`` receiving the
+        sums of blocks ``spans[r][i]`` of source ``i``: one reduce-scatter of upper triangles.
+
+        Every chunk (one per rank, padded to one size) ends with the sources' example counts,
+        so every rank learns the global counts. Returns, per source, this rank's summed
+        triangles (``(blocks, triangle)``, a view of the received buffer: unpack before the
+        next call) and the global count. A source with nothing pending sends zeros. Shared by
+        data-parallel ranks (spans: the blocks each rank owns) and FSDP2 ranks (spans: the
+        blocks of each rank's rows).
+        """
+        tri = [packed_size(u.layout.block_size) for u in sources]
+        sizes = [sum((b - a) * t for (a, b), t in zip(sp, tri, strict=True)) for sp in spans]
+        chunk = max(sizes) + len(sources)  # padded to one size; counts at the end
+        chunks = self._buffer("scatter", dtype, device, self.world_size * chunk)
+        chunks = chunks.view(self.world_size, chunk)
+        counts = torch.tensor([float(u.pending_count) for u in sources], dtype=dtype)
+        for r in range(self.world_size):
+            offset = 0
+            for u, (a, b), t in zip(sources, spans[r], tri, strict=True):
+                part = chunks[r, offset : offset + (b - a) * t]
+                offset += part.numel()
+                if u.pending is None:
+                    part.zero_()
+                    continue
+                packing = SymmetricPacking.of(u.layout.block_size, u.pending.device)
+                if u.pending.device == device:
+                    packing.pack(u.pending[a:b], out=part)
+                else:
+                    part.copy_(packing.pack(u.pending[a:b]).reshape(-1))
+            chunks[r, offset : chunk - len(sources)] = 0.0
+            chunks[r, chunk - len(sources) :] = counts
+        mine = self._reduce_scatter("statistics", "sum of per-example statistics", chunks)
+        totals = mine[chunk - len(sources) :].tolist()
+        out: list[tuple[Tensor, int]] = []
+        offset = 0
+        for (a, b), t, total in zip(spans[self.rank], tri, totals, strict=True):
+            out.append((mine[offset : offset + (b - a) * t].view(b - a, t), int(round(total))))
+            offset += (b - a) * t
+        return out
 
     # -------------------------------------------------------------- factor, solve, share
     def count(self, store: CurvatureStore, report: FactorReport, factorizations: int) -> None:

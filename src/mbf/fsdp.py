@@ -48,7 +48,7 @@ from .blocks import BlockLayout, row_layout
 from .distributed import ShardedEngine, _comm_device
 from .engine import LocalEngine, Whole, Work
 from .linalg import FactorReport
-from .packed import SymmetricPacking, packed_size
+from .packed import SymmetricPacking
 from .store import CurvatureStore
 from .units import Unit
 
@@ -365,35 +365,11 @@ class FSDPEngine(ShardedEngine):
                 by_dtype.setdefault(s.whole.dtype, []).append(s)
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].whole.device)
-            tri = [packed_size(s.whole.layout.block_size) for s in members]
             spans = [[s.blocks_of(r, self.world_size) for s in members]
                      for r in range(self.world_size)]
-            sizes = [sum((b - a) * t for (a, b), t in zip(sp, tri, strict=True)) for sp in spans]
-            chunk = max(sizes) + len(members)
-            chunks = self._buffer("scatter", dtype, device, self.world_size * chunk)
-            chunks = chunks.view(self.world_size, chunk)
-            counts = torch.tensor([float(s.whole.pending_count) for s in members], dtype=dtype)
-            for r in range(self.world_size):
-                offset = 0
-                for s, (a, b), t in zip(members, spans[r], tri, strict=True):
-                    part = chunks[r, offset : offset + (b - a) * t]
-                    offset += part.numel()
-                    pending = s.whole.pending
-                    if pending is None:
-                        part.zero_()
-                        continue
-                    packing = SymmetricPacking.of(s.whole.layout.block_size, pending.device)
-                    part.copy_(packing.pack(pending[a:b]).reshape(-1))
-                chunks[r, offset : chunk - len(members)] = 0.0
-                chunks[r, chunk - len(members) :] = counts
-            mine = self._reduce_scatter("statistics", "sum of per-example statistics", chunks)
-            totals = mine[chunk - len(members) :].tolist()
-            offset = 0
-            for s, (a, b), t, total in zip(members, spans[self.rank], tri, totals, strict=True):
-                part = mine[offset : offset + (b - a) * t].view(b - a, t)
-                offset += part.numel()
+            summed = self.sum_statistics([s.whole for s in members], spans, dtype, device)
+            for s, (part, count) in zip(members, summed, strict=True):
                 s.whole.clear_pending()
-                count = int(round(total))
                 if count:
                     s.whole.stat_updates += 1  # the whole unit's schedule (MBF._schedule)
                 if s.local is None:
