@@ -27,6 +27,7 @@ __all__ = [
     "build_muon",
     "build_psgd_kron",
     "build_schedulefree_adamw",
+    "build_schedulefree_mbf",
     "build_shampoo",
     "build_soap",
     "muon_split",
@@ -101,6 +102,54 @@ def build_schedulefree_adamw(model: nn.Module, hp: dict[str, Any]) -> torch.opti
     opt: torch.optim.Optimizer = sf.AdamWScheduleFree(trainable(model), betas=betas, **kw)
     opt.train()  # type: ignore[attr-defined]
     return opt
+
+
+def build_schedulefree_mbf(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """MBF's direction inside Defazio et al.'s schedule-free averaging and interpolation
+    (``schedulefree.ScheduleFreeWrapper`` around :class:`mbf.MBF`), in training mode.
+
+    The wrapper keeps the base sequence ``z`` (stepped by MBF's direction, taken at the
+    interpolated point ``y`` where the loop computes gradients and MBF's hooks read the
+    statistics) and the average ``x`` (what ``eval()`` puts in the model). Its interpolation
+    ``sf_momentum`` takes the place of MBF's momentum, so ``momentum`` defaults to 0 here, as the
+    library advises for a wrapped optimizer; no learning-rate schedule, as for Schedule-Free
+    AdamW. ``sf_momentum``, ``weight_lr_power`` and ``r`` are the wrapper's; everything else
+    is MBF's. MBF's methods the wrapper lacks (``diagnostics``, ``consolidate_state_dict``,
+    ``sharded_state_dict``) are reached through it.
+    """
+    sf = _library("schedulefree", "schedulefree", "schedulefree-mbf")
+    import mbf  # the library itself: no extra needed
+
+    kw = dict(hp)
+    outer = {"momentum": kw.pop("sf_momentum"), "weight_lr_power": kw.pop("weight_lr_power"),
+             "r": kw.pop("r")}
+    if not 0.0 < outer["momentum"] < 1.0:  # the wrapper divides by it in eval()
+        raise ValueError(f"schedulefree-mbf: sf_momentum must be in (0, 1), got "
+                         f"{outer['momentum']}")
+    opt = _schedule_free_class(sf)(mbf.MBF(model, **kw), **outer)
+    opt.train()
+    return opt
+
+
+_WRAPPER_CLASSES: dict[int, type] = {}
+
+
+def _schedule_free_class(sf: ModuleType) -> type:
+    """``sf.ScheduleFreeWrapper`` with attribute lookups that miss passed on to the wrapped
+    optimizer (made once, when the library is first asked for)."""
+    cls = _WRAPPER_CLASSES.get(id(sf))
+    if cls is None:
+        base = sf.ScheduleFreeWrapper
+
+        def __getattr__(self: Any, name: str) -> Any:
+            if name == "base":  # not set yet (copy, unpickling): no recursion through it
+                raise AttributeError(name)
+            return getattr(self.base, name)
+
+        cls = type("ScheduleFreeMBF", (base,), {"__getattr__": __getattr__,
+                                                "__doc__": build_schedulefree_mbf.__doc__})
+        _WRAPPER_CLASSES[id(sf)] = cls
+    return cls
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

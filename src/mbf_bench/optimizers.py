@@ -288,6 +288,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             needs_model=False,
         ),
         OptimizerSpec(
+            "schedulefree-mbf",
+            "MBF's direction in schedule-free averaging (schedulefree.ScheduleFreeWrapper around "
+            "mbf.MBF; no learning-rate schedule)",
+            {**mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS,
+             "momentum": 0.0, "sf_momentum": 0.9, "weight_lr_power": 2.0, "r": 0.0},
+            baselines.build_schedulefree_mbf,
+            needs_model=True,
+        ),
+        OptimizerSpec(
             "soap",
             "SOAP: Adam in Shampoo's eigenbasis (pytorch_optimizer.SOAP)",
             {"lr": 3e-3, "beta1": 0.95, "beta2": 0.95, "shampoo_beta": None, "eps": 1e-8,

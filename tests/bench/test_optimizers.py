@@ -427,7 +427,7 @@ def test_kronecker_skips_modes_over_max_precond_dim() -> None:
 @pytest.mark.parametrize(
     "name",
     ["kfac", "shampoo-ours", "tnt", "adamw", "schedulefree-adamw", "soap", "psgd-kron", "muon",
-     "shampoo"],
+     "shampoo", "schedulefree-mbf"],
 )
 def test_state_dict_round_trip_continues_identically(name: str) -> None:
     """A state dict saved as the run's checkpoint is (``weights_only``) and loaded into a fresh
@@ -563,6 +563,8 @@ def _setting(opt: torch.optim.Optimizer, key: str) -> Any:
     if key in _ALIASES:
         field, index = _ALIASES[key]
         return group[field][index]
+    if key == "sf_momentum":  # schedulefree-mbf: the wrapper's interpolation
+        return opt.momentum  # type: ignore[attr-defined]
     # a param-group setting, or an optimizer-wide one (estimator, storage, ...)
     return group[key] if key in group else getattr(opt, key, "<absent>")
 
@@ -777,7 +779,8 @@ def test_a_missing_library_names_the_extra_that_installs_it(
 
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     users = {"pytorch_optimizer": ["soap", "psgd-kron", "muon", "shampoo"],
-             "schedulefree": ["schedulefree-adamw"], "opt_einsum": ["psgd-kron"]}[module]
+             "schedulefree": ["schedulefree-adamw", "schedulefree-mbf"],
+             "opt_einsum": ["psgd-kron"]}[module]
     for name in users:
         with pytest.raises(MissingBaselineLibrary, match=rf"{name!r} needs the .*pip install "
                            r"'mbf-optim\[baselines\]'"):
@@ -795,6 +798,67 @@ def test_a_missing_library_is_one_line_from_the_cli(
                      "--max-steps", "1", "--no-progress"])
     assert code == 2
     assert "mbf-optim[baselines]" in capsys.readouterr().err
+
+
+def test_schedulefree_mbf_is_defazio_s_averaging_around_mbf_s_direction() -> None:
+    """Against the method written out (float64): gradients and MBF's statistics at
+    ``y = (1 - beta) z + beta x``; MBF (momentum 0) steps ``z`` from them; ``x`` moves to
+    ``z`` by ``c = w / sum(w)`` with ``w = lr_max ** 2``; ``eval()`` shows ``x``. The reference
+    steps an MBF of its own on a second copy of the model, holding ``z`` in its parameters."""
+    import mbf
+
+    beta, lrs = 0.8, [0.02, 0.05, 0.05, 0.03, 0.04, 0.05]  # a warmup: lr_max and weights vary
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 2, 3, 3, generator=gen, dtype=torch.float64),
+                torch.randn(8, 2, generator=gen, dtype=torch.float64)) for _ in lrs]
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(2, 3, 2), nn.Flatten(), nn.Linear(12, 2)).double()
+
+    hp = {"inv_every": 2, "stat_every": 1, "damping": 0.1}
+    wrapped = model()
+    opt = build_optimizer("schedulefree-mbf", wrapped, {**hp, "sf_momentum": beta})
+    reference = model()
+    inner = mbf.MBF(reference, **{**mbf.DEFAULTS, **hp, "momentum": 0.0})
+    z = [p.detach().clone() for p in reference.parameters()]
+    x = [p.detach().clone() for p in reference.parameters()]
+    weight_sum, lr_max = 0.0, 0.0
+    for lr, (inputs, targets) in zip(lrs, batches, strict=True):
+        for group in (*opt.param_groups, *inner.param_groups):
+            group["lr"] = lr
+        opt.zero_grad()
+        half_sse(wrapped(inputs), targets).backward()
+        opt.step()
+
+        with torch.no_grad():  # the reference: gradients at y, MBF's step applied to z
+            for p, zi, xi in zip(reference.parameters(), z, x, strict=True):
+                p.copy_((1 - beta) * zi + beta * xi)
+        inner.zero_grad()
+        half_sse(reference(inputs), targets).backward()
+        with torch.no_grad():
+            for p, zi in zip(reference.parameters(), z, strict=True):
+                p.copy_(zi)
+        inner.step()
+        lr_max = max(lr_max, lr)
+        weight_sum += lr_max**2
+        c = lr_max**2 / weight_sum
+        with torch.no_grad():
+            for p, zi, xi in zip(reference.parameters(), z, x, strict=True):
+                zi.copy_(p)
+                xi.lerp_(zi, c)
+        y = [(1 - beta) * zi + beta * xi for zi, xi in zip(z, x, strict=True)]
+        for p, yi in zip(wrapped.parameters(), y, strict=True):
+            torch.testing.assert_close(p.detach(), yi, rtol=1e-10, atol=1e-12)
+    opt.eval()
+    for p, xi in zip(wrapped.parameters(), x, strict=True):
+        torch.testing.assert_close(p.detach(), xi, rtol=1e-10, atol=1e-12)
+    assert opt.diagnostics()["steps"] == len(lrs)  # MBF's own methods reach through the wrapper
+
+
+def test_schedulefree_mbf_refuses_an_interpolation_it_cannot_undo() -> None:
+    with pytest.raises(ValueError, match="sf_momentum must be in"):
+        build_optimizer("schedulefree-mbf", deep_mlp(), {"sf_momentum": 0.0})
 
 
 def _gpt_like() -> nn.Module:
