@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from reference import block_diagonal, dense_blocks, paper_mbf, unit_vectors
+from tensors import flat_params
 
 
 def _net() -> nn.Module:
@@ -31,10 +32,6 @@ def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x), y)
-
-
-def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _per_example_fisher(
@@ -71,11 +68,11 @@ def test_step_equals_dense_block_diagonal_solve(estimator: str) -> None:
         estimator=estimator,
         max_block_size=5,
     )
-    before = _flat_params(model)
+    before = flat_params(model)
     _loss(model, x, y).backward()
     grads = {id(p): p.grad.clone() for p in model.parameters()}
     opt.step()
-    after = _flat_params(model)
+    after = flat_params(model)
     moved = dict(
         zip(
             [id(p) for p in model.parameters()],
@@ -124,12 +121,12 @@ def test_one_block_per_layer_is_the_layerwise_natural_gradient() -> None:
 def test_size_one_blocks_give_the_diagonal_formula() -> None:
     model, (x, y) = _net(), _batch()
     opt = paper_mbf(model, lr=1.0, momentum=0.0, damping=0.2, max_block_size=1)
-    before = _flat_params(model)
+    before = flat_params(model)
     _loss(model, x, y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     opt.step()
     norm_idx = sum(p.numel() for p in list(model.parameters())[:-2])
-    diag = (after := _flat_params(model)) - before
+    diag = (after := flat_params(model)) - before
     # Every unit but the LayerNorm's fixed 2x2 pairs has size-1 blocks: d = g / (g^2 + damping).
     torch.testing.assert_close(diag[:norm_idx], -(g / (g * g + 0.2))[:norm_idx])
     assert torch.isfinite(after).all()
@@ -265,7 +262,7 @@ def test_lr_scheduler_and_param_groups() -> None:
         for opt, m in ((opt_a, a), (opt_b, b)):
             opt.zero_grad()
             m(x).sin().sum().backward()
-        theta_a = _flat_params(a)  # the unit's coordinates: weight then bias, flattened
+        theta_a = flat_params(a)  # the unit's coordinates: weight then bias, flattened
         g_a = torch.cat([a.weight.grad.reshape(-1), a.bias.grad])
         est = torch.outer(g_a, g_a)
         fisher_a = est if fisher_a is None else 0.9 * fisher_a + 0.1 * est
@@ -286,7 +283,7 @@ def test_lr_scheduler_and_param_groups() -> None:
             opt_b.step()
             torch.testing.assert_close(b.weight.detach(), expected_b[0], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(b.bias.detach(), expected_b[1], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(_flat_params(a), expected_a, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(flat_params(a), expected_a, rtol=1e-10, atol=1e-12)
 
 
 def test_group_lr_scales_the_update_exactly() -> None:

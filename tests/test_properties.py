@@ -33,6 +33,7 @@ from properties import (
     served_by_hooks,
 )
 from reference import PAPER_FORM, block_diagonal, dense_blocks
+from tensors import flat_params
 
 settings.register_profile(
     "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
@@ -161,10 +162,6 @@ def test_finite_inputs_never_give_a_non_finite_parameter(
             assert torch.isfinite(p).all(), f"{name} after step {seed + 1}"
 
 
-def _flat(net: Any) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-
 @ESTIMATORS
 @STORAGES
 @pytest.mark.filterwarnings("ignore:MBF. skipped a step:UserWarning")  # both copies skip it
@@ -190,7 +187,7 @@ def test_state_dict_into_a_fresh_optimizer_takes_the_same_next_step(
     for seed in range(steps, steps + 2):
         _train_step(net, opt, arch, seed)
         _train_step(fresh, fresh_opt, arch, seed)
-        assert torch.equal(_flat(net), _flat(fresh))
+        assert torch.equal(flat_params(net), flat_params(fresh))
     assert opt.counters == fresh_opt.counters
 
 
@@ -212,5 +209,5 @@ def test_a_deep_copy_takes_the_same_next_step(
     for seed in range(steps, steps + 2):
         _train_step(net, opt, arch, seed)
         _train_step(twin, twin_opt, arch, seed)
-        assert torch.equal(_flat(net), _flat(twin))
+        assert torch.equal(flat_params(net), flat_params(twin))
     assert opt.counters == twin_opt.counters

@@ -17,6 +17,7 @@ from torch import nn
 from mbf import MBF
 from mbf.validation import format_bytes
 from reference import PAPER_FORM
+from tensors import flat_params
 
 KW = dict(lr=0.1, momentum=0.9, damping=0.1, stat_decay=0.9, stat_every=1, inv_every=2,
           **PAPER_FORM)
@@ -31,10 +32,6 @@ def _step(model: nn.Module, opt: MBF, x: torch.Tensor) -> None:
     opt.zero_grad()
     model(x).sin().square().mean().backward()
     opt.step()
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def _pickled(obj: object) -> object:
@@ -66,7 +63,7 @@ def test_a_copied_optimizer_takes_the_same_next_steps(
     for x in xs[3:]:
         _step(model, opt, x)
         _step(model2, opt2, x)
-        assert torch.equal(_flat(model), _flat(model2))
+        assert torch.equal(flat_params(model), flat_params(model2))
     assert opt.counters == opt2.counters
 
 
@@ -78,10 +75,10 @@ def test_a_copy_of_the_optimizer_alone_is_bound_to_its_own_model() -> None:
     alone = copy.deepcopy(opt)
     params = alone.param_groups[0]["params"]
     assert not any(p is q for p, q in zip(params, model.parameters(), strict=True))
-    before = _flat(model)
+    before = flat_params(model)
     copied = alone._model
     _step(copied, alone, torch.randn(5, 3, dtype=torch.float64))  # a working optimizer
-    assert torch.equal(_flat(model), before)  # that leaves the original model alone
+    assert torch.equal(flat_params(model), before)  # that leaves the original model alone
 
 
 @pytest.mark.parametrize(
@@ -110,7 +107,7 @@ def test_a_refused_param_group_leaves_the_optimizer_as_before(bad: dict, error: 
         x = torch.randn(5, 3, dtype=torch.float64)
         _step(model, opt, x)
         _step(twin._model, twin, x)
-        assert torch.equal(_flat(model), _flat(twin._model))
+        assert torch.equal(flat_params(model), flat_params(twin._model))
 
 
 @pytest.mark.parametrize("estimator", ["batch", "per_example"])
@@ -148,7 +145,8 @@ def test_empty_parameters_are_left_alone_and_the_rest_trained_as_without_them(
         ref_bias.step()
     assert model.flat.shape == (0,) and model.wide.shape == (3, 0)
     torch.testing.assert_close(model["b"].bias, alone_bias, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(_flat(model["a"]), _flat(alone_a), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat_params(model["a"]), flat_params(alone_a), rtol=1e-12,
+                               atol=1e-14)
 
 
 def test_complex_parameters_are_refused_at_construction() -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mbf import MBF
+from tensors import flat_params
 from threaded_ranks import World, patch_comm_device, run_threads, threaded
 
 KW: dict[str, Any] = {"lr": 0.05, "inv_every": 3, "max_block_size": 4, "damping": 0.1,
@@ -38,10 +39,6 @@ def _backward(model: nn.Module, opt: MBF, step: int, part: slice = slice(None)) 
     y = torch.randint(0, 2, (12,), generator=gen)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x[part]), y[part]).backward()
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 def _saved_on_ranks(world: int, steps: int = 5, **options: Any) -> dict[str, Any]:
@@ -81,7 +78,7 @@ def _continued(saved: dict[str, Any], load: Any, steps: range, **options: Any) -
     for step in steps:
         _backward(model, opt, step)
         opt.step()
-    return _flat(model)
+    return flat_params(model)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +136,7 @@ def test_one_process_file_is_the_whole_state() -> None:
         _backward(model, opt, step)
         opt.step()
     resumed = _continued(saved, lambda o: o.load_sharded_state_dict([saved["file"]]), range(4, 7))
-    assert torch.equal(resumed, _flat(model))
+    assert torch.equal(resumed, flat_params(model))
 
 
 def _changed(files: list[dict], edit: Any) -> list[dict]:

@@ -26,6 +26,7 @@ from torch import nn
 
 import test_properties  # noqa: F401 - registers and loads the hypothesis profiles
 from mbf import MBF
+from tensors import flat_params
 from threaded_ranks import World, patch_comm_device, run_threads, threaded
 
 # The ranks average their shards' gradients (as DDP does) where one process takes the mean of
@@ -61,10 +62,6 @@ def _step(model: nn.Module, opt: MBF, step: int, size: int, shard: slice,
     if average is not None:
         average(model)
     opt.step()
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
 @st.composite
@@ -154,8 +151,8 @@ def _train(
                     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
                     saved = buffer.getvalue()
             _step(model, opt, step, size, shard, average if world > 1 else None)
-        return {"params": _flat(model), "memory": opt.memory_report(detail=True), "saved": saved,
-                "file": own_file}
+        return {"params": flat_params(model), "memory": opt.memory_report(detail=True),
+                "saved": saved, "file": own_file}
 
     if world == 1:
         return [rank_body(0)]

@@ -19,6 +19,7 @@ from mbf.diagnostics import Diagnostics
 from mbf.direction import form_vector
 from mbf.storage import STORAGES
 from mbf.store import CurvatureStore
+from tensors import flat_params
 
 # Everything the references below depend on, spelled out (never the library defaults).
 BASE = dict(
@@ -144,10 +145,6 @@ def _step_each(
         opt.step()
 
 
-def _flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -182,7 +179,7 @@ def test_steps_equal_the_float64_reference(options: dict) -> None:
             _loss(m, step).backward()
         opt.step()
         ref.step()
-        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-9, atol=1e-12)
         # Blocks damped by 1e-3 are ill-conditioned and the loss is chaotic in the parameters:
         # rounding would grow tenfold a step, so both go on from the same parameters.
         twin.load_state_dict(model.state_dict())
@@ -251,7 +248,7 @@ def test_graft_with_blocks_of_one_is_the_first_order_method(
     reference = first_order(twin.parameters())
     for step in range(6):
         _step_each(((model, opt), (twin, reference)), step)
-        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("bias_steps", [5, 2])  # steps the bias counted (5: all did)
@@ -298,7 +295,7 @@ def test_graft_makes_the_step_invariant_to_the_loss_scale() -> None:
     opt2 = MBF(twin, **{**BASE, "graft": "adam", "graft_eps": 1e-30, "damping": 1e-3 * c * c})
     for step in range(4):
         _step_each(((model, opt), (twin, opt2)), step, scale=c)
-    torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-7, atol=1e-10)
 
 
 def test_relative_damping_scales_with_the_loss() -> None:
@@ -311,7 +308,7 @@ def test_relative_damping_scales_with_the_loss() -> None:
     opt2 = MBF(twin, **{**hp, "lr": BASE["lr"] * c})
     for step in range(4):
         _step_each(((model, opt), (twin, opt2)), step, scale=c)
-        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-8, atol=1e-11)
         twin.load_state_dict(model.state_dict())
 
 
@@ -323,7 +320,7 @@ def test_packed_storage_takes_the_same_steps(relative_damping: bool) -> None:
     opt, opt2 = MBF(model, **hp), MBF(twin, **hp, storage="packed")
     for step in range(7):
         _step_each(((model, opt), (twin, opt2)), step)
-        torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(flat_params(model), flat_params(twin), rtol=1e-9, atol=1e-12)
 
 
 def test_new_options_resume_bitwise() -> None:
@@ -340,7 +337,7 @@ def test_new_options_resume_bitwise() -> None:
     opt2.load_state_dict(torch.load(io.BytesIO(_saved(opt)), weights_only=False))
     for step in range(5, 12):
         _step_each(((model, opt), (twin, opt2)), step)
-    assert torch.equal(_flat(model), _flat(twin))
+    assert torch.equal(flat_params(model), flat_params(twin))
 
 
 def test_paper_configuration_is_the_paper_form() -> None:

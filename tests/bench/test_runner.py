@@ -21,6 +21,7 @@ from mbf_bench.optimizers import OPTIMIZERS, defaults_for
 from mbf_bench.problems import MinibatchProblem, epoch_order, split_holdout
 from mbf_bench.tasks import TASKS, get_task, load_data, make_problem
 from mbf_bench.train import RunSpec, resolve_hparams, run, run_many
+from tensors import state_tensors
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -115,21 +116,11 @@ def _assert_same_run(a: Path, b: Path) -> None:
     sa, sb = _final_state(a), _final_state(b)
     for key, tensor in sa["model"].items():
         assert torch.equal(tensor, sb["model"][key]), key
-    flat_a = _tensors(sa["optimizer"])
-    flat_b = _tensors(sb["optimizer"])
+    flat_a = state_tensors(sa["optimizer"])
+    flat_b = state_tensors(sb["optimizer"])
     assert len(flat_a) == len(flat_b)
     for (name, x), (_, y) in zip(flat_a, flat_b, strict=True):
         assert torch.equal(x, y), name
-
-
-def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        return [(prefix, obj)]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k], f"{prefix}/{k}")]
-    if isinstance(obj, list | tuple):
-        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{prefix}/{i}")]
-    return []
 
 
 class Crash(Exception):

@@ -19,6 +19,7 @@ from mbf_bench.models.gpt import Block
 from mbf_bench.problems import TextProblem
 from mbf_bench.tasks import TASKS, get_task, make_problem
 from mbf_bench.train import RunSpec, run
+from tensors import state_tensors
 
 SHARED_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text" / TEXT_FILE
 CPU = torch.device("cpu")
@@ -219,21 +220,10 @@ def test_tiny_gpt_resumes_bitwise(optimizer: str, tmp_path: Path) -> None:
     b = torch.load(resumed.directory / "checkpoint.pt", weights_only=True)
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
-    state_a, state_b = _tensors(a["optimizer"]), _tensors(b["optimizer"])
+    state_a, state_b = state_tensors(a["optimizer"]), state_tensors(b["optimizer"])
     assert len(state_a) == len(state_b) > 0
     for (name, x), (_, y) in zip(state_a, state_b, strict=True):
         assert torch.equal(x, y), name
-
-
-def _tensors(obj: object, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor of a nested state dict, with its path, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        return [(prefix, obj)]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k], f"{prefix}/{k}")]
-    if isinstance(obj, list | tuple):
-        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{prefix}/{i}")]
-    return []
 
 
 # --- MBF's blocks on the GPT (docs/layers.md, "A transformer") -----------------------------------
