@@ -10,7 +10,8 @@ import torch
 
 from mbf import MBF, checkpoint
 from reference import paper_mbf
-from test_optimizer import _batch, _flat_params, _loss, _net
+from tensors import flat_params
+from test_optimizer import _batch, _loss, _net
 
 KW: dict[str, Any] = {"lr": 0.05, "inv_every": 3, "max_block_size": 5, "damping": 0.1}
 
@@ -33,7 +34,7 @@ def _saved_and_continued(stat_buffer: int) -> tuple[dict, list, torch.Tensor]:
     _train(model, opt, data[:5])
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
     _train(model, opt, data[5:])
-    return saved, data[5:], _flat_params(model)
+    return saved, data[5:], flat_params(model)
 
 
 def _resume(saved: dict, data: list, stat_buffer: int) -> tuple[torch.nn.Module, MBF]:
@@ -73,7 +74,7 @@ def test_older_checkpoints_are_migrated_and_resume_bitwise(version: int) -> None
         assert any(u["queued"] is not None for u in saved["opt"]["mbf"]["units"])
     old = {"model": saved["model"], "opt": _as_version(saved["opt"], version)}
     model, opt = _resume(old, rest, stat_buffer)
-    assert torch.equal(_flat_params(model), expected)
+    assert torch.equal(flat_params(model), expected)
     assert opt.state_dict()["mbf"]["version"] == checkpoint.VERSION
 
 
@@ -82,7 +83,7 @@ def test_units_are_matched_by_name_not_position() -> None:
     shuffled = copy.deepcopy(saved)
     shuffled["opt"]["mbf"]["units"].reverse()
     model, _ = _resume(shuffled, rest, 3)
-    assert torch.equal(_flat_params(model), expected)
+    assert torch.equal(flat_params(model), expected)
 
 
 @pytest.mark.parametrize(

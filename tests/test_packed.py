@@ -13,7 +13,8 @@ from torch import nn
 from mbf import MBF, packed
 from mbf.packed import SymmetricPacking, packed_size
 from mbf.storage import STORAGES, FullStorage
-from test_optimizer import _batch, _flat_params, _loss, _net
+from tensors import flat_params
+from test_optimizer import _batch, _loss, _net
 
 
 def _symmetric(n: int, s: int, gen: torch.Generator) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_a_storage_of_ones_own_plugs_in_by_name() -> None:
                 opt.zero_grad()
                 _loss(model, x, y).backward()
                 opt.step()
-            results.append(_flat_params(model))
+            results.append(flat_params(model))
         assert torch.equal(results[0], results[1])
         for method in ("allocate", "fold_", "factor", "solve", "trace"):
             assert calls.get(method, 0) > 0, method
