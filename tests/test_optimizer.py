@@ -400,3 +400,21 @@ def test_kl_clip_after_momentum_is_switched_off_uses_the_gradient_not_a_stale_bu
     fresh.step()
     torch.testing.assert_close(a.weight.detach(), b.weight.detach(), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(a.bias.detach(), b.bias.detach(), rtol=1e-10, atol=1e-13)
+
+
+def test_finish_replaces_exactly_the_overflowed_blocks_under_grafting() -> None:
+    """Rows with an infinite entry, a NaN, or finite entries whose length overflows float32 take
+    the right-hand side's direction; every row ends at its graft length; without grafting the
+    rows are only scaled (a non-finite row stays so and the step is then not applied)."""
+    from mbf.direction import finish
+
+    solved = torch.tensor([[3.0, 4.0], [float("inf"), 1.0], [float("nan"), 0.0], [3e38, 3e38]])
+    rhs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [-1.0, -1.0]])
+    graft = torch.tensor([10.0, 1.0, 5.0, 2.0])
+    out, count = finish(solved.clone(), graft, 7.0, rhs)
+    expected = torch.stack([torch.tensor([6.0, 8.0]), torch.tensor([0.0, 1.0]),
+                            torch.tensor([3.0, 4.0]), -torch.ones(2) * 2**0.5])
+    assert count == 3
+    torch.testing.assert_close(out, expected)
+    plain, none = finish(solved.clone(), None, 2.0, rhs)
+    assert none == 0 and plain[0].tolist() == [6.0, 8.0] and not torch.isfinite(plain[1:3]).all()

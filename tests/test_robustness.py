@@ -295,3 +295,57 @@ def test_an_update_that_overflows_is_not_applied() -> None:
             opt.step()
     assert torch.isfinite(layer.weight).all() and torch.equal(layer.weight.detach(), before)
     assert opt.counters["overflowed_updates"] == 1 and opt.counters["steps"] == 2
+
+
+def _overflowing_steps(model: nn.Linear, opt: MBF, big: int = 1) -> None:
+    """The stale-inverse overflow of the test above: a tiny gradient along one input, factored,
+    then ``big`` large gradients along the other before the next factorization."""
+    for x, scale in [([[1.0, 0.0]], 1e-15)] + [([[0.0, 1.0]], 1e10)] * big:
+        opt.zero_grad()
+        (model(torch.tensor(x)).sum() * scale).backward()
+        opt.step()
+
+
+def test_under_grafting_a_block_whose_solve_overflows_takes_its_right_hand_side_s_direction(
+) -> None:
+    """What stalled MBF on the transformer tasks (rows of rare tokens, statistics decayed to
+    ~1e-38, relative damping): with grafting the step is applied, each overflowing block moves
+    along its momentum (here: gradient) block at Adam's length for it, and no update is lost.
+    Adam's lengths do not depend on the curvature, so a run with a damping that cannot overflow
+    gives the same step lengths."""
+    def run(damping: float, relative: bool) -> tuple[torch.Tensor, MBF]:
+        layer = nn.Linear(2, 2)
+        with torch.no_grad():
+            layer.weight.zero_()
+            layer.bias.zero_()
+        opt = MBF(layer, lr=1.0, momentum=0.0, damping=damping, stat_decay=0.5,
+                  inv_every=100, max_block_size=3, early_refresh=False,
+                  relative_damping=relative)  # graft="adam"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no update may be dropped
+            _overflowing_steps(layer, opt)
+        return torch.cat([layer.weight.detach(), layer.bias.detach()[:, None]], 1), opt
+
+    moved, opt = run(1e-2, True)  # the defaults' relative damping: 1e-2 of a trace of 1e-30
+    assert opt.counters["overflowed_blocks"] == 2 and opt.counters["overflowed_updates"] == 0
+    assert torch.isfinite(moved).all()
+    # the second gradient's blocks are each [0, 1, 1] (times 1e10): every block moves along -it
+    along = torch.tensor([0.0, 1.0, 1.0]) / 2**0.5
+    for row in moved:  # the first step's contribution is ~1e-15 of the second's
+        torch.testing.assert_close(row / row.norm(), -along, rtol=0, atol=1e-6)
+    reference, ref_opt = run(1.0, False)  # inverse ~ I: no overflow; Adam's lengths as above
+    assert ref_opt.counters["overflowed_blocks"] == 0
+    torch.testing.assert_close(moved.norm(dim=1), reference.norm(dim=1), rtol=1e-6, atol=0)
+
+
+def test_overflowing_updates_in_a_row_warn_that_training_has_stalled() -> None:
+    layer = nn.Linear(2, 2)
+    opt = MBF(layer, lr=1.0, momentum=0.0, damping=0.0, stat_decay=0.5, stat_every=1,
+              inv_every=100, max_block_size=1, weight_decay=0.0, **PAPER_FORM)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _overflowing_steps(layer, opt, big=10)
+    messages = [str(w.message) for w in caught]
+    assert opt.counters["overflowed_updates"] == 10
+    assert sum("was not applied" in m for m in messages) == 1
+    assert sum("last 10 preconditioned updates" in m and "stalled" in m for m in messages) == 1

@@ -178,19 +178,36 @@ def form_vector(
     return None
 
 
-def finish(solved: Tensor, graft_norms: Tensor | None, inverse_scale: float) -> Tensor:
-    """The unit's direction blocks from its solved ``(num_blocks, s)`` blocks, in place.
+def finish(
+    solved: Tensor, graft_norms: Tensor | None, inverse_scale: float, rhs: Tensor
+) -> tuple[Tensor, int]:
+    """The unit's direction blocks from its solved ``(num_blocks, s)`` blocks, in place, and
+    how many blocks overflowed.
 
     With ``graft_norms`` every block is rescaled to that length; otherwise multiplied by
     ``inverse_scale`` (the bias correction of the inverse, see :mod:`mbf.store`).
+
+    With grafting only the direction of a block matters, so a block whose solve overflowed (an
+    entry or its length not finite) takes the direction of its right-hand side ``rhs``: the
+    limit of a damping-dominated inverse. That is what happens to a block whose statistics
+    decayed to almost nothing (an embedding row or output unit of a token unseen for hundreds
+    of steps; with relative damping its inverse approaches the float32 maximum) when a fresh
+    gradient meets its inverse before the next factorization. Without grafting such a block
+    stays non-finite and the step is not applied (``overflowed_updates``).
     """
-    if graft_norms is not None:
-        lengths = torch.linalg.vector_norm(solved, dim=1, keepdim=True)
-        tiny = torch.finfo(solved.dtype).tiny
-        solved.mul_(graft_norms.unsqueeze(1) / lengths.clamp_min_(tiny))
-    elif inverse_scale != 1.0:
-        solved.mul_(inverse_scale)
-    return solved
+    if graft_norms is None:
+        if inverse_scale != 1.0:
+            solved.mul_(inverse_scale)
+        return solved, 0
+    lengths = torch.linalg.vector_norm(solved, dim=1, keepdim=True)
+    overflowed = ~torch.isfinite(lengths.squeeze(1))
+    count = int(overflowed.sum())
+    if count:
+        solved[overflowed] = rhs[overflowed]
+        lengths[overflowed] = torch.linalg.vector_norm(rhs[overflowed], dim=1, keepdim=True)
+    tiny = torch.finfo(solved.dtype).tiny
+    solved.mul_(graft_norms.unsqueeze(1) / lengths.clamp_min_(tiny))
+    return solved, count
 
 
 def kl_term(direction: Tensor, vector: Tensor) -> Tensor:

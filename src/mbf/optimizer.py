@@ -302,6 +302,7 @@ class MBF(torch.optim.Optimizer):
         self._step_count = 0
         self._warned: set[str] = set()
         self._consecutive_skips = 0  # steps skipped in a row (warnings), not saved
+        self._consecutive_overflows = 0  # updates not applied in a row (warnings), not saved
         defaults = dict(
             DEFAULTS,
             lr=lr,
@@ -445,8 +446,11 @@ class MBF(torch.optim.Optimizer):
 
         ``steps``: steps taken; ``skipped_steps``: steps skipped for a non-finite gradient
         (``nonfinite="skip"``; warned at the first and at 10, 100, ... in a row);
+        ``overflowed_blocks``: blocks (summed over steps) whose solve overflowed under
+        grafting and which took their right-hand side's direction instead (``mbf.direction``);
         ``overflowed_updates``: steps whose statistics were updated but whose preconditioned
-        update was not finite, so the parameters were left alone (warned once);
+        update was not finite, so the parameters were left alone (warned at the first and at
+        10, 100, ... in a row);
         ``factorizations``, ``factored_blocks``, ``retried_blocks`` (factored with more
         damping), ``fallback_blocks`` (preconditioned by ``(1/damping) I``) and
         ``nonfinite_blocks`` (statistics that were not finite, started afresh).
@@ -651,12 +655,15 @@ class MBF(torch.optim.Optimizer):
         for item, whole in zip(work, solved, strict=True):
             for u in item.members:
                 view = slice(u.offset, u.offset + u.layout.num_blocks)
-                directions[id(u)] = [finish(whole[view], graft_norms[id(u)], u.inverse_scale)]
                 vectors[id(u)] = item.rhs[view]
+                direction, overflowed = finish(whole[view], graft_norms[id(u)], u.inverse_scale,
+                                               vectors[id(u)])
+                directions[id(u)] = [direction]
+                self._counters["overflowed_blocks"] += overflowed
         self._diag.record_step(live, directions)
         if self._agreed(self._all_finite(list(directions.values()))):
             self._apply(live, directions, vectors)
-            self._consecutive_skips = 0
+            self._consecutive_skips = self._consecutive_overflows = 0
         else:  # finite gradients, but a preconditioned update that is not (see _note_overflow)
             self._note_overflow()
         self._step_count += 1
@@ -695,13 +702,23 @@ class MBF(torch.optim.Optimizer):
     def _note_overflow(self) -> None:
         """An update that overflowed (e.g. ``damping=0`` and a stale inverse ``1/g^2`` of a tiny
         gradient, met by a larger one): the parameters are left as they were, never made
-        non-finite. Statistics and momentum took the step's gradient (it was finite)."""
+        non-finite. Statistics and momentum took the step's gradient (it was finite).
+        Warned at the first, and again at 10, 100, ... in a row: such a run has stopped
+        training."""
         self._counters["overflowed_updates"] += 1
+        self._consecutive_overflows += 1
+        run = self._consecutive_overflows
         if "overflow" not in self._warned:
             self._warned.add("overflow")
             warnings.warn(
                 "MBF: a preconditioned update was not finite and was not applied (parameters "
                 "left as they were; counters['overflowed_updates']); raise the damping",
+                stacklevel=6,  # past the torch wrappers of step(): the caller
+            )
+        elif run >= 10 and math.log10(run).is_integer():
+            warnings.warn(
+                f"MBF: the last {run} preconditioned updates were all not finite and not "
+                "applied: training has stalled (raise the damping, or use graft='adam')",
                 stacklevel=6,  # past the torch wrappers of step(): the caller
             )
 

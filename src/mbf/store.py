@@ -39,6 +39,7 @@ COUNTERS = (
     "fallback_blocks",
     "nonfinite_blocks",
     "overflowed_updates",
+    "overflowed_blocks",
 )
 
 
