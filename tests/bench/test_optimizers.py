@@ -429,12 +429,12 @@ def test_kfac_lm_rho_and_damping_match_a_float64_reference(lr: float) -> None:
                 loss.backward()
             return loss
 
-        h_old = float(half_sse(ref(xs), ys))
+        h_old = float(half_sse(ref(xs), ys).detach())
         grads = torch.autograd.grad(half_sse(ref(xs), ys), list(ref.parameters()))
         ins, dels = per_example_deltas(ref, ref_layers, half_sse, xs, ys)
         before = [layer_matrix(layer, grads=False).clone() for layer in layers]
         opt.step(closure)
-        h_new = float(half_sse(model(xs), ys))
+        h_new = float(half_sse(model(xs), ys).detach())
         linear = curvature = 0.0
         for j, layer in enumerate(layers):
             delta = layer_matrix(layer, grads=False) - before[j]

@@ -350,6 +350,12 @@ class KFAC(torch.optim.Optimizer):
                 return st["kfac_A"], st["kfac_G"]
         raise KeyError(f"KFAC: no preconditioned layer called {name}; have {self.preconditioned}")
 
+    @property
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` needs the closure (``adapt_damping``); the benchmark's trainer
+        then steps with ``step(closure)`` instead of its own backward."""
+        return bool(self.param_groups[0]["adapt_damping"])
+
     def remove_hooks(self) -> None:
         """Detach the hooks from the model (the optimizer then keeps its last factors)."""
         for layer in self._layers:
