@@ -743,8 +743,10 @@ class _Loop:
         batch = self.problem.batch(pos.epoch, pos.index)
         if self.dp is not None:
             batch, _ = self.dp.shard(batch)
+        loss: torch.Tensor
         if getattr(self.optimizer, "needs_closure", False):
-            loss = self.optimizer.step(self._closure(batch))
+            # torch types the closure as returning a float; ours returns the loss tensor
+            loss = cast(torch.Tensor, self.optimizer.step(self._closure(batch)))  # type: ignore[arg-type]
         else:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.problem.loss(self.model, batch)

@@ -314,7 +314,7 @@ def test_kfac_sees_true_output_gradient_under_inplace_relu_and_ignores_eval_pass
         torch.set_default_dtype(torch.float32)
 
 
-# ----------------------------------------------------------------------------- K-FAC damping machinery
+# ----------------------------------------------------------------------------- K-FAC damping
 
 
 def _damped_fisher(a: Tensor, g: Tensor, damping: float, pi_damping: bool) -> Tensor:

@@ -397,7 +397,7 @@ class KFAC(torch.optim.Optimizer):
         st["kfac_G_inv"] = inverse_with_damping(g, root / pi)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One K-FAC step; ``closure`` (optional; needed by ``adapt_damping``) evaluates the
         minibatch loss, with its backward only when gradients are enabled."""
         loss = None
