@@ -437,7 +437,7 @@ def test_kfac_lm_rho_and_damping_match_a_float64_reference(lr: float) -> None:
         h_new = float(half_sse(model(xs), ys).detach())
         linear = curvature = 0.0
         for j, layer in enumerate(layers):
-            delta = layer_matrix(layer, grads=False) - before[j]
+            delta = (layer_matrix(layer, grads=False) - before[j]).detach()
             g = torch.cat([grads[2 * j], grads[2 * j + 1].unsqueeze(1)], dim=1)
             a, gg = ref_kfac_factors(ref_layers[j], ins[j], dels[j])
             linear += float((g * delta).sum())
@@ -853,11 +853,20 @@ def test_every_optimizer_trains_with_its_task_defaults(name: str, family: str) -
         warnings.simplefilter("ignore")  # e.g. MBF per_example: BatchNorm falls back to 'batch'
         opt = build_optimizer(name, model, defaults_for(name, family))
     losses = []
-    for _ in range(20):
+
+    def closure() -> Tensor:  # the trainer's form, for an optimizer that needs_closure
         opt.zero_grad()
         loss = loss_fn(model(*inputs))
-        loss.backward()
-        opt.step()
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    for _ in range(20):
+        if getattr(opt, "needs_closure", False):
+            loss = opt.step(closure)
+        else:
+            loss = closure()
+            opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses), losses
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

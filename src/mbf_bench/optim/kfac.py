@@ -160,7 +160,7 @@ def _check_options(group: dict[str, Any]) -> None:
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
         raise ValueError(f"KFAC: adapt_every must be a positive integer, got {every!r}")
     omega = group["adapt_omega"]
-    if not (0.0 < omega < 1.0):
+    if omega is not None and not (0.0 < omega < 1.0):
         raise ValueError(f"KFAC: adapt_omega must be in (0, 1), got {omega!r}")
 
 
@@ -263,7 +263,7 @@ class KFAC(torch.optim.Optimizer):
             "kl_clip": kl_clip,
             "adapt_damping": adapt_damping,
             "adapt_every": adapt_every,
-            "adapt_omega": (19.0 / 20.0) ** adapt_every if adapt_omega is None else adapt_omega,
+            "adapt_omega": adapt_omega,
             "step": 0,
         }
         super().__init__(params, defaults)
@@ -456,7 +456,10 @@ class KFAC(torch.optim.Optimizer):
             new_loss = float(closure())  # under no_grad: a forward only
             rho = (new_loss - float(loss)) / predicted if predicted < 0.0 else math.nan
             group["lm_rho"] = rho
-            damping = lm_damping(group["damping"], rho, group["adapt_omega"])
+            omega = group["adapt_omega"]
+            if omega is None:  # Martens & Grosse's (19/20)^T1
+                omega = (19.0 / 20.0) ** group["adapt_every"]
+            damping = lm_damping(group["damping"], rho, omega)
             # a raised damping is a failed step: invert again at once rather than keep stepping
             # with the factors that failed until the next scheduled inversion
             group["kfac_reinvert"] = damping > group["damping"]
