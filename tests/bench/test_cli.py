@@ -110,7 +110,7 @@ def test_list_shows_every_task_and_optimizer(capsys: pytest.CaptureFixture[str])
     for name, spec in OPTIMIZERS.items():  # each not validated one marked, every time it is named
         marked = out.count(f"  {name} (not validated) ")
         assert marked == (0 if spec.validated else 2), name
-    assert {n for n, s in OPTIMIZERS.items() if not s.validated} == {"kfac", "tnt", "shampoo-ours"}
+    assert {n for n, s in OPTIMIZERS.items() if not s.validated} == {"tnt", "shampoo-ours"}
     assert f"lr={defaults_for('adam', 'gcn')['lr']}" in out
 
 

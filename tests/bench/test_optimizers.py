@@ -908,7 +908,7 @@ LIBRARY = ("adamw", "schedulefree-adamw", "soap", "psgd-kron", "muon", "shampoo"
 def test_display_name_marks_exactly_the_optimizers_that_are_not_validated() -> None:
     from mbf_bench.optimizers import display_name
 
-    assert display_name("kfac") == "kfac (not validated)"
+    assert display_name("kfac") == "kfac"  # validated on mnist-ae (issue 19 item 1)
     assert display_name("shampoo-ours") == "shampoo-ours (not validated)"
     assert display_name("tnt") == "tnt (not validated)"
     assert display_name("shampoo") == "shampoo" and display_name("mbf") == "mbf"
