@@ -377,10 +377,11 @@ def test_kfac_kl_clip_scales_the_step_exactly_to_the_bound(pi_damping: bool) -> 
         torch.set_default_dtype(torch.float32)
 
 
-def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss() -> None:
+@pytest.mark.parametrize("omega", [0.5, None])
+def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss(omega: float | None) -> None:
     """One example, a linear model with one output and residual 1: the loss is exactly quadratic
     and K-FAC's ``A (x) G = x x^T r^2`` is its Hessian, so ``rho = 1`` and the damping shrinks by
-    ``omega``."""
+    ``omega`` (by default Martens & Grosse's ``(19/20)^adapt_every``)."""
     torch.set_default_dtype(torch.float64)
     try:
         torch.manual_seed(0)
@@ -388,7 +389,7 @@ def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss() -> None:
         x = torch.randn(1, 5)
         y = (model(x) - 1.0).detach()  # residual exactly 1 at the start
         opt = KFAC(model, 0.7, momentum=0.0, damping=0.3, adapt_damping=True, adapt_every=1,
-                   adapt_omega=0.5)
+                   adapt_omega=omega)
 
         def closure() -> Tensor:
             opt.zero_grad()
@@ -399,7 +400,8 @@ def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss() -> None:
 
         opt.step(closure)
         assert opt.param_groups[0]["lm_rho"] == pytest.approx(1.0, abs=1e-12)
-        assert opt.param_groups[0]["damping"] == pytest.approx(0.15, rel=1e-14)
+        factor = 0.95 if omega is None else omega  # (19/20)^1
+        assert opt.param_groups[0]["damping"] == pytest.approx(0.3 * factor, rel=1e-14)
     finally:
         torch.set_default_dtype(torch.float32)
 
