@@ -334,4 +334,4 @@ def test_readme_install_commands_work_as_written(block: int, tmp_path: Path) -> 
                  cwd=tmp_path, env=env).strip()
     assert Path(where).resolve().is_relative_to(env_dir.resolve()), where
     out = _run([bindir / "mbf-bench", "list"], cwd=tmp_path, env=env)
-    assert "mnist-ae" in out and "kfac (not validated)" in out, out
+    assert "mnist-ae" in out and "tnt (not validated)" in out, out

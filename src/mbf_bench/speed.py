@@ -170,10 +170,20 @@ class _Runner:
         _sync(self.device)
         start = time.perf_counter()
         self.optimizer.zero_grad()
-        self.work.loss(self.model, batch).backward()
+        loss = self.work.loss(self.model, batch)
+        loss.backward()
         _sync(self.device)
         middle = time.perf_counter()
-        self.optimizer.step()
+        if getattr(self.optimizer, "needs_closure", False):
+            # K-FAC's damping adaptation: the closure's first call (with gradients) is the
+            # forward and backward just timed; its later call (without) re-evaluates the loss
+            # after the update, inside the step's time
+            def closure() -> torch.Tensor:
+                return loss if torch.is_grad_enabled() else self.work.loss(self.model, batch)
+
+            self.optimizer.step(closure)  # type: ignore[arg-type]
+        else:
+            self.optimizer.step()
         _sync(self.device)
         return middle - start, time.perf_counter() - middle
 

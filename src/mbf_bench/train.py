@@ -715,6 +715,20 @@ class _Loop:
         self.pos.metrics_bytes = self.metrics.tell()
         _save(self.checkpoint_path, self.module, self.optimizer, self.pos)
 
+    def _closure(self, batch: Any) -> Callable[[], torch.Tensor]:
+        """The minibatch loss as a closure, for an optimizer that evaluates it itself
+        (``needs_closure``: K-FAC's damping adaptation re-evaluates it, without gradients, after
+        its update); the backward runs only when gradients are enabled."""
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.problem.loss(self.model, batch)
+            if torch.is_grad_enabled():
+                loss.backward()
+            return loss
+
+        return closure
+
     def step(self) -> tuple[float, float]:
         """One optimizer step at the current position; returns (loss, seconds it took)."""
         pos = self.pos
@@ -729,10 +743,15 @@ class _Loop:
         batch = self.problem.batch(pos.epoch, pos.index)
         if self.dp is not None:
             batch, _ = self.dp.shard(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.problem.loss(self.model, batch)
-        loss.backward()
-        self.optimizer.step()
+        loss: torch.Tensor
+        if getattr(self.optimizer, "needs_closure", False):
+            # torch types the closure as returning a float; ours returns the loss tensor
+            loss = cast(torch.Tensor, self.optimizer.step(self._closure(batch)))  # type: ignore[arg-type]
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.problem.loss(self.model, batch)
+            loss.backward()
+            self.optimizer.step()
         value = float(loss.detach())  # waits for the step's kernels on an accelerator
         elapsed = clock() - start
         if self.dp is not None:  # the global mean loss and the slowest rank's time

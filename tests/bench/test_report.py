@@ -152,8 +152,8 @@ def test_report_of_an_empty_folder_is_an_error(
 
 
 def test_the_report_marks_optimizers_that_are_not_validated(tmp_path: Path) -> None:
-    fake_run(tmp_path, "kfac", 0, [(1, 5.0, 0.5)], 1.0)
+    fake_run(tmp_path, "tnt", 0, [(1, 5.0, 0.5)], 1.0)
     fake_run(tmp_path, "shampoo", 0, [(1, 4.0, 0.5)], 1.0)
     text, _ = write_report(tmp_path)
-    assert "| kfac (not validated) |" in text
+    assert "| tnt (not validated) |" in text
     assert "| shampoo |" in text  # the library's Shampoo: validated, no mark

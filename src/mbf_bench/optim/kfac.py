@@ -30,11 +30,38 @@ puts a tensor hook on the layer's output; the tensor hook receives ``g`` during 
 ``loss.backward()``. So the loop stays ``zero_grad(); loss.backward(); step()``, no extra pass is
 made, and forwards without a backward (evaluation) leave no trace. The price: the Fisher is the
 empirical one (true labels), not the sampled-label Fisher the authors' framework used.
+
+Two pieces of the literature's damping machinery are options (both off by default):
+
+* **KL clipping** (Ba, Grosse & Martens 2017; kfac-pytorch's ``kl_clip``). With ``D = P M`` the
+  preconditioned direction of each K-FAC layer (``P`` the damped inverse Kronecker factors, ``M``
+  the vector it preconditions: the gradient, or its momentum), ``D^T P^-1 D = D . M``, so the
+  step ``lr * nu * D`` has the quadratic form ``lr^2 nu^2 sum(D . M)`` under the damped Fisher,
+  the second-order estimate of twice its KL divergence. ``nu = min(1, sqrt(kl_clip /
+  (lr^2 sum(D . M))))`` keeps it at most ``kl_clip``. Only the K-FAC layers' steps are scaled (as
+  kfac-pytorch does); ``nu`` is the same for all of them.
+* **Levenberg-Marquardt adaptation of the damping** (Martens & Grosse 2015, section 6.5). Every
+  ``adapt_every`` steps the loss on the same minibatch is evaluated again after the update,
+  ``h(theta + delta)``, and compared with the reduction the quadratic model predicts,
+  ``M(delta) = g . delta + 1/2 sum over K-FAC layers of tr(delta^T G delta A)`` (the undamped
+  K-FAC Fisher; ``g`` the gradient of the step, ``delta`` the change of the parameters):
+  ``rho = (h(theta + delta) - h(theta)) / M(delta)``. ``rho > 3/4`` multiplies the damping by
+  ``omega``, ``rho < 1/4`` (or a model that predicts no decrease) divides it by ``omega``, with
+  Martens & Grosse's ``omega = (19/20)^adapt_every``. This needs the loss, so it needs
+  ``step(closure)`` in the usual form (the closure zeroes the gradients, evaluates the minibatch
+  loss and calls ``backward()``, but only when gradients are enabled); the optimizer calls it once
+  with gradients (the step's own forward and backward) and, on adaptation steps, once more under
+  ``torch.no_grad()``: one extra forward every ``adapt_every`` steps, counted in the step. The
+  adaptation steps are the last of each ``adapt_every`` (``k + 1`` a multiple of it), so with
+  ``inv_every`` a multiple of ``adapt_every`` they test the stalest inverses, not fresh ones. A
+  lowered damping takes effect at the next scheduled inversion, a raised one at once (the
+  factors are inverted again on the next step).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +151,45 @@ def layer_rows(module: nn.Module, x: Tensor, gy: Tensor) -> tuple[Tensor, Tensor
     return a, g, batch
 
 
+def _check_options(group: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` for a bad KL-clip or damping-adaptation setting."""
+    clip = group["kl_clip"]
+    if clip is not None and not (clip > 0.0 and math.isfinite(clip)):
+        raise ValueError(f"KFAC: kl_clip must be None or a finite number > 0, got {clip!r}")
+    every = group["adapt_every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+        raise ValueError(f"KFAC: adapt_every must be a positive integer, got {every!r}")
+    omega = group["adapt_omega"]
+    if omega is not None and not (0.0 < omega < 1.0):
+        raise ValueError(f"KFAC: adapt_omega must be in (0, 1), got {omega!r}")
+
+
+def kl_clip_factor(quad: float, lr: float, kl_clip: float | None) -> float:
+    """``nu = min(1, sqrt(kl_clip / (lr^2 quad)))`` for ``quad = sum(D . M)`` (1 without a clip).
+
+    A non-positive or non-finite ``quad`` (rounding, or a non-finite direction) gives 1: there is
+    nothing a scale could bound.
+    """
+    if kl_clip is None or lr == 0.0:
+        return 1.0
+    total = lr * lr * quad
+    if not (total > 0.0 and math.isfinite(total)):
+        return 1.0
+    return min(1.0, math.sqrt(kl_clip / total))
+
+
+def lm_damping(damping: float, rho: float, omega: float) -> float:
+    """Martens & Grosse's rule: ``damping * omega`` if ``rho > 3/4``, ``/ omega`` if ``rho < 1/4``.
+
+    A NaN ``rho`` (a non-finite loss or model) counts as a failed step: the damping grows.
+    """
+    if rho > 0.75:
+        return damping * omega
+    if not rho >= 0.25:
+        return damping / omega
+    return damping
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC (Martens & Grosse 2015, KFC for Conv2d) with empirical-Fisher factors from hooks.
 
@@ -144,6 +210,12 @@ class KFAC(torch.optim.Optimizer):
         invert_early: also invert after every statistics update during the first ``inv_every``
             steps (the authors' framework), so the first steps do not use stale curvature.
         loss_reduction: ``"mean"`` (the loss averages over the batch) or ``"sum"``.
+        kl_clip: bound on ``lr^2 nu^2 sum(D . M)`` of the K-FAC layers' step (module docstring);
+            None (the default) for no clipping.
+        adapt_damping: Levenberg-Marquardt adaptation of ``damping`` (module docstring); needs
+            ``step(closure)``.
+        adapt_every: steps between adaptations (Martens & Grosse's ``T1 = 5``).
+        adapt_omega: the factor of one adaptation; None for ``(19/20)^adapt_every``.
     """
 
     def __init__(
@@ -161,6 +233,10 @@ class KFAC(torch.optim.Optimizer):
         pi_damping: bool = False,
         invert_early: bool = True,
         loss_reduction: str = "mean",
+        kl_clip: float | None = None,
+        adapt_damping: bool = False,
+        adapt_every: int = 5,
+        adapt_omega: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -184,10 +260,15 @@ class KFAC(torch.optim.Optimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
             "pi_damping": pi_damping,
             "invert_early": invert_early,
+            "kl_clip": kl_clip,
+            "adapt_damping": adapt_damping,
+            "adapt_every": adapt_every,
+            "adapt_omega": adapt_omega,
             "step": 0,
         }
         super().__init__(params, defaults)
         check_common("KFAC", self.param_groups[0])
+        _check_options(self.param_groups[0])
         self.loss_reduction = loss_reduction
         self._layers = self._find_layers(model, {id(p) for p in params})
         self._collect = True
@@ -269,6 +350,12 @@ class KFAC(torch.optim.Optimizer):
                 return st["kfac_A"], st["kfac_G"]
         raise KeyError(f"KFAC: no preconditioned layer called {name}; have {self.preconditioned}")
 
+    @property
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` needs the closure (``adapt_damping``); the benchmark's trainer
+        then steps with ``step(closure)`` instead of its own backward."""
+        return bool(self.param_groups[0]["adapt_damping"])
+
     def remove_hooks(self) -> None:
         """Detach the hooks from the model (the optimizer then keeps its last factors)."""
         for layer in self._layers:
@@ -310,17 +397,27 @@ class KFAC(torch.optim.Optimizer):
         st["kfac_G_inv"] = inverse_with_damping(g, root / pi)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One K-FAC step; ``closure`` (optional) re-evaluates the loss with gradients."""
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One K-FAC step; ``closure`` (optional; needed by ``adapt_damping``) evaluates the
+        minibatch loss, with its backward only when gradients are enabled."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
         check_common("KFAC", group)
+        _check_options(group)
         k = group["step"]
-        due = k % group["inv_every"] == 0
-        done: set[int] = set()
+        adapt = bool(group["adapt_damping"]) and (k + 1) % group["adapt_every"] == 0
+        if adapt and (closure is None or loss is None):
+            raise ValueError(
+                "KFAC: adapt_damping needs step(closure), the closure returning the minibatch loss"
+            )
+        due = k % group["inv_every"] == 0 or bool(group.get("kfac_reinvert", False))
+        group["kfac_reinvert"] = False
+        # (param, direction, scaled by the KL clip) for every parameter that takes a step
+        updates: list[tuple[Tensor, Tensor, bool]] = []
+        quad = 0.0
         for layer in self._layers:
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
             if any(p.grad is None for p in params):
@@ -334,27 +431,75 @@ class KFAC(torch.optim.Optimizer):
             if "kfac_A" in st and (due or early or "kfac_A_inv" not in st):
                 self._invert(layer, group)
             moms = [momentum_of(self.state[p], p, group) for p in params]
-            if "kfac_A_inv" in st:
-                out = layer.weight.shape[0]
-                mat = torch.cat([m.reshape(out, -1) for m in moms], dim=1)
-                mat = st["kfac_G_inv"] @ mat @ st["kfac_A_inv"]
-                sizes = [m.reshape(out, -1).shape[1] for m in moms]
-                dirs = [
-                    d.reshape(p.shape) for d, p in zip(mat.split(sizes, dim=1), params, strict=True)
-                ]
-            else:
-                dirs = moms
-            for p, d in zip(params, dirs, strict=True):
-                apply_update(p, d, group)
-                done.add(id(p))
+            if "kfac_A_inv" not in st:
+                updates.extend((p, m, False) for p, m in zip(params, moms, strict=True))
+                continue
+            out = layer.weight.shape[0]
+            mom = torch.cat([m.reshape(out, -1) for m in moms], dim=1)
+            mat = st["kfac_G_inv"] @ mom @ st["kfac_A_inv"]
+            quad += float((mat * mom).sum())
+            sizes = [m.reshape(out, -1).shape[1] for m in moms]
+            for d, p in zip(mat.split(sizes, dim=1), params, strict=True):
+                updates.append((p, d.reshape(p.shape), True))
+        seen = {id(p) for p, _, _ in updates}
         for p in group["params"]:
-            if p.grad is not None and id(p) not in done:
-                apply_update(p, momentum_of(self.state[p], p, group), group)
+            if p.grad is not None and id(p) not in seen:
+                updates.append((p, momentum_of(self.state[p], p, group), False))
+        nu = kl_clip_factor(quad, group["lr"], group["kl_clip"])
+        group["kl_clip_nu"] = nu
+        before = [p.detach().clone() for p, _, _ in updates] if adapt else []
+        for p, d, clipped in updates:
+            apply_update(p, d.mul(nu) if clipped and nu != 1.0 else d, group)
+        if adapt:
+            assert closure is not None and loss is not None
+            predicted = self._model_change(updates, before, group)
+            new_loss = float(closure())  # under no_grad: a forward only
+            rho = (new_loss - float(loss)) / predicted if predicted < 0.0 else math.nan
+            group["lm_rho"] = rho
+            omega = group["adapt_omega"]
+            if omega is None:  # Martens & Grosse's (19/20)^T1
+                omega = (19.0 / 20.0) ** group["adapt_every"]
+            damping = lm_damping(group["damping"], rho, omega)
+            # a raised damping is a failed step: invert again at once rather than keep stepping
+            # with the factors that failed until the next scheduled inversion
+            group["kfac_reinvert"] = damping > group["damping"]
+            group["damping"] = damping
         group["step"] = k + 1
         self._collect = (k + 1) % group["stat_every"] == 0 or any(
             self.state[layer.weight].get("kfac_stat_updates", 0) == 0 for layer in self._layers
         )
         return loss
+
+    def _model_change(
+        self,
+        updates: list[tuple[Tensor, Tensor, bool]],
+        before: list[Tensor],
+        group: dict[str, Any],
+    ) -> float:
+        """``M(delta) = g . delta + 1/2 delta^T F delta``: the change of the loss the undamped
+        K-FAC quadratic model predicts for the step just taken (``delta`` = new - old parameters;
+        ``F`` block diagonal with ``A (x) G`` on the K-FAC layers, zero elsewhere, plus the L2
+        coefficient when weight decay is L2)."""
+        wd = group["weight_decay"] if not group["decoupled_weight_decay"] else 0.0
+        deltas: dict[int, Tensor] = {}
+        linear = curvature = 0.0
+        for (p, _, _), old in zip(updates, before, strict=True):
+            assert p.grad is not None
+            delta = p.detach() - old
+            deltas[id(p)] = delta
+            g = p.grad if not wd else p.grad.add(old, alpha=wd)
+            linear += float((g * delta).sum())
+            if wd:
+                curvature += wd * float((delta * delta).sum())
+        for layer in self._layers:
+            st = self.state[layer.weight]
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            if "kfac_A" not in st or any(id(p) not in deltas for p in params):
+                continue
+            out = layer.weight.shape[0]
+            mat = torch.cat([deltas[id(p)].reshape(out, -1) for p in params], dim=1)
+            curvature += float(((st["kfac_G"] @ mat @ st["kfac_A"]) * mat).sum())
+        return linear + 0.5 * curvature
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict` (factors, inverses, momentum, step).
