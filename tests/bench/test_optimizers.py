@@ -14,6 +14,7 @@ import io
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -377,6 +378,21 @@ def test_kfac_kl_clip_scales_the_step_exactly_to_the_bound(pi_damping: bool) -> 
         torch.set_default_dtype(torch.float32)
 
 
+def _lm_closure(opt: torch.optim.Optimizer, model: nn.Module, x: Tensor,
+                y: Tensor) -> Callable[[], Tensor]:
+    """The loop's minibatch loss as a closure (backward only with gradients on), for K-FAC's
+    Levenberg-Marquardt adaptation, which re-evaluates it without gradients."""
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = half_sse(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+
+    return closure
+
+
 @pytest.mark.parametrize("omega", [0.5, None])
 def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss(omega: float | None) -> None:
     """One example, a linear model with one output and residual 1: the loss is exactly quadratic
@@ -391,13 +407,7 @@ def test_kfac_lm_rho_is_one_when_the_quadratic_model_is_the_loss(omega: float | 
         opt = KFAC(model, 0.7, momentum=0.0, damping=0.3, adapt_damping=True, adapt_every=1,
                    adapt_omega=omega)
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = half_sse(model(x), y)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
+        closure = _lm_closure(opt, model, x, y)
         opt.step(closure)
         assert opt.param_groups[0]["lm_rho"] == pytest.approx(1.0, abs=1e-12)
         factor = 0.95 if omega is None else omega  # (19/20)^1
@@ -424,13 +434,7 @@ def test_kfac_lm_rho_and_damping_match_a_float64_reference(lr: float) -> None:
                    adapt_every=1, adapt_omega=omega)
         layers, ref_layers = [model[0], model[2]], [ref[0], ref[2]]
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = half_sse(model(xs), ys)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
+        closure = _lm_closure(opt, model, xs, ys)
         h_old = float(half_sse(ref(xs), ys).detach())
         grads = torch.autograd.grad(half_sse(ref(xs), ys), list(ref.parameters()))
         ins, dels = per_example_deltas(ref, ref_layers, half_sse, xs, ys)
@@ -482,13 +486,7 @@ def test_kfac_lm_damping_rule_and_immediate_inversion_after_a_raise() -> None:
         opt = KFAC(model, 30.0, momentum=0.0, damping=0.05, adapt_damping=True, adapt_every=1,
                    adapt_omega=0.5, invert_early=False, inv_every=50)
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = half_sse(model(xs), ys)
-            if torch.is_grad_enabled():
-                loss.backward()
-            return loss
-
+        closure = _lm_closure(opt, model, xs, ys)
         opt.step(closure)
         assert opt.param_groups[0]["damping"] == pytest.approx(0.1)
         opt.param_groups[0]["adapt_damping"] = False
