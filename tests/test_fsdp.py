@@ -258,7 +258,11 @@ def test_a_run_survives_a_rank_killed_mid_step(tmp_path: Path) -> None:
     assert "exitcode: -9" in run.stderr, f"rank 1 was not killed:\n{run.stderr[-2000:]}"
     final = torch.load(tmp_path / "final.pt")
     assert final["resumed_from"] == expected, f"seed {seed}, kill {kill}"
-    reference = _torchrun(str(tmp_path), "--from", str(expected), restarts=0)
+    # The reference writes no checkpoint and starts from checkpoint `expected` on every attempt,
+    # so a restart repeats it exactly; restarts allowed for the same transient gloo failures
+    # (seen once in five on a quiet machine: rank 0 aborted, "terminate called without an
+    # active exception", already at 65858ab).
+    reference = _torchrun(str(tmp_path), "--from", str(expected), restarts=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
     uninterrupted = torch.load(tmp_path / "reference" / "final.pt")
     assert torch.equal(final["params"], uninterrupted["params"]), f"seed {seed}, kill {kill}"
