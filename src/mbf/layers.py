@@ -335,26 +335,23 @@ def _embedding_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
     return [UnitSpec((weight,), embedding_layout(weight, params.max_block_size(weight)))]
 
 
-def _embedding_stats(
-    module: nn.Module,
-    layouts: Sequence[BlockLayout],
-    inputs: Tensor,
-    grad_outputs: Tensor,
-    context: StatsContext,
-) -> list[Tensor]:
-    (layout,) = layouts
-    return [embedding_block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
+def _module_stats(
+    block_stats: Callable[[nn.Module, BlockLayout, Tensor, Tensor, int], Tensor],
+) -> StatsFn:
+    """The stats rule of a one-unit layer whose statistics need the module, the unit's layout,
+    the layer's inputs and output gradients and the chunk size (embeddings, LayerNorm)."""
 
+    def stats(
+        module: nn.Module,
+        layouts: Sequence[BlockLayout],
+        inputs: Tensor,
+        grad_outputs: Tensor,
+        context: StatsContext,
+    ) -> list[Tensor]:
+        (layout,) = layouts
+        return [block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
 
-def _layer_norm_stats(
-    module: nn.Module,
-    layouts: Sequence[BlockLayout],
-    inputs: Tensor,
-    grad_outputs: Tensor,
-    context: StatsContext,
-) -> list[Tensor]:
-    (layout,) = layouts
-    return [layer_norm_block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
+    return stats
 
 
 def _no_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
@@ -371,8 +368,8 @@ def _out_proj(module: nn.Module) -> list[nn.Module]:
 _LINEAR = LayerRule(_linear_units, _linear_stats)
 _CONV = LayerRule(_conv_units, _conv_stats)
 _NORM = LayerRule(_norm_units)  # batch norms: an example's output depends on the others
-_LAYER_NORM = LayerRule(_norm_units, _layer_norm_stats)
-_EMBEDDING = LayerRule(_embedding_units, _embedding_stats)
+_LAYER_NORM = LayerRule(_norm_units, _module_stats(layer_norm_block_stats))
+_EMBEDDING = LayerRule(_embedding_units, _module_stats(embedding_block_stats))
 _EMBEDDING_BAG = LayerRule(_embedding_units)  # bags (offsets, mean/max modes): batch estimator
 # Its own in_proj tensors are cut by shape, as any parameter without a rule.
 _ATTENTION = LayerRule(_no_units, applied_functionally=_out_proj)
