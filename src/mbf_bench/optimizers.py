@@ -137,6 +137,13 @@ _MBF_OPTIONS = {
     k: _MBF_SIGNATURE[k].default for k in ("stat_buffer", "storage", "curvature_dtype")
 }
 
+
+def _mbf_defaults(**overrides: Any) -> dict[str, Any]:
+    """An ``mbf.MBF`` entry's defaults: the library's, its default estimator and storage
+    options, then ``overrides``."""
+    return {**mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS, **overrides}
+
+
 # The schedule shared by the second-order methods (framework defaults; per task in TASK_DEFAULTS).
 _CURVATURE = {"momentum": 0.9, "stat_decay": 0.9, "stat_every": 1, "inv_every": 20}
 _DECAY = {"weight_decay": 0.0, "decoupled_weight_decay": False}
@@ -176,7 +183,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "mbf",
             f"mini-block Fisher (mbf.MBF) at the library defaults, estimator "
             f"{_MBF_DEFAULT_ESTIMATOR!r}",
-            {**mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS},
+            _mbf_defaults(),
             _mbf(None),
             needs_model=True,
         ),
@@ -197,12 +204,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         OptimizerSpec(
             "mbf-packed",
             "mini-block Fisher with storage='packed' (upper triangles: about half the memory)",
-            {
-                **mbf.DEFAULTS,
-                "estimator": _MBF_DEFAULT_ESTIMATOR,
-                **_MBF_OPTIONS,
-                "storage": "packed",
-            },
+            _mbf_defaults(storage="packed"),
             _mbf(None),
             needs_model=True,
         ),
@@ -210,12 +212,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "mbf-bf16",
             "mini-block Fisher with curvature_dtype='bfloat16' (statistics and inverses in 16 "
             "bits)",
-            {
-                **mbf.DEFAULTS,
-                "estimator": _MBF_DEFAULT_ESTIMATOR,
-                **_MBF_OPTIONS,
-                "curvature_dtype": "bfloat16",
-            },
+            _mbf_defaults(curvature_dtype="bfloat16"),
             _mbf(None),
             needs_model=True,
         ),
@@ -223,13 +220,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "mbf-packed-bf16",
             "mini-block Fisher with storage='packed' and curvature_dtype='bfloat16' (the least "
             "state)",
-            {
-                **mbf.DEFAULTS,
-                "estimator": _MBF_DEFAULT_ESTIMATOR,
-                **_MBF_OPTIONS,
-                "storage": "packed",
-                "curvature_dtype": "bfloat16",
-            },
+            _mbf_defaults(storage="packed", curvature_dtype="bfloat16"),
             _mbf(None),
             needs_model=True,
         ),
@@ -296,8 +287,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "schedulefree-mbf",
             "MBF's direction in schedule-free averaging (schedulefree.ScheduleFreeWrapper around "
             "mbf.MBF; no learning-rate schedule)",
-            {**mbf.DEFAULTS, "estimator": _MBF_DEFAULT_ESTIMATOR, **_MBF_OPTIONS,
-             "momentum": 0.0, "sf_momentum": 0.9, "weight_lr_power": 2.0, "r": 0.0},
+            _mbf_defaults(momentum=0.0, sf_momentum=0.9, weight_lr_power=2.0, r=0.0),
             baselines.build_schedulefree_mbf,
             needs_model=True,
         ),
