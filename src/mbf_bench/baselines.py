@@ -14,6 +14,7 @@ optimizer, as Muon's authors and ``pytorch-optimizer`` document: see :func:`muon
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
@@ -131,25 +132,18 @@ def build_schedulefree_mbf(model: nn.Module, hp: dict[str, Any]) -> torch.optim.
     return opt
 
 
-_WRAPPER_CLASSES: dict[int, type] = {}
-
-
+@functools.cache
 def _schedule_free_class(sf: ModuleType) -> type:
     """``sf.ScheduleFreeWrapper`` with attribute lookups that miss passed on to the wrapped
     optimizer (made once, when the library is first asked for)."""
-    cls = _WRAPPER_CLASSES.get(id(sf))
-    if cls is None:
-        base = sf.ScheduleFreeWrapper
 
-        def __getattr__(self: Any, name: str) -> Any:
-            if name == "base":  # not set yet (copy, unpickling): no recursion through it
-                raise AttributeError(name)
-            return getattr(self.base, name)
+    def __getattr__(self: Any, name: str) -> Any:
+        if name == "base":  # not set yet (copy, unpickling): no recursion through it
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
-        cls = type("ScheduleFreeMBF", (base,), {"__getattr__": __getattr__,
-                                                "__doc__": build_schedulefree_mbf.__doc__})
-        _WRAPPER_CLASSES[id(sf)] = cls
-    return cls
+    return type("ScheduleFreeMBF", (sf.ScheduleFreeWrapper,),
+                {"__getattr__": __getattr__, "__doc__": build_schedulefree_mbf.__doc__})
 
 
 def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
