@@ -335,13 +335,16 @@ def _embedding_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
     return [UnitSpec((weight,), embedding_layout(weight, params.max_block_size(weight)))]
 
 
-def _module_stats(
-    block_stats: Callable[[nn.Module, BlockLayout, Tensor, Tensor, int], Tensor],
-) -> StatsFn:
+@dataclass(frozen=True)
+class _ModuleStats:
     """The stats rule of a one-unit layer whose statistics need the module, the unit's layout,
-    the layer's inputs and output gradients and the chunk size (embeddings, LayerNorm)."""
+    the layer's inputs and output gradients and the chunk size (embeddings, LayerNorm). A class
+    rather than a closure, so that the rules, and an ``MBF`` holding them, pickle."""
 
-    def stats(
+    block_stats: Callable[[nn.Module, BlockLayout, Tensor, Tensor, int], Tensor]
+
+    def __call__(
+        self,
         module: nn.Module,
         layouts: Sequence[BlockLayout],
         inputs: Tensor,
@@ -349,9 +352,7 @@ def _module_stats(
         context: StatsContext,
     ) -> list[Tensor]:
         (layout,) = layouts
-        return [block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
-
-    return stats
+        return [self.block_stats(module, layout, inputs, grad_outputs, context.chunk_elements)]
 
 
 def _no_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
@@ -368,8 +369,8 @@ def _out_proj(module: nn.Module) -> list[nn.Module]:
 _LINEAR = LayerRule(_linear_units, _linear_stats)
 _CONV = LayerRule(_conv_units, _conv_stats)
 _NORM = LayerRule(_norm_units)  # batch norms: an example's output depends on the others
-_LAYER_NORM = LayerRule(_norm_units, _module_stats(layer_norm_block_stats))
-_EMBEDDING = LayerRule(_embedding_units, _module_stats(embedding_block_stats))
+_LAYER_NORM = LayerRule(_norm_units, _ModuleStats(layer_norm_block_stats))
+_EMBEDDING = LayerRule(_embedding_units, _ModuleStats(embedding_block_stats))
 _EMBEDDING_BAG = LayerRule(_embedding_units)  # bags (offsets, mean/max modes): batch estimator
 # Its own in_proj tensors are cut by shape, as any parameter without a rule.
 _ATTENTION = LayerRule(_no_units, applied_functionally=_out_proj)
