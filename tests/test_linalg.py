@@ -10,6 +10,7 @@ different slices of a bucket and must agree bitwise).
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+import mbf.linalg
 from mbf.linalg import FactorReport, damped_inverse
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
@@ -126,6 +128,58 @@ def test_failing_blocks_are_retried_or_fall_back_and_counted_among_good_ones() -
     inverse, report = damped_inverse(zero, 0.0)  # retried with 10x the base 1e-6
     assert (report.retried, report.fallback, report.nonfinite) == (2, 0, 0)
     assert torch.allclose(inverse, 1e5 * eye.expand(2, size, size))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parts_over_threads_give_one_call_s_bits_and_counts(
+    threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several torch threads the batch is cut into one part per thread, factored and
+    inverted at once in a pool: every block's bits, the retries and fallbacks and their counts
+    are those of one call on one thread; the parts cover the batch exactly, each once."""
+    monkeypatch.setattr(mbf.linalg, "MIN_BLOCKS_PER_THREAD", 4)
+    seen: list[tuple[str, int]] = []
+    factor = mbf.linalg._cholesky_
+
+    def recording(part: Tensor, info: Tensor) -> None:
+        seen.append((threading.current_thread().name, part.shape[0]))
+        factor(part, info)
+
+    matrices = spd_blocks(50, 9, 1e4, seed=7).float()
+    damping = torch.logspace(-4, 0, 50)
+    matrices[5] = -2 * damping[5] * torch.eye(9)  # retried (positive with 10x its damping)
+    matrices[31] = float("nan")  # falls back
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_report = damped_inverse(matrices, damping)
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(mbf.linalg, "_cholesky_", recording)
+        parts, parts_report = damped_inverse(matrices, damping)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(parts, one)
+    assert parts_report == one_report == FactorReport(blocks=50, retried=1, fallback=1,
+                                                      nonfinite=1)
+    assert sorted(n for _, n in seen) == sorted(50 * (k + 1) // threads - 50 * k // threads
+                                                for k in range(threads))
+    assert all(name.startswith("mbf-linalg") for name, _ in seen)
+
+
+def test_too_few_blocks_per_thread_stay_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``MIN_BLOCKS_PER_THREAD`` blocks per thread the batch is not cut."""
+    seen: list[int] = []
+    factor = mbf.linalg._cholesky_
+    monkeypatch.setattr(mbf.linalg, "_cholesky_",
+                        lambda part, info: (seen.append(part.shape[0]), factor(part, info)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        damped_inverse(spd_blocks(mbf.linalg.MIN_BLOCKS_PER_THREAD * 2 - 1, 3, 10.0, 8).float(),
+                       1e-2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [mbf.linalg.MIN_BLOCKS_PER_THREAD * 2 - 1]
 
 
 @settings(max_examples=25, deadline=None, derandomize=True,

@@ -7,10 +7,19 @@ times faster than batched triangular solves (``docs/decisions.md``). A block who
 fails is retried with ten times the damping, then a hundred, then a thousand, in float64; what
 still fails (a block with NaN entries, say) gets ``(1 / damping) I``. Failures are counted, so they
 are visible to the user instead of hidden.
+
+On the CPU, torch's batched Cholesky calls LAPACK once per block in a serial loop, so a second
+thread does not help it (with 2 threads it ran 1.0x on blocks of 32, 0.3x on blocks of 64). With
+``torch.get_num_threads() > 1`` the batch is cut into one contiguous part per thread and the
+parts run in a thread pool (torch releases the GIL): each block's result is bitwise the same,
+because LAPACK factors every block alone either way (``docs/decisions.md``, "Threads").
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +28,48 @@ from torch import Tensor
 __all__ = ["FactorReport", "damped_inverse", "damped_inverse_root", "solve_blocks"]
 
 RETRY_FACTORS = (10.0, 100.0, 1000.0)
+
+#: Fewest blocks per thread worth a part of their own (a part costs a task hand-off, ~20 us).
+MIN_BLOCKS_PER_THREAD = 256
+
+_POOL_NAME = "mbf-linalg"
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # the pool and its number of workers
+_pool_lock = threading.Lock()
+
+
+def _worker_pool(threads: int) -> ThreadPoolExecutor:
+    """One process-wide pool, replaced by a larger one when more threads are asked for."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[1] < threads:
+            old = _pool
+            _pool = (ThreadPoolExecutor(threads, thread_name_prefix=_POOL_NAME), threads)
+            if old is not None:
+                old[0].shutdown(wait=False)
+        return _pool[0]
+
+
+def in_parts(fn: Callable[..., object], *tensors: Tensor) -> None:
+    """``fn(*tensors)``, or ``fn`` on contiguous slices along dim 0, one per torch thread, at
+    once: for per-block work (each block's result independent of the others, so the same bits).
+
+    Parts only on the CPU, with ``torch.get_num_threads() > 1`` and at least
+    :data:`MIN_BLOCKS_PER_THREAD` blocks per part; otherwise one call, as before.
+    """
+    count = tensors[0].shape[0]
+    threads = min(torch.get_num_threads(), count // MIN_BLOCKS_PER_THREAD)
+    nested = threading.current_thread().name.startswith(_POOL_NAME)
+    if threads <= 1 or tensors[0].device.type != "cpu" or nested:
+        fn(*tensors)
+        return
+    bounds = [count * k // threads for k in range(threads + 1)]
+    pool = _worker_pool(threads)
+    futures = [
+        pool.submit(fn, *(t[lo:hi] for t in tensors))
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for future in futures:
+        future.result()  # re-raises a part's exception here
 
 
 @dataclass
@@ -70,8 +121,13 @@ def damped_inverse(
     factor, report = damped_cholesky(fisher, damping, out=out)
     # The factor's column-major view is an upper factor: LAPACK then works in place, without
     # the two transposing copies that a row-major (B, s, s) input costs it.
-    torch.cholesky_inverse(factor.mT, upper=True, out=factor.mT)
+    in_parts(_cholesky_inverse_, factor)
     return factor, report
+
+
+def _cholesky_inverse_(factor: Tensor) -> None:
+    """Lower factors to their inverses, in place (see :func:`damped_inverse`)."""
+    torch.cholesky_inverse(factor.mT, upper=True, out=factor.mT)
 
 
 def damped_inverse_root(
@@ -126,7 +182,7 @@ def damped_cholesky(
     # For a symmetric matrix the transposed view holds the same numbers in column-major order,
     # which is LAPACK's: the upper factor of that view is our lower factor, computed in place.
     info = torch.empty(fisher.shape[0], dtype=torch.int32, device=fisher.device)
-    torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
+    in_parts(_cholesky_, factor, info)
     # A NaN or infinity anywhere in a block's lower triangle reaches a later diagonal entry.
     bad = (info != 0) | ~torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
     if not bool(bad.any()):
@@ -159,6 +215,11 @@ def damped_cholesky(
     fixed = torch.where(done[:, None, None], fixed, fallback.sqrt() * eye64)
     factor.index_copy_(0, idx, fixed.to(factor.dtype))
     return factor, report
+
+
+def _cholesky_(factor: Tensor, info: Tensor) -> None:
+    """Damped blocks to their lower factors, in place, LAPACK's status per block in ``info``."""
+    torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
 
 
 def solve_blocks(inverse: Tensor, rhs: Tensor) -> Tensor:
