@@ -653,13 +653,19 @@ class MBF(torch.optim.Optimizer):
         directions: dict[int, list[Tensor]] = {}
         vectors: dict[int, Tensor] = {}
         for item, whole in zip(work, solved, strict=True):
-            for u in item.members:
+            norms = [graft_norms[id(u)] for u in item.members]
+            at_once = _covers(item.members, whole) and all(n is not None for n in norms)
+            if at_once:  # grafted blocks are rescaled one by one: one call for the bucket
+                whole_norms = norms[0] if len(norms) == 1 else torch.cat(norms)  # type: ignore[arg-type]
+                _, overflowed = finish(whole, whole_norms, 1.0, item.rhs)
+                self._counters["overflowed_blocks"] += overflowed
+            for u, norm in zip(item.members, norms, strict=True):
                 view = slice(u.offset, u.offset + u.layout.num_blocks)
                 vectors[id(u)] = item.rhs[view]
-                direction, overflowed = finish(whole[view], graft_norms[id(u)], u.inverse_scale,
-                                               vectors[id(u)])
-                directions[id(u)] = [direction]
-                self._counters["overflowed_blocks"] += overflowed
+                if not at_once:
+                    _, overflowed = finish(whole[view], norm, u.inverse_scale, vectors[id(u)])
+                    self._counters["overflowed_blocks"] += overflowed
+                directions[id(u)] = [whole[view]]
         self._diag.record_step(live, directions)
         if self._agreed(self._all_finite(list(directions.values()))):
             self._apply(live, directions, vectors)
@@ -994,6 +1000,16 @@ class MBF(torch.optim.Optimizer):
         self._step_count = int(extra["step"])
         self._counters.update(extra["counters"])
         self._schedule_collection()
+
+
+def _covers(members: list[Unit], whole: Tensor) -> bool:
+    """Whether ``members``' blocks fill ``whole`` (a bucket's solved blocks) in order."""
+    offset = 0
+    for unit in members:
+        if unit.offset != offset:
+            return False
+        offset += unit.layout.num_blocks
+    return offset == whole.shape[0]
 
 
 def _make_engine(groups: list[dict[str, Any]], process_group: Any, model: nn.Module | None) -> Any:
