@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import mbf.blocks
 from mbf.blocks import (
     BlockLayout,
     chunk_plan,
@@ -122,10 +123,15 @@ def test_bad_sizes_are_refused() -> None:
 
 @pytest.mark.parametrize("mbs", [1, 3, 8, 32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_strided_packing_matches_the_gather_route(mbs: int, bias: bool) -> None:
+@pytest.mark.parametrize("route", [0, 10**9], ids=["pieces", "gather"])
+def test_strided_packing_matches_the_gather_route(
+    mbs: int, bias: bool, route: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # to_blocks copies rectangular pieces; rows_to_blocks gathers by index: they must agree for
     # every row length (padded or not, bias straddling a chunk edge or not), also into a dirty
-    # buffer whose padding must come back as zeros.
+    # buffer whose padding must come back as zeros; by both of to_blocks' routes (small units
+    # gather, large ones copy pieces) and into a buffer of a wider dtype.
+    monkeypatch.setattr(mbf.blocks, "GATHER_BELOW", route)
     gen = torch.Generator().manual_seed(mbs)
     for in_features in range(1, 70):
         weight = torch.randn(3, in_features, generator=gen)
@@ -134,16 +140,23 @@ def test_strided_packing_matches_the_gather_route(mbs: int, bias: bool) -> None:
         dirty = torch.full((layout.num_blocks, layout.block_size), float("nan"))
         packed = layout.to_blocks(tensors, out=dirty)
         assert torch.equal(packed, layout.rows_to_blocks(layout.to_rows(tensors)))
+        wide = torch.full_like(dirty, float("nan"), dtype=torch.float64)
+        layout.to_blocks(tensors, out=wide)
+        assert torch.equal(wide, packed.double())
         for back, original in zip(layout.from_blocks(packed), tensors, strict=True):
             assert torch.equal(back, original)
 
 
 @pytest.mark.parametrize("mbs", [1, 3, 8, 32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_adding_blocks_to_the_tensors_is_adding_their_parts(mbs: int, bias: bool) -> None:
+@pytest.mark.parametrize("route", [0, 10**9], ids=["pieces", "gather"])
+def test_adding_blocks_to_the_tensors_is_adding_their_parts(
+    mbs: int, bias: bool, route: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # add_blocks_to_ (the update straight from the blocks, by strided pieces) must give the bits
     # of adding from_blocks' parts, padded or not, for contiguous and strided tensors alike; the
-    # padding slots (NaN here) must never reach a tensor.
+    # padding slots (NaN here) must never reach a tensor; by both routes (see GATHER_BELOW).
+    monkeypatch.setattr(mbf.blocks, "GATHER_BELOW", route)
     gen = torch.Generator().manual_seed(mbs)
     for in_features in range(1, 70):
         weight = torch.randn(3, in_features, generator=gen)

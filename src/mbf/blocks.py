@@ -61,6 +61,14 @@ def chunk_plan(length: int, max_block_size: int) -> tuple[int, int]:
     return chunks, math.ceil(length / chunks)
 
 
+#: Units of at most this many entries move between tensors and blocks through one gather (or one
+#: indexed add) instead of strided piece copies: the pieces cost a few Python-level tensor
+#: operations each, which dominate on small units (a 128x128 Linear with its bias: 15 us
+#: against 28 us, one thread), while on large units the gather's random reads lose (a
+#: 1000x784 Linear: 524 us against 194 us; ``docs/decisions.md``, section 3).
+GATHER_BELOW = 32768
+
+
 @dataclass(eq=False)
 class BlockLayout:
     """The block structure of one unit.
@@ -94,6 +102,10 @@ class BlockLayout:
     _pads: Tensor | None = field(default=None, repr=False)
     _pieces: list[list[_Piece]] = field(default_factory=list, repr=False)
     _on_device: dict[torch.device, tuple[list[Tensor], Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
+    _flat_on_device: dict[torch.device, Tensor] = field(default_factory=dict, repr=False)
+    _scatter_on_device: dict[torch.device, list[Tensor]] = field(
         default_factory=dict, repr=False
     )
 
@@ -236,16 +248,55 @@ class BlockLayout:
             self._on_device[device] = ([s.to(device) for s in self._slots], pads)
         return self._on_device[device]
 
+    def _flat_gather(self, device: torch.device) -> Tensor:
+        """For every block entry, its index in the unit's tensors flattened and concatenated,
+        or ``numel`` (one zero appended after them) for padding; on ``device``, built once."""
+        if device not in self._flat_on_device:
+            starts = [0]
+            for shape in self.shapes:
+                starts.append(starts[-1] + math.prod(shape))
+            rows = self.to_rows([
+                torch.arange(a, b).reshape(shape)
+                for a, b, shape in zip(starts[:-1], starts[1:], self.shapes, strict=True)
+            ])
+            if self._gather is not None:
+                rows = torch.nn.functional.pad(rows, (0, 1), value=self.numel)
+                rows = rows.index_select(-1, self._gather)
+            self._flat_on_device[device] = rows.reshape(-1).to(device)
+        return self._flat_on_device[device]
+
+    def _flat_scatter(self, device: torch.device) -> list[Tensor]:
+        """Per tensor, where each of its entries (row-major) sits in the flattened blocks: the
+        inverse of :meth:`_flat_gather`, split by tensor; on ``device``, built once."""
+        if device not in self._scatter_on_device:
+            gather = self._flat_gather(device).cpu()
+            real = gather < self.numel
+            where = torch.empty(self.numel, dtype=torch.long)
+            where[gather[real]] = real.nonzero().squeeze(-1)
+            sizes = [math.prod(shape) for shape in self.shapes]
+            self._scatter_on_device[device] = [w.to(device) for w in torch.split(where, sizes)]
+        return self._scatter_on_device[device]
+
     def to_blocks(self, tensors: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
         """The unit's tensors as one ``(num_blocks, block_size)`` tensor.
 
         One pass over the data (a view, when a single tensor needs no padding); ``out`` (a
-        contiguous ``(num_blocks, block_size)`` tensor) receives the blocks when given.
+        contiguous ``(num_blocks, block_size)`` tensor) receives the blocks when given. Units of
+        at most :data:`GATHER_BELOW` entries go through one gather, larger ones through
+        strided copies of rectangular pieces: the same values either way.
         """
         if out is None and len(tensors) == 1 and self._pads is None:
             return tensors[0].reshape(self.num_blocks, self.block_size)
         if out is None:
             out = tensors[0].new_empty(self.num_blocks, self.block_size)
+        if self.numel <= GATHER_BELOW:
+            flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_zeros(1)])
+            index = self._flat_gather(out.device)
+            if flat.dtype == out.dtype and not flat.requires_grad:
+                torch.index_select(flat, 0, index, out=out.view(-1))
+            else:
+                out.view(-1).copy_(flat.index_select(0, index))
+            return out
         # Strided copies of a few rectangular pieces: several times faster than index_copy_.
         grid = out.view(self.rows, self.chunks, self.block_size)
         for tensor, pieces in zip(tensors, self._pieces, strict=True):
@@ -281,6 +332,10 @@ class BlockLayout:
         """
         if self._pads is None or not tensor.is_contiguous():
             tensor.add_(self.from_blocks(blocks)[index].to(tensor.dtype), alpha=alpha)
+            return
+        if self.numel <= GATHER_BELOW:  # one gather of the part, one add (see GATHER_BELOW)
+            part = blocks.reshape(-1).index_select(0, self._flat_scatter(blocks.device)[index])
+            tensor.view(-1).add_(part.to(tensor.dtype), alpha=alpha)
             return
         grid = blocks.view(self.rows, self.chunks, self.block_size)
         values = tensor.view(self.rows, -1)
