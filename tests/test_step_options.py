@@ -432,3 +432,54 @@ def test_inverse_root_blocks_are_the_inverse_square_roots(storage: str) -> None:
 def test_inverse_root_other_than_one_or_two_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="inverse_root"):
         MBF(_net(), inverse_root=value)
+
+
+def test_moments_of_all_parameters_at_once_equal_them_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The eager step advances Adam's moments of every parameter with ``_foreach`` operations
+    (``mbf.direction.advance_moments``); bit for bit what ``form_vector`` does one parameter at
+    a time: two groups with different momentum, ``graft_eps``, coupled and decoupled weight
+    decay, a parameter that misses its gradient for a step (and then restarts its counters
+    later than the others), float32."""
+    import mbf.optimizer
+    from tensors import state_tensors
+
+    def run(batched: bool) -> tuple[Tensor, list[tuple[str, Tensor]], int]:
+        calls = []
+        if not batched:
+            monkeypatch.setattr(mbf.optimizer, "advance_moments", lambda *args: {})
+        else:
+            original = mbf.direction.advance_moments
+
+            def counting(*args: object) -> object:
+                out = original(*args)  # type: ignore[arg-type]
+                calls.append(len(out))
+                return out
+
+            monkeypatch.setattr(mbf.optimizer, "advance_moments", counting)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(),
+                              nn.Linear(5, 3, bias=False))
+        head = list(model[3].parameters())
+        rest = [p for p in model.parameters() if all(p is not q for q in head)]
+        opt = MBF([{"params": rest, "weight_decay": 0.1, "graft_eps": 1e-6},
+                   {"params": head, "momentum": 0.8, "weight_decay": 0.05,
+                    "decoupled_weight_decay": True}], lr=0.02, max_block_size=4, inv_every=2)
+        x, y = torch.randn(16, 6), torch.randn(16, 3)
+        for step in range(7):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if step == 2:
+                model[0].bias.grad = None  # no gradient this step
+            opt.step()
+        monkeypatch.undo()
+        return flat_params(model), state_tensors(opt.state_dict()), sum(calls)
+
+    one_by_one, state_one, _ = run(batched=False)
+    at_once, state_all, batched_parameters = run(batched=True)
+    assert batched_parameters > 0  # the batched path did run
+    assert torch.equal(at_once, one_by_one)
+    assert [k for k, _ in state_all] == [k for k, _ in state_one]
+    for (key, a), (_, b) in zip(state_all, state_one, strict=True):
+        assert torch.equal(a, b), key

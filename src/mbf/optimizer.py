@@ -14,7 +14,7 @@ from . import amp as _amp
 from . import checkpoint, fsdp
 from .blocks import BlockLayout
 from .diagnostics import Diagnostics
-from .direction import Moments, finish, form_vector, kl_term
+from .direction import Moments, advance_moments, finish, form_vector, kl_term
 from .distributed import ShardedEngine, fingerprint, make_engine
 from .engine import Work
 from .fsdp import FSDPEngine, find_mesh_group
@@ -633,6 +633,11 @@ class MBF(torch.optim.Optimizer):
         # The vector to precondition, formed once: solved by the engine, and the KL clip's
         # reference vector.
         live_ids = {id(u) for u, _ in live}
+        # Eager steps advance Adam's moments of all parameters at once (compiled ones per tensor).
+        advanced = (
+            {} if self._moments.compiled is not None
+            else advance_moments([u for u, _ in live], groups, self._param_state)
+        )
         work: list[Work] = []
         graft_norms: dict[int, Tensor | None] = {}
         for bucket in store.buckets:
@@ -647,7 +652,7 @@ class MBF(torch.optim.Optimizer):
             for u in members:
                 out = rhs[u.offset : u.offset + u.layout.num_blocks]
                 graft_norms[id(u)] = form_vector(u, groups[u.group], self._param_state, out,
-                                                 self._moments)
+                                                 self._moments, advanced)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
         directions: dict[int, list[Tensor]] = {}
