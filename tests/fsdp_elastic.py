@@ -82,6 +82,9 @@ def main() -> None:
     model = F.make_model("mlp")
     saved = complete(out) if start_from is None else [start_from]
     first = saved[-1] if saved else 0
+    if rank == 0 and start_from is None:  # every attempt's starting point, for the test
+        with open(out / "resumes.txt", "a") as log:
+            log.write(f"{first}\n")
     files = out / f"ckpt-{first}"
     if first:
         F.load_params(model, torch.load(files / "params.pt"))

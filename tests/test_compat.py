@@ -97,3 +97,28 @@ def test_no_module_but_compat_reads_a_private_torch_attribute() -> None:
     }
     assert not found, sorted(found)
     assert PRIVATE.search((SRC / "_compat.py").read_text())  # the pattern does find them
+
+
+def test_foreach_operations_and_their_per_tensor_fallback_agree_bitwise() -> None:
+    """``_compat.foreach`` returns torch's private ``_foreach_*`` or, without it, the same
+    operations tensor by tensor: on the CPU both give the same bits (the step's moments rely on
+    it, ``tests/test_step_options.py``)."""
+    shapes = [(3, 4), (7,), (2, 3, 5)]
+
+    def run(private: bool) -> list[torch.Tensor]:
+        ops = {n: _compat.foreach(n, private=private)
+               for n in ("mul_", "add_", "addcmul_", "sqrt", "div")}
+        sqs = [torch.rand(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
+        bufs = [torch.randn(s, generator=torch.Generator().manual_seed(2)) for s in shapes]
+        ds = [torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in shapes]
+        ops["mul_"](sqs, 0.999)
+        ops["addcmul_"](sqs, ds, ds, value=1e-3)
+        ops["mul_"](bufs, 0.9)
+        ops["add_"](bufs, ds)
+        denoms = ops["sqrt"](sqs)
+        ops["add_"](denoms, 1e-8)
+        return [*sqs, *bufs, *ops["div"](bufs, denoms)]
+
+    assert callable(getattr(torch, "_foreach_mul_", None))  # this torch has the private ones
+    for a, b in zip(run(private=True), run(private=False), strict=True):
+        assert torch.equal(a, b)

@@ -257,12 +257,16 @@ def test_a_run_survives_a_rank_killed_mid_step(tmp_path: Path) -> None:
     assert run.returncode == 0, f"seed {seed}, kill {kill}:\n{run.stderr[-3000:]}"
     assert "exitcode: -9" in run.stderr, f"rank 1 was not killed:\n{run.stderr[-2000:]}"
     final = torch.load(tmp_path / "final.pt")
-    assert final["resumed_from"] == expected, f"seed {seed}, kill {kill}"
-    # The reference writes no checkpoint and starts from checkpoint `expected` on every attempt,
-    # so a restart repeats it exactly; restarts allowed for the same transient gloo failures
-    # (seen once in five on a quiet machine: rank 0 aborted, "terminate called without an
-    # active exception", already at 65858ab).
-    reference = _torchrun(str(tmp_path), "--from", str(expected), restarts=2)
+    # The attempt after the kill resumes from the last complete checkpoint. A later transient
+    # gloo failure (seen about once in eight runs under load: a restarted rank aborts with
+    # "terminate called without an active exception") may restart the job once more, from a
+    # later checkpoint: the run then ends from that one.
+    resumes = [int(line) for line in (tmp_path / "resumes.txt").read_text().split()]
+    assert resumes[:2] == [0, expected], f"seed {seed}, kill {kill}: resumed from {resumes}"
+    assert final["resumed_from"] == resumes[-1]
+    # The reference writes no checkpoint and starts from the run's last starting point on every
+    # attempt, so a restart repeats it exactly; restarts allowed for the same transient failures.
+    reference = _torchrun(str(tmp_path), "--from", str(resumes[-1]), restarts=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
     uninterrupted = torch.load(tmp_path / "reference" / "final.pt")
     assert torch.equal(final["params"], uninterrupted["params"]), f"seed {seed}, kill {kill}"

@@ -20,6 +20,7 @@ __all__ = [
     "TorchFeatureMissing",
     "conv_padding",
     "conv_weight_grad",
+    "foreach",
     "functorch_active",
     "queue_engine_callback",
 ]
@@ -134,3 +135,47 @@ def functorch_active() -> bool:
     """
     probe = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(probe()) if probe is not None else False
+
+
+# --- elementwise work over lists of tensors ---------------------------------------------------
+def _mul_(tensors: list[torch.Tensor], scalar: float) -> None:
+    for t in tensors:
+        t.mul_(scalar)
+
+
+def _add_(tensors: list[torch.Tensor], other: list[torch.Tensor] | float) -> None:
+    for k, t in enumerate(tensors):
+        t.add_(other[k] if isinstance(other, list) else other)
+
+
+def _addcmul_(tensors: list[torch.Tensor], left: list[torch.Tensor],
+              right: list[torch.Tensor], value: float) -> None:
+    for t, a, b in zip(tensors, left, right, strict=True):
+        t.addcmul_(a, b, value=value)
+
+
+def _sqrt(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.sqrt(t) for t in tensors]
+
+
+def _div(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.div(t, o) for t, o in zip(tensors, others, strict=True)]
+
+
+_PER_TENSOR: dict[str, Callable[..., Any]] = {
+    "mul_": _mul_, "add_": _add_, "addcmul_": _addcmul_, "sqrt": _sqrt, "div": _div,
+}
+
+
+def foreach(name: str, private: bool = True) -> Callable[..., Any]:
+    """``torch._foreach_<name>`` for ``name`` in ``mul_``, ``add_``, ``addcmul_``, ``sqrt``,
+    ``div``; its per-tensor form where a torch release lacks it (or with ``private=False``).
+
+    The step advances Adam's moments of all parameters at once with these
+    (``mbf.direction.advance_moments``): one call each instead of one per parameter, which on a
+    small transformer was most of the vector phase's time. They are private; without them the
+    step takes the per-tensor form: the same operations one tensor at a time, so the same
+    results (on the CPU torch's own loop does exactly that), with the per-call cost back.
+    """
+    found = getattr(torch, f"_foreach_{name}", None) if private else None
+    return found if callable(found) else _PER_TENSOR[name]

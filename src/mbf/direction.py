@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compat import foreach
 from .units import Unit
 
 __all__ = ["Moments", "adam_moments", "advance_moments", "finish", "form_vector", "kl_term"]
@@ -141,14 +142,15 @@ def advance_moments(
             bufs.append(st["momentum_buffer"])
             scales[id(p)] = first * root_b
     advanced: dict[int, Advanced] = {}
+    mul_, add_, addcmul_ = foreach("mul_"), foreach("add_"), foreach("addcmul_")
     for (beta2, mu, eps), (ids, ds, sqs, bufs) in batches.items():
-        torch._foreach_mul_(sqs, beta2)
-        torch._foreach_addcmul_(sqs, ds, ds, value=1.0 - beta2)
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, ds)
-        denoms = torch._foreach_sqrt(sqs)
-        torch._foreach_add_(denoms, eps)
-        for ident, step in zip(ids, torch._foreach_div(bufs, denoms), strict=True):
+        mul_(sqs, beta2)
+        addcmul_(sqs, ds, ds, value=1.0 - beta2)
+        mul_(bufs, mu)
+        add_(bufs, ds)
+        denoms = foreach("sqrt")(sqs)
+        add_(denoms, eps)
+        for ident, step in zip(ids, foreach("div")(bufs, denoms), strict=True):
             advanced[ident] = (step, scales[ident])
     return advanced
 
