@@ -102,11 +102,15 @@ Advanced = tuple[Tensor, float]
 
 
 def advance_moments(
-    units: Sequence[Unit], groups: Sequence[dict[str, Any]], state: MutableMapping[Tensor, Any]
+    units: Sequence[Unit],
+    groups: Sequence[dict[str, Any]],
+    state: MutableMapping[Tensor, Any],
+    compiled: Callable[[Tensor, Tensor, Tensor, float, float, float], Tensor] | None = None,
 ) -> dict[int, Advanced]:
     """:func:`adam_moments` for every parameter of ``units`` in the steady state of the default
-    step (Adam graft, momentum, both buffers already there, a gradient), with ``_foreach``
-    operations over all of them at once (one batch per distinct ``(beta2, mu, eps)``).
+    step (Adam graft, momentum, both buffers already there, a gradient): with ``_foreach``
+    operations over all of them at once (one batch per distinct ``(beta2, mu, eps)``), or with
+    ``compiled`` (a compiling :class:`Moments`) one tensor at a time.
 
     Returns, by ``id`` of the parameter, Adam's step and its scale (bias corrections), with the
     buffers and the step counters updated as :func:`form_vector` would; :func:`form_vector`
@@ -116,6 +120,7 @@ def advance_moments(
         tuple[float, float, float], tuple[list[int], list[Tensor], list[Tensor], list[Tensor]]
     ] = {}
     scales: dict[int, float] = {}
+    advanced: dict[int, Advanced] = {}
     for unit in units:
         group = groups[unit.group]
         mu, wd = group["momentum"], group["weight_decay"]
@@ -135,22 +140,26 @@ def advance_moments(
             st["momentum_steps"] = st.get("momentum_steps", 0) + 1
             first = (1.0 - mu) / (1.0 - mu ** st["momentum_steps"])
             hyper = (beta2, mu, group["graft_eps"] * root_b)
+            if compiled is not None:
+                step = compiled(d, st["graft_sq"], st["momentum_buffer"], *hyper)
+                advanced[id(p)] = (step, first * root_b)
+                continue
             ids, ds, sqs, bufs = batches.setdefault(hyper, ([], [], [], []))
             ids.append(id(p))
             ds.append(d)
             sqs.append(st["graft_sq"])
             bufs.append(st["momentum_buffer"])
             scales[id(p)] = first * root_b
-    advanced: dict[int, Advanced] = {}
     mul_, add_, addcmul_ = foreach("mul_"), foreach("add_"), foreach("addcmul_")
+    sqrt, div = foreach("sqrt"), foreach("div")
     for (beta2, mu, eps), (ids, ds, sqs, bufs) in batches.items():
         mul_(sqs, beta2)
         addcmul_(sqs, ds, ds, value=1.0 - beta2)
         mul_(bufs, mu)
         add_(bufs, ds)
-        denoms = foreach("sqrt")(sqs)
+        denoms = sqrt(sqs)
         add_(denoms, eps)
-        for ident, step in zip(ids, foreach("div")(bufs, denoms), strict=True):
+        for ident, step in zip(ids, div(bufs, denoms), strict=True):
             advanced[ident] = (step, scales[ident])
     return advanced
 
@@ -160,7 +169,6 @@ def form_vector(
     group: dict[str, Any],
     state: MutableMapping[Tensor, Any],
     out: Tensor,
-    moments: Callable[[Tensor, Tensor, Tensor, float, float, float], Tensor] = adam_moments,
     advanced: dict[int, Advanced] | None = None,
 ) -> Tensor | None:
     """Update the momentum of the unit's parameters and write it, as blocks, into ``out``.
@@ -168,9 +176,10 @@ def form_vector(
     ``state``: the optimizer's per-parameter state (momentum and Adam's second moment live
     there, so they checkpoint with ``torch.optim``'s state). Returns, with ``graft``, the
     ``(num_blocks,)`` lengths of the grafted step per block (Adam's
-    ``m_hat / (sqrt(v_hat) + eps)``, or the momentum itself), else ``None``. ``moments``:
-    :func:`adam_moments` or a :class:`Moments` (the same, possibly compiled). ``advanced``:
-    what :func:`advance_moments` already did for some of the unit's parameters this step.
+    ``m_hat / (sqrt(v_hat) + eps)``, or the momentum itself), else ``None``. ``advanced``:
+    what :func:`advance_moments` already did for some of the unit's parameters this step (the
+    steady state of the default step); the others are advanced here one by one, with the
+    operations of :func:`adam_moments` (so the same bits).
     """
     mu, wd = group["momentum"], group["weight_decay"]
     l2 = wd if (wd and not group["decoupled_weight_decay"]) else 0.0
@@ -204,14 +213,6 @@ def form_vector(
             # on the autoencoder); the scalar sqrt(b) is applied to the block lengths.
             root_b = math.sqrt(1.0 - beta2 ** st["graft_steps"])
             eps = group["graft_eps"] * root_b
-            buf = st.get("momentum_buffer")
-            if mu and buf is not None:  # the steady state: one call (fused when compiled)
-                adam_steps.append(moments(d, sq, buf, beta2, mu, eps))
-                st["momentum_steps"] = st.get("momentum_steps", 0) + 1
-                first = (1.0 - mu) / (1.0 - mu ** st["momentum_steps"])
-                adam_scales.append(first * root_b)
-                bufs.append(buf)
-                continue
             sq.mul_(beta2).addcmul_(d, d, value=1.0 - beta2)
             denom = torch.sqrt(sq).add_(eps)
         if mu:

@@ -633,11 +633,9 @@ class MBF(torch.optim.Optimizer):
         # The vector to precondition, formed once: solved by the engine, and the KL clip's
         # reference vector.
         live_ids = {id(u) for u, _ in live}
-        # Eager steps advance Adam's moments of all parameters at once (compiled ones per tensor).
-        advanced = (
-            {} if self._moments.compiled is not None
-            else advance_moments([u for u, _ in live], groups, self._param_state)
-        )
+        # Adam's moments of all steady-state parameters at once (compiled: one tensor at a time).
+        compiled = self._moments if self._moments.compiled is not None else None
+        advanced = advance_moments([u for u, _ in live], groups, self._param_state, compiled)
         work: list[Work] = []
         graft_norms: dict[int, Tensor | None] = {}
         for bucket in store.buckets:
@@ -652,7 +650,7 @@ class MBF(torch.optim.Optimizer):
             for u in members:
                 out = rhs[u.offset : u.offset + u.layout.num_blocks]
                 graft_norms[id(u)] = form_vector(u, groups[u.group], self._param_state, out,
-                                                 self._moments, advanced)
+                                                 advanced)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
         directions: dict[int, list[Tensor]] = {}
