@@ -26,6 +26,7 @@ from mbf_bench.protocol import (
     PHASES,
     ExistingRecordError,
     RecordStore,
+    crashed_record,
     defaults_jobs,
     final_jobs,
     load_rules,
@@ -64,13 +65,18 @@ def _run_phase(args: argparse.Namespace) -> int:
             for job in jobs:
                 try:
                     record = run_job(rules, job, args.data_dir)
-                except Exception as error:  # a crash, not a divergence: no record, retried later
-                    print(f"{args.phase} {args.task} {name} trial {job.trial} seed {job.seed}: "
-                          f"failed ({type(error).__name__}: {error}); not recorded, the next "
-                          "run of this command retries it", flush=True)
-                    failed += 1
-                    crashed = True
-                    break
+                except Exception as error:  # a crash, not a divergence
+                    attempts = store.note_crash(job, error)
+                    where = f"{args.phase} {args.task} {name} trial {job.trial} seed {job.seed}"
+                    if attempts < rules["crashes"]["recorded_after"]:
+                        print(f"{where}: failed ({type(error).__name__}: {error}); not "
+                              "recorded, the next run of this command retries it", flush=True)
+                        failed += 1
+                        crashed = True
+                        break
+                    print(f"{where}: failed ({type(error).__name__}: {error}), {attempts} "
+                          "times alike: recorded as crashed (ranks as diverged)", flush=True)
+                    record = crashed_record(job, error, attempts)
                 try:
                     store.append(record)
                 except ExistingRecordError:  # another stream recorded it first: theirs stays

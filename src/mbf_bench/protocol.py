@@ -16,7 +16,10 @@ The rules live in a frozen file (``protocol_rules.json`` beside this module; exp
   the training set with tuning seeds, finals on the test split with final seeds (disjoint).
 - **Records.** One JSON line per finished run, in ``<root>/<phase>/<task>/<name>.jsonl``; a run
   already recorded is never run or written again (:class:`RecordStore`), a diverged run is a
-  record like any other, an interrupted one left no record and is run again from the start.
+  record like any other, an interrupted one left no record and is run again from the start. A
+  run that crashes (an exception) is logged and retried by the next command; once it has crashed
+  ``crashes.recorded_after`` times with the same exception type it is recorded as ``crashed``
+  (:func:`crashed_record`) and ranks with the diverged runs.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "RecordStore",
     "TrialJob",
     "best_trial",
+    "crashed_record",
     "defaults_jobs",
     "draw_points",
     "final_jobs",
@@ -221,6 +225,23 @@ class RecordStore:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
 
+    def crash_log(self, phase: str, task: str, name: str) -> Path:
+        """Where the crashes of one entry's runs are logged (not records: no ``.jsonl``)."""
+        return self.root / phase / task / f"{name}.crashes"
+
+    def note_crash(self, job: TrialJob, error: BaseException) -> int:
+        """Log one crash of ``job``'s run; return how many crashes of that run with the same
+        exception type the log holds, this one included."""
+        path = self.crash_log(job.phase, job.task, job.name)
+        entry = {"trial": job.trial, "seed": job.seed, "error": type(error).__name__,
+                 "message": str(error)[:500]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        logged = [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+        return sum((e["trial"], e["seed"], e["error"]) == (job.trial, job.seed, entry["error"])
+                   for e in logged)
+
 
 @dataclass
 class TrialJob:
@@ -360,6 +381,14 @@ def defaults_jobs(rules: dict[str, Any], store: RecordStore, task: str,
     done = {r["seed"] for r in store.load("defaults", task) if r["name"] == name}
     return [TrialJob("defaults", task, name, optimizer, hparams, s)
             for s in rules["seeds"]["final"] if s not in done]
+
+
+def crashed_record(job: TrialJob, error: BaseException, attempts: int) -> dict[str, Any]:
+    """The record of a run that crashed ``attempts`` times with the same exception: status
+    ``crashed``, no value, ranked with the diverged runs (worst score)."""
+    return {**job.record_base(), "status": "crashed", "steps": 0, "cpu_seconds": 0.0,
+            "metric": "", "value": None, "score": None,
+            "error": f"{type(error).__name__}: {str(error)[:500]}", "attempts": attempts}
 
 
 def _score(line: dict[str, Any], prefix: str) -> tuple[str, float | None, float]:

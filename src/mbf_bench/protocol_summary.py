@@ -92,6 +92,15 @@ def _hparams_text(hparams: dict[str, Any], names: Iterable[str]) -> str:
     return ", ".join(f"{k}={hparams[k]:.3g}" for k in names if k in hparams)
 
 
+def _failed_text(runs: list[dict[str, Any]], out_of: bool = True) -> str:
+    """Runs that did not finish (``of all`` when ``out_of``): diverged ones and, named apart,
+    crashed ones."""
+    failed = sum(r["status"] != "finished" for r in runs)
+    crashed = sum(r["status"] == "crashed" for r in runs)
+    return (f"{failed}/{len(runs)}" if out_of else f"{failed}") + (
+        f" ({crashed} crashed)" if crashed else "")
+
+
 def _seed_table(rules: dict[str, Any], records: list[dict[str, Any]],
                 not_validated: set[str]) -> list[str]:
     """Rows per entry: median [95 % interval] over seeds, diverged count, steps, CPU s/step,
@@ -111,14 +120,14 @@ def _seed_table(rules: dict[str, Any], records: list[dict[str, Any]],
              "| beats (intervals separated) |", "|---|---|---|---|---|---|---|"]
     for name in order:
         runs = by_name[name]
-        steps = float(np.median([r["steps"] for r in runs]))
-        per_step = float(np.median([r["cpu_seconds"] / max(r["steps"], 1) for r in runs]))
+        ran = [r for r in runs if r["status"] != "crashed"] or runs  # a crash took no steps
+        steps = float(np.median([r["steps"] for r in ran]))
+        per_step = float(np.median([r["cpu_seconds"] / max(r["steps"], 1) for r in ran]))
         beaten = [o for o in order if o != name and beats(stats[name], stats[o])]
         label = name + (" (not validated)" if name in not_validated else "")
         lines.append(
             f"| {label} | {_interval_text(stats[name], metric)} | {len(runs)} | "
-            f"{sum(r['status'] != 'finished' for r in runs)}/{len(runs)} | {steps:.0f} | "
-            f"{per_step:.3g} | {', '.join(beaten) or '-'} |")
+            f"{_failed_text(runs)} | {steps:.0f} | {per_step:.3g} | {', '.join(beaten) or '-'} |")
     return lines
 
 
@@ -137,8 +146,7 @@ def _tune_table(records: list[dict[str, Any]], not_validated: set[str]) -> list[
         dims = list(runs[0]["space"])
         label = name + (" (not validated)" if name in not_validated else "")
         lines.append(
-            f"| {label} | {len(runs)} | {sum(r['status'] != 'finished' for r in runs)} | "
-            f"{wide} | "
+            f"| {label} | {len(runs)} | {_failed_text(runs, out_of=False)} | {wide} | "
             f"{_fmt(best['value']) if best else 'all diverged'} | "
             f"{_hparams_text(best['hparams'], dims) if best else '-'} |")
     return lines
@@ -213,7 +221,7 @@ def plot_task(rules: dict[str, Any], store: RecordStore, task: str, path: Path) 
         bad = [r["hparams"]["lr"] for r in runs if r["value"] is None]
         left.scatter(bad, [top] * len(bad), s=18, marker="x", color=dots.get_facecolor()[0])
     left.set(xscale="log", xlabel="learning rate", title=f"{task}: tuning trials (x: diverged)",
-             ylabel=next((r["metric"] for r in tune), "validation metric"))
+             ylabel=next((r["metric"] for r in tune if r["metric"]), "validation metric"))
     if tune:
         left.legend(fontsize=7)
     rows = []
@@ -222,7 +230,8 @@ def plot_task(rules: dict[str, Any], store: RecordStore, task: str, path: Path) 
         for name in sorted({r["name"] for r in records}):
             scores = [r["score"] if r["score"] is not None else math.inf
                       for r in records if r["name"] == name]
-            metric = next(r["metric"] for r in records if r["name"] == name)
+            metric = next((r["metric"] for r in records if r["name"] == name and r["metric"]),
+                          "score")  # a crashed run has no metric
             m, lo, hi = (_metric_value(x, metric) for x in median_interval(
                 scores, boot["resamples"], boot["confidence"], boot["seed"]))
             rows.append((f"{name} ({phase})", m, min(lo, hi), max(lo, hi), metric))

@@ -353,7 +353,7 @@ def test_a_crashed_run_is_named_not_recorded_and_the_next_optimizer_goes_on(
 
     def fake_run(rules: dict[str, Any], job: TrialJob, data_dir: str | None) -> dict[str, Any]:
         calls.append(job.name)
-        if job.name == "kfac":
+        if job.name == "kfac" and len(calls) == 1:
             raise RuntimeError("factorization failed")
         return _fake(job, 1.0)
 
@@ -366,5 +366,43 @@ def test_a_crashed_run_is_named_not_recorded_and_the_next_optimizer_goes_on(
     store = RecordStore(tmp_path)
     assert {r["name"] for r in store.load()} == {"sgdm"} and len(store.load()) == 5
     assert calls.count("kfac") == 1
-    assert script.main(argv) == 1 and calls.count("kfac") == 2  # retried, sgdm not rerun
-    assert len(store.load()) == 5
+    # The next command retries it; this time it runs, and the crash is never recorded.
+    assert script.main(argv) == 0 and calls.count("kfac") == 6  # sgdm not rerun
+    assert len(store.load()) == 10 and {r["status"] for r in store.load()} == {"finished"}
+
+
+def test_a_run_that_crashes_twice_alike_is_recorded_as_crashed_and_ranks_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    script = _script()
+    errors = iter([RuntimeError("svd failed"), ValueError("other"), RuntimeError("svd again")])
+
+    def fake_run(rules: dict[str, Any], job: TrialJob, data_dir: str | None) -> dict[str, Any]:
+        if job.seed == 1:
+            raise next(errors)
+        return {**_fake(job, 1.0 + job.seed), "steps": 10 * (job.seed + 1)}
+
+    monkeypatch.setattr(script, "run_job", fake_run)
+    argv = ["defaults", "--task", "digits-ae", "--optimizers", "shampoo",
+            "--records", str(tmp_path)]
+    store = RecordStore(tmp_path)
+    assert script.main(argv) == 1 and script.main(argv) == 1  # RuntimeError, then ValueError
+    assert [r["seed"] for r in store.load()] == [0]
+    assert script.main(argv) == 0  # the second RuntimeError of seed 1: recorded
+    out = capsys.readouterr().out
+    assert "seed 1: failed (RuntimeError: svd again), 2 times alike: recorded as crashed" in out
+    records = {r["seed"]: r for r in store.load()}
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    crashed = records[1]
+    assert crashed["status"] == "crashed" and crashed["score"] is None
+    assert crashed["error"] == "RuntimeError: svd again" and crashed["attempts"] == 2
+    assert crashed["hparams"] == records[0]["hparams"]
+    assert [json.loads(t)["error"] for t in store.crash_log(
+        "defaults", "digits-ae", "shampoo").read_text().splitlines()] == [
+        "RuntimeError", "ValueError", "RuntimeError"]
+    # It ranks as a divergence: the worst score, counted and named in the table; the steps
+    # and step cost of the entry come from the runs that ran.
+    table = summary_markdown(_tiny_rules(), store)
+    row = next(t for t in table.splitlines() if t.startswith("| shampoo |"))
+    assert "| 5 | 1/5 (1 crashed) | 35 | 0.0292 |" in row  # medians of seeds 0, 2, 3, 4
+    assert script.main(argv) == 0 and len(store.load()) == 5  # nothing left to run
