@@ -1,0 +1,63 @@
+"""The tied-rows prototype (``benchmarks/tied_rows/prototype.py``) is MBF's default step except
+for the tying: on a layer with one output unit there is nothing to tie, so it must equal
+``mbf.MBF`` at the same settings, step for step, in float64."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import mbf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prototype() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "tied_rows_prototype", ROOT / "benchmarks" / "tied_rows" / "prototype.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(build: Any, steps: int = 30) -> torch.Tensor:
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 1, bias=False).double()
+    optimizer = build(layer)
+    data = torch.randn(steps, 16, 20, dtype=torch.float64)
+    for x in data:
+        optimizer.zero_grad()
+        loss = ((layer(x) - x[:, :1] * 2.0) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+    return layer.weight.detach().clone()
+
+
+def test_with_one_row_the_prototype_is_mbf_step_for_step() -> None:
+    proto = _prototype()
+    hp = {"lr": 3e-3, "damping": 0.01, "stat_decay": 0.9, "inv_every": 20,
+          "max_block_size": 10}
+    tied = _run(lambda m: proto.TiedRowsMBF([m.weight], [], **hp))
+    ours = _run(lambda m: mbf.MBF(m, **{**hp, "momentum": 0.9}))
+    assert torch.allclose(tied, ours, rtol=0, atol=1e-12), (tied - ours).abs().max()
+    # A different decay gives a different run: the comparison can fail.
+    other = _run(lambda m: mbf.MBF(m, **{**hp, "stat_decay": 0.99}))
+    assert not torch.allclose(tied, other, rtol=0, atol=1e-9)
+
+
+def test_rows_share_one_block_per_chunk() -> None:
+    proto = _prototype()
+    layer = nn.Linear(10, 3, bias=False).double()
+    optimizer = proto.TiedRowsMBF([layer.weight], [], max_block_size=4)
+    layer(torch.randn(5, 10, dtype=torch.float64)).sum().backward()
+    optimizer.step()
+    state = optimizer.state[layer.weight]
+    assert [s.shape for s in state["stats"]] == [(3, 3), (4, 4), (3, 3)]  # 10 = 3 + 4 + 3
+    g = layer.weight.grad
+    for stats, (a, b) in zip(state["stats"], [(0, 3), (3, 7), (7, 10)], strict=True):
+        assert torch.allclose(stats, 0.1 * g[:, a:b].T @ g[:, a:b] / 3)  # mean over the 3 rows
