@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
     "momentum": 0.9,
     "damping": 1e-2,
-    "stat_decay": 0.9,
+    "stat_decay": 0.99,
     "stat_every": 1,
     "inv_every": 20,
     "max_block_size": 32,
@@ -59,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
 """The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
 lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
 early inverse refreshes and damping relative to each block's scale. They were chosen by the
-comparison protocol of ``benchmarks/protocol.py``; ``docs/decisions.md`` gives the evidence."""
+comparison protocol of ``benchmarks/protocol.py``, ``stat_decay`` (0.99, the paper's 0.9 before
+2026-12-07) by a validation screen on every task (``benchmarks/stat_decay/``);
+``docs/decisions.md`` gives the evidence."""
 
 PAPER: dict[str, Any] = {
     "lr": 0.01,
