@@ -97,7 +97,11 @@ class TiedRowsMBF(torch.optim.Optimizer):
                         group: dict[str, Any]) -> Tensor:
         rows = p.shape[0]
         g2, buf, adam2 = g.reshape(rows, -1), state["buf"].reshape(rows, -1), adam.reshape(rows, -1)
-        parts = chunks(g2.shape[1], group["max_block_size"])
+        if p.ndim > 2:  # a convolution: MBF's block per kernel, tied over the output channels
+            kernel = math.prod(p.shape[2:])
+            parts = [(i * kernel, (i + 1) * kernel) for i in range(p.shape[1])]
+        else:
+            parts = chunks(g2.shape[1], group["max_block_size"])
         if "stats" not in state:
             state["stats"] = [g2.new_zeros(b - a, b - a) for a, b in parts]
             state["inverses"] = [None] * len(parts)
@@ -125,18 +129,22 @@ class TiedRowsMBF(torch.optim.Optimizer):
 
 def _build_tied(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     """``layers="hidden"``: Muon's hidden matrices tied, the rest on Adam; ``"linear"``: every
-    ``nn.Linear`` weight tied (an autoencoder's input and output layers included)."""
+    ``nn.Linear`` weight tied (an autoencoder's input and output layers included);
+    ``"linear+conv"``: also every convolution's, one block per kernel (MBF's convolution rule)
+    tied over the output channels."""
     hp = dict(hp)
     layers = hp.pop("layers")
-    if layers == "linear":
-        ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    if layers in ("linear", "linear+conv"):
+        kinds: tuple[type[nn.Module], ...] = (nn.Linear,) if layers == "linear" else (
+            nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        ids = {id(m.weight) for m in model.modules() if isinstance(m, kinds)}
         params = [p for p in model.parameters() if p.requires_grad]
         hidden = [p for p in params if id(p) in ids]
         other = [p for p in params if id(p) not in ids]
     elif layers == "hidden":
         hidden, other = muon_split(model)
     else:
-        raise ValueError(f"layers must be 'hidden' or 'linear', not {layers!r}")
+        raise ValueError(f"layers must be 'hidden', 'linear' or 'linear+conv', not {layers!r}")
     return TiedRowsMBF(hidden, other, **hp)
 
 
