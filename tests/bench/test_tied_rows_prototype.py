@@ -25,14 +25,16 @@ def _prototype() -> Any:
     return module
 
 
-def _run(build: Any, steps: int = 30) -> torch.Tensor:
+def _run(build: Any, steps: int = 30, conv: bool = False) -> torch.Tensor:
     torch.manual_seed(0)
-    layer = nn.Linear(20, 1, bias=False).double()
+    layer: nn.Module = (nn.Conv2d(3, 1, 3, bias=False) if conv
+                        else nn.Linear(20, 1, bias=False)).double()
     optimizer = build(layer)
-    data = torch.randn(steps, 16, 20, dtype=torch.float64)
-    for x in data:
+    shape = (steps, 16, 3, 5, 5) if conv else (steps, 16, 20)
+    for x in torch.randn(*shape, dtype=torch.float64):
         optimizer.zero_grad()
-        loss = ((layer(x) - x[:, :1] * 2.0) ** 2).mean()
+        out = layer(x).flatten(1)
+        loss = ((out - x.flatten(1)[:, : out.shape[1]] * 2.0) ** 2).mean()
         loss.backward()
         optimizer.step()
     return layer.weight.detach().clone()
@@ -61,3 +63,12 @@ def test_rows_share_one_block_per_chunk() -> None:
     g = layer.weight.grad
     for stats, (a, b) in zip(state["stats"], [(0, 3), (3, 7), (7, 10)], strict=True):
         assert torch.allclose(stats, 0.1 * g[:, a:b].T @ g[:, a:b] / 3)  # mean over the 3 rows
+
+
+def test_with_one_output_channel_the_prototype_is_mbf_s_kernel_blocks() -> None:
+    # A convolution: MBF's block per kernel (3x3 here), nothing to tie with one output channel.
+    proto = _prototype()
+    hp = {"lr": 3e-3, "damping": 0.01, "stat_decay": 0.9, "inv_every": 20}
+    tied = _run(lambda m: proto.TiedRowsMBF([m.weight], [], **hp), conv=True)
+    ours = _run(lambda m: mbf.MBF(m, **hp), conv=True)
+    assert torch.allclose(tied, ours, rtol=0, atol=1e-12), (tied - ours).abs().max()
