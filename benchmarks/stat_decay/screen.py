@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mbf_bench.protocol import TrialJob, _library_defaults, load_rules, run_job
+from mbf_bench.protocol import TrialJob, library_defaults, load_rules, run_job
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs.jsonl"
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             for value in map(float, args.values.split(",")):
                 if (task, value, seed) in _done():
                     continue
-                hparams = {**_library_defaults("mbf", task), "stat_decay": value}
+                hparams = {**library_defaults("mbf", task), "stat_decay": value}
                 job = TrialJob("tune", task, "mbf", "mbf", hparams, seed)
                 record = run_job(rules, job, args.data_dir)
                 row = {"task": task, "stat_decay": value, "seed": seed,

@@ -46,6 +46,7 @@ __all__ = [
     "defaults_jobs",
     "draw_points",
     "final_jobs",
+    "library_defaults",
     "load_rules",
     "record_key",
     "run_job",
@@ -267,7 +268,7 @@ class TrialJob:
         return base
 
 
-def _library_defaults(optimizer: str, task: str) -> dict[str, Any]:
+def library_defaults(optimizer: str, task: str) -> dict[str, Any]:
     """The library's defaults, with only what the task itself fixes (the GCN's weight decay)."""
     from mbf_bench.optimizers import OPTIMIZERS
     from mbf_bench.tasks import get_task
@@ -309,7 +310,7 @@ def tune_jobs(rules: dict[str, Any], store: RecordStore, task: str,
     check_available(rules, optimizer)
     space = space_for(rules, optimizer, _task_fixed(task))
     spec = rules["spaces"][optimizer]
-    base = _library_defaults(optimizer, task)
+    base = library_defaults(optimizer, task)
     unknown = sorted((set(space) | set(spec.get("fixed", {}))) - set(base))
     if unknown:
         raise ValueError(f"the rules search {', '.join(unknown)} of {optimizer!r}, which its "
@@ -377,7 +378,7 @@ def defaults_jobs(rules: dict[str, Any], store: RecordStore, task: str,
     extra = rules["defaults_track"]["extra"].get(name)
     optimizer = extra["optimizer"] if extra else name
     check_available(rules, optimizer)
-    hparams = {**_library_defaults(optimizer, task), **(extra["hparams"] if extra else {})}
+    hparams = {**library_defaults(optimizer, task), **(extra["hparams"] if extra else {})}
     done = {r["seed"] for r in store.load("defaults", task) if r["name"] == name}
     return [TrialJob("defaults", task, name, optimizer, hparams, s)
             for s in rules["seeds"]["final"] if s not in done]
