@@ -171,7 +171,8 @@ registry.OPTIMIZERS["split-mbf"] = registry.OptimizerSpec(
 
 
 
-def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str) -> None:
+def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str,
+                  stat_decay: float = DEFAULTS["stat_decay"]) -> None:
     """Runs under protocol v2's tuning conditions (``run_job``, phase ``tune``: the task's CPU
     budget, warmup-cosine with warmup 0.05, the validation split) at the prototype's defaults,
     appended to ``runs.jsonl`` beside this file (a run already there is skipped), to set beside
@@ -183,16 +184,18 @@ def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str
 
     torch.set_num_threads(1)
     out = Path(__file__).with_name("runs.jsonl")
-    done = {(r["task"], r["seed"], r["layers"], r.get("refresh", "20th")) for r in map(
+    done = {(r["task"], r["seed"], r["layers"], r.get("refresh", "20th"),
+             r.get("stat_decay", 0.9)) for r in map(
         json.loads, out.read_text().splitlines())} if out.exists() else set()
     for task in tasks:
         for seed in seeds:
-            if (task, seed, layers, REFRESH) in done:
+            if (task, seed, layers, REFRESH, stat_decay) in done:
                 continue
             job = TrialJob("tune", task, "tied-rows-mbf", "tied-rows-mbf",
-                           {**DEFAULTS, "layers": layers}, seed)
+                           {**DEFAULTS, "layers": layers, "stat_decay": stat_decay}, seed)
             record = run_job(load_rules(), job, data_dir)
             row = {"task": task, "seed": seed, "layers": layers, "refresh": REFRESH,
+                   "stat_decay": stat_decay,
                    "status": record["status"],
                    "steps": record["steps"], "metric": record["metric"],
                    "value": record["value"]}
@@ -202,8 +205,9 @@ def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["protocol-runs"]:  # protocol-runs TASKS SEEDS LAYERS DATA_DIR
+    if sys.argv[1:2] == ["protocol-runs"]:  # protocol-runs TASKS SEEDS LAYERS DATA_DIR [DECAY]
         tasks, seeds, layers, data = sys.argv[2:6]
-        protocol_runs(tasks.split(","), [int(x) for x in seeds.split(",")], layers, data)
+        decay = float(sys.argv[6]) if len(sys.argv) > 6 else DEFAULTS["stat_decay"]
+        protocol_runs(tasks.split(","), [int(x) for x in seeds.split(",")], layers, data, decay)
         sys.exit(0)
     sys.exit(main(sys.argv[1:]))
