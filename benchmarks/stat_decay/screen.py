@@ -23,19 +23,12 @@ from pathlib import Path
 
 import torch
 
-from mbf_bench.protocol import TrialJob, library_defaults, load_rules, run_job
+from mbf_bench.protocol import TrialJob, library_defaults, load_rules, screen_run
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs.jsonl"
 TASKS = ("digits-ae", "text-gpt-tiny", "planetoid-gcn", "cifar10-resnet8", "curves-ae",
          "mnist-ae", "text-gpt")
-
-
-def _done() -> set[tuple[str, float, int]]:
-    if not RUNS.exists():
-        return set()
-    return {(r["task"], r["stat_decay"], r["seed"]) for r in map(json.loads,
-                                                                  RUNS.read_text().splitlines())}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,18 +37,12 @@ def run(args: argparse.Namespace) -> int:
     for task in args.tasks.split(","):
         for seed in map(int, args.seeds.split(",")):
             for value in map(float, args.values.split(",")):
-                if (task, value, seed) in _done():
-                    continue
                 hparams = {**library_defaults("mbf", task), "stat_decay": value}
                 job = TrialJob("tune", task, "mbf", "mbf", hparams, seed)
-                record = run_job(rules, job, args.data_dir)
-                row = {"task": task, "stat_decay": value, "seed": seed,
-                       "status": record["status"], "steps": record["steps"],
-                       "cpu_seconds": record["cpu_seconds"], "metric": record["metric"],
-                       "value": record["value"], "score": record["score"]}
-                with open(RUNS, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+                row = screen_run(rules, job, args.data_dir, RUNS,
+                                 {"task": task, "stat_decay": value, "seed": seed})
+                if row is not None:
+                    print(json.dumps(row), flush=True)
     return 0
 
 

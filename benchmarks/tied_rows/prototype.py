@@ -55,7 +55,13 @@ DEFAULTS = {"lr": 3e-3, "momentum": 0.9, "damping": 0.01, "stat_decay": 0.9, "in
 
 
 def chunks(width: int, limit: int) -> list[tuple[int, int]]:
-    """``width`` columns cut into the fewest near-equal chunks of at most ``limit``."""
+    """``width`` columns cut into the fewest near-equal chunks of at most ``limit``.
+
+    Not :func:`mbf.blocks.chunk_plan`'s cut: MBF takes as many chunks but makes them all
+    ``ceil(width / chunks)`` wide, the last one shorter and zero-padded (relative damping then
+    divides the trace by the padded size). The two agree where ``limit`` divides the width (every
+    matrix of the GPTs, and the equivalence tests); they differ on mnist-ae's 784 and 1,000-wide
+    rows and Cora's 1,433, which the prototype's rows were measured with."""
     count = math.ceil(width / limit)
     edges = [round(i * width / count) for i in range(count + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
@@ -170,7 +176,6 @@ registry.OPTIMIZERS["split-mbf"] = registry.OptimizerSpec(
     {"lr": 3e-3}, _build_split, needs_model=True)
 
 
-
 def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str,
                   stat_decay: float = DEFAULTS["stat_decay"]) -> None:
     """Runs under protocol v2's tuning conditions (``run_job``, phase ``tune``: the task's CPU
@@ -180,28 +185,19 @@ def protocol_runs(tasks: list[str], seeds: list[int], layers: str, data_dir: str
     import json
     from pathlib import Path
 
-    from mbf_bench.protocol import TrialJob, load_rules, run_job
+    from mbf_bench.protocol import TrialJob, load_rules, screen_run
 
     torch.set_num_threads(1)
     out = Path(__file__).with_name("runs.jsonl")
-    done = {(r["task"], r["seed"], r["layers"], r.get("refresh", "20th"),
-             r.get("stat_decay", 0.9)) for r in map(
-        json.loads, out.read_text().splitlines())} if out.exists() else set()
     for task in tasks:
         for seed in seeds:
-            if (task, seed, layers, REFRESH, stat_decay) in done:
-                continue
             job = TrialJob("tune", task, "tied-rows-mbf", "tied-rows-mbf",
                            {**DEFAULTS, "layers": layers, "stat_decay": stat_decay}, seed)
-            record = run_job(load_rules(), job, data_dir)
-            row = {"task": task, "seed": seed, "layers": layers, "refresh": REFRESH,
-                   "stat_decay": stat_decay,
-                   "status": record["status"],
-                   "steps": record["steps"], "metric": record["metric"],
-                   "value": record["value"]}
-            with open(out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            label = {"task": task, "seed": seed, "layers": layers, "refresh": REFRESH,
+                     "stat_decay": stat_decay}
+            row = screen_run(load_rules(), job, data_dir, out, label)
+            if row is not None:
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

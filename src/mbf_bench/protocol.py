@@ -50,6 +50,7 @@ __all__ = [
     "load_rules",
     "record_key",
     "run_job",
+    "screen_run",
     "second_round_space",
     "space_for",
     "stream_seed",
@@ -457,3 +458,26 @@ def run_job(rules: dict[str, Any], job: TrialJob, data_dir: str | None,
             {k: v for k, v in x.items() if not k.startswith("diag/")} for x in evals],
         "overrides": overrides or {}, "versions": config["versions"],
     }
+
+
+def screen_run(rules: dict[str, Any], job: TrialJob, data_dir: str | None, path: Path,
+               label: dict[str, Any],
+               overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A screen's run: ``job`` under the protocol's conditions (:func:`run_job`), kept out of
+    its records, in ``path`` (JSON lines) instead.
+
+    Skipped (None) when ``path`` holds a row whose fields include ``label``, so a screen resumes;
+    else appends and returns the row: ``label``, then the run's status, steps, CPU seconds,
+    metric, value and score (no curves).
+    """
+    rows = [json.loads(t) for t in path.read_text().splitlines() if t.strip()] if (
+        path.exists()) else []
+    if any(all(r.get(k) == v for k, v in label.items()) for r in rows):
+        return None
+    record = run_job(rules, job, data_dir, overrides)
+    row = {**label, **{k: record[k] for k in (
+        "status", "steps", "cpu_seconds", "metric", "value", "score")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row

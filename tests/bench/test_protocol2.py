@@ -27,6 +27,7 @@ from mbf_bench.protocol import (
     final_jobs,
     load_rules,
     run_job,
+    screen_run,
     second_round_space,
     space_for,
     tune_jobs,
@@ -278,6 +279,21 @@ def test_an_interrupted_run_leaves_no_record_and_is_run_again(tmp_path: Path) ->
     assert record["metric"] == "val_loss" and record["score"] == record["value"] > 0
     assert record["schedule"] == "warmup-cosine" and record["setup_seconds"] >= 0
     assert [j.trial for j in tune_jobs(rules, store, "digits-ae", "adamw")] == [1, 2]
+
+
+def test_a_screen_run_is_kept_out_of_the_records_and_not_run_twice(tmp_path: Path) -> None:
+    rules, store = _tiny_rules(), RecordStore(tmp_path / "records")
+    job = tune_jobs(rules, store, "digits-ae", "adamw")[0]
+    rows = tmp_path / "screen" / "runs.jsonl"
+    label = {"task": "digits-ae", "seed": job.seed, "variant": "a"}
+    row = screen_run(rules, job, None, rows, label, TINY)
+    assert row is not None and row["status"] == "finished" and row["steps"] == 4
+    assert list(row)[:3] == list(label) and row["metric"] == "val_loss"
+    assert row["score"] == row["value"] > 0 and "curve" not in row
+    assert screen_run(rules, job, None, rows, label, TINY) is None  # already there
+    assert screen_run(rules, job, None, rows, {**label, "variant": "b"}, TINY) is not None
+    assert [json.loads(t)["variant"] for t in rows.read_text().splitlines()] == ["a", "b"]
+    assert store.load() == []
 
 
 def test_a_diverged_run_is_recorded_and_ranked_last(tmp_path: Path) -> None:
