@@ -169,6 +169,7 @@ def hyperparameters(draw: Any) -> dict[str, Any]:
         "decoupled_weight_decay": draw(st.booleans()),
         "kl_clip": None,
         "stat_buffer": draw(st.integers(1, 3)),
+        "tie_rows": draw(st.booleans()),
     }
 
 
@@ -184,13 +185,14 @@ def build(arch: Arch, dtype: torch.dtype = torch.float64) -> Net:
 
 
 def param_groups(net: Net, arch: Arch, hp: dict[str, Any]) -> list[dict[str, Any]]:
-    """One or two groups; the second with its own lr and damping."""
+    """One or two groups; the second with its own lr, damping and the other ``tie_rows``."""
     first, second = [], []
     for i, p in enumerate(q for q in net.parameters() if q.requires_grad):
         (second if arch.split[i % len(arch.split)] else first).append(p)
     groups = [{"params": first}] if first else []
     if second:
-        groups.append({"params": second, "lr": hp["lr"] / 2, "damping": hp["damping"] * 3})
+        groups.append({"params": second, "lr": hp["lr"] / 2, "damping": hp["damping"] * 3,
+                       "tie_rows": not hp["tie_rows"]})
     return groups
 
 

@@ -120,6 +120,12 @@ def test_one_step_equals_the_dense_block_diagonal_solve(
         else:  # batch gradient's outer product
             fisher = torch.outer(g, g)
         blocks = dense_blocks(unit.layout, fisher)
+        tied = unit.layout.row_sharing if group["tie_rows"] else 1
+        if tied > 1:  # tie_rows: every block is the mean of the blocks of the rows sharing it
+            shared = len(blocks) // tied
+            means = [sum(blocks[t * shared + k] for t in range(tied)) / tied
+                     for k in range(shared)]
+            blocks = [means[b % shared] for b in range(len(blocks))]
         # The partition: every coordinate once; blocks within max_block_size (norm pairs: 2).
         for idx in unit.layout.dense_indices():
             assert len(idx) <= max(group["max_block_size"], 2), unit.name

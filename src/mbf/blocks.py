@@ -87,6 +87,13 @@ class BlockLayout:
         block_size: size of every (padded) block.
         widths: columns of a row that each tensor fills, in order (``numel(shapes[k]) / rows``;
             derived, not passed).
+        row_sharing: how many rows share one set of blocks when the param group ties rows
+            (MBF's ``tie_rows``): the rows are read as ``(row_sharing, rows / row_sharing)``
+            and the rows of one column share their blocks, so block ``b`` (numbered
+            ``row * chunks + chunk``) uses the shared block ``b % tied_blocks``. ``rows`` for a
+            Linear layer (every output unit shares the input's blocks), the output channels
+            for a convolution (each input channel's kernel is shared by every output channel),
+            ``1`` where nothing is shared (norm pairs, flat tensors, embeddings).
     """
 
     kind: str
@@ -96,6 +103,7 @@ class BlockLayout:
     chunks: int
     block_size: int
     widths: tuple[int, ...] = field(init=False)
+    row_sharing: int = 1
     _gather: Tensor | None = field(default=None, repr=False)
     _scatter: Tensor | None = field(default=None, repr=False)
     _slots: list[Tensor] = field(default_factory=list, repr=False)
@@ -178,6 +186,10 @@ class BlockLayout:
                     f"{name}: a tensor of shape {tuple(shape)} does not fill {self.rows} rows"
                 )
             widths.append(numel // self.rows)
+        if self.row_sharing <= 0 or self.rows % self.row_sharing:
+            raise ValueError(
+                f"{name}: row_sharing={self.row_sharing} does not divide {self.rows} rows"
+            )
         if sum(widths) != self.row_length:
             raise ValueError(
                 f"{name}: the tensors fill rows of {sum(widths)} entries, not "
@@ -195,6 +207,11 @@ class BlockLayout:
     def num_blocks(self) -> int:
         """Number of mini-blocks of the unit: ``rows * chunks``."""
         return self.rows * self.chunks
+
+    @property
+    def tied_blocks(self) -> int:
+        """Number of blocks when rows are tied: ``num_blocks / row_sharing``."""
+        return self.num_blocks // self.row_sharing
 
     @property
     def numel(self) -> int:
@@ -366,7 +383,8 @@ class BlockLayout:
 
 
 def row_layout(
-    shapes: Sequence[Sequence[int]], rows: int, max_block_size: int, kind: str = "rows"
+    shapes: Sequence[Sequence[int]], rows: int, max_block_size: int, kind: str = "rows",
+    row_sharing: int = 1,
 ) -> BlockLayout:
     """The general layout: ``rows`` rows, each made of every tensor's next columns.
 
@@ -381,24 +399,29 @@ def row_layout(
         rows: number of rows (mini-blocks before chunking), dividing every tensor's size.
         max_block_size: the param group's largest block.
         kind: a label for messages and tests.
+        row_sharing: rows that share their blocks under ``tie_rows`` (see
+            [`BlockLayout`][mbf.BlockLayout]); ``1``: none.
     """
     sizes = [math.prod(s) for s in shapes]
     if rows <= 0 or any(n % rows for n in sizes):
         raise ValueError(f"row_layout: {rows} rows do not divide tensors of sizes {sizes}")
     chunks, size = chunk_plan(sum(sizes) // rows, max_block_size)
     length = sum(sizes) // rows
-    return BlockLayout(kind, tuple(torch.Size(s) for s in shapes), rows, length, chunks, size)
+    return BlockLayout(kind, tuple(torch.Size(s) for s in shapes), rows, length, chunks, size,
+                       row_sharing=row_sharing)
 
 
 def linear_layout(weight: Tensor, bias: Tensor | None, max_block_size: int) -> BlockLayout:
     """Unit-wise blocks: row ``W[j, :]`` with ``b[j]`` appended, one block per output unit."""
     shapes = [weight.shape] if bias is None else [weight.shape, bias.shape]
-    return row_layout(shapes, weight.shape[0], max_block_size, "linear")
+    return row_layout(shapes, weight.shape[0], max_block_size, "linear", weight.shape[0])
 
 
 def conv_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
-    """One block per (output channel, input channel) kernel: ``prod(kernel_size)`` entries."""
-    return row_layout([weight.shape], weight.shape[0] * weight.shape[1], max_block_size, "conv")
+    """One block per (output channel, input channel) kernel: ``prod(kernel_size)`` entries;
+    tied, one per input channel's kernel, shared by the output channels."""
+    rows = weight.shape[0] * weight.shape[1]
+    return row_layout([weight.shape], rows, max_block_size, "conv", weight.shape[0])
 
 
 def norm_layout(weight: Tensor, bias: Tensor) -> BlockLayout:
@@ -421,10 +444,11 @@ def shape_layout(tensor: Tensor, max_block_size: int) -> BlockLayout:
 
     Tensors of 3 or more dimensions are read as convolution weights (one block per kernel),
     2-d tensors as Linear weights without bias (one block per row), anything else as a flat
-    vector.
+    vector. Rows are shared under ``tie_rows`` as those layers' are.
     """
     if tensor.dim() >= 3:
         return conv_layout(tensor, max_block_size)
     if tensor.dim() == 2:
-        return row_layout([tensor.shape], tensor.shape[0], max_block_size, "rows")
+        rows = tensor.shape[0]
+        return row_layout([tensor.shape], rows, max_block_size, "rows", rows)
     return flat_layout(tensor, max_block_size)

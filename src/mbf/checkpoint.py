@@ -86,7 +86,7 @@ def record(
     running-average weights (see ``mbf.engine.Whole.of``)."""
     return {
         "name": unit.name,
-        "num_blocks": unit.layout.num_blocks,
+        "num_blocks": unit.curvature_blocks,
         "block_size": unit.layout.block_size,
         "fisher": fisher,
         "inverse": inverse,

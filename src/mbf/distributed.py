@@ -160,9 +160,9 @@ def fingerprint(
             for group in groups
             for p in group["params"]
         ],
-        "unit (name, group, blocks, block size, dtype, per-example)": [
+        "unit (name, group, blocks, block size, dtype, tied rows, per-example)": [
             repr(
-                (u.name, u.group, u.layout.num_blocks, u.layout.block_size, str(u.dtype))
+                (u.name, u.group, u.curvature_blocks, u.layout.block_size, str(u.dtype), u.tied)
                 + (u.per_example,)
             )
             for u in units
@@ -398,8 +398,11 @@ class ShardedEngine(LocalEngine):
             return []
         buckets = [item.bucket for item in work]
         dtype, device = self._wire([item.rhs for item in work])  # not the (16-bit) curvature
+        # A block's solved entries: s, or T * s for a bucket of tied rows ((total, T, s)).
+        entries = [item.rhs[0].numel() if item.rhs.shape[0] else 0 for item in work]
         sizes = [
-            sum((b.ranges[r][1] - b.ranges[r][0]) * b.block_size for b in buckets)
+            sum((b.ranges[r][1] - b.ranges[r][0]) * e for b, e in zip(buckets, entries,
+                                                                     strict=True))
             for r in range(self.world_size)
         ]
         local = torch.zeros(max(sizes), dtype=dtype, device=device)
@@ -411,13 +414,13 @@ class ShardedEngine(LocalEngine):
         )
         offsets = [0] * self.world_size
         whole = []
-        for item in work:
-            s = item.bucket.block_size
+        for item, per_block in zip(work, entries, strict=True):
             out = torch.empty_like(item.rhs)
             for r, (lo, hi) in enumerate(item.bucket.ranges):
-                n = (hi - lo) * s
+                n = (hi - lo) * per_block
                 chunk = gathered[r, offsets[r] : offsets[r] + n]
-                out[lo:hi] = chunk.view(hi - lo, s).to(device=out.device, dtype=out.dtype)
+                out[lo:hi] = chunk.view(hi - lo, *item.rhs.shape[1:]).to(device=out.device,
+                                                                        dtype=out.dtype)
                 offsets[r] += n
             whole.append(out)
         return whole
@@ -482,7 +485,7 @@ class ShardedEngine(LocalEngine):
             pair = [storage.allocate(b.total, b.block_size, b.fisher.dtype, first.device)
                     for _ in range(2)]
             queued = {
-                id(u): first.fisher.new_empty(u.layout.num_blocks, depth[id(u)], b.block_size,
+                id(u): first.fisher.new_empty(u.curvature_blocks, depth[id(u)], b.block_size,
                                               dtype=first.dtype)
                 for u in b.units if depth[id(u)]
             }

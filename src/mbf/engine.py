@@ -57,7 +57,7 @@ class Whole:
     def of(self, bucket: Bucket, unit: Unit) -> tuple[Tensor, Tensor, Tensor | None, list[float]]:
         """The unit's whole statistics, inverses, queue (``None`` if empty) and its weights."""
         fisher, inverse = self.buckets[id(bucket)]
-        view = slice(unit.offset, unit.offset + unit.layout.num_blocks)
+        view = slice(unit.offset, unit.offset + unit.curvature_blocks)
         queued, weights = self.queues.get(id(unit), (None, []))
         return fisher[view], inverse[view], queued, list(weights)
 

@@ -43,6 +43,7 @@ from ._compat import functorch_active, queue_engine_callback
 from .amp import ScalerSignal
 from .curvature import Workspace
 from .layers import StatsContext, StatsFn, rule_for
+from .tied import sum_shared
 from .units import Unit
 
 __all__ = ["PerExampleHooks"]
@@ -198,6 +199,8 @@ class PerExampleHooks:
                 continue
             if self._pass_unscale != 1.0:
                 value.mul_(self._pass_unscale)
+            if unit.tied > 1:  # tied rows (mbf.tied): the shared blocks' sums
+                value = sum_shared(value, unit.tied)
             if unit.pending is None:
                 unit.pending = value
             else:

@@ -223,9 +223,12 @@ def _cholesky_(factor: Tensor, info: Tensor) -> None:
 
 
 def solve_blocks(inverse: Tensor, rhs: Tensor) -> Tensor:
-    """Apply ``(B, s, s)`` symmetric inverses to ``(B, s)`` right-hand sides.
+    """Apply ``(B, s, s)`` symmetric inverses to ``(B, s)`` right-hand sides, or each inverse
+    to the ``T`` rows of ``(B, T, s)`` ones (tied rows, :mod:`mbf.tied`).
 
     Computed as the row vectors ``rhs^T inverse`` (equal, by symmetry): on CPU that batched
     product runs at memory speed, about 4.7x faster than ``inverse @ rhs`` as column vectors.
     """
+    if rhs.dim() == 3:
+        return torch.bmm(rhs, inverse)
     return torch.bmm(rhs.unsqueeze(1), inverse).squeeze(1)

@@ -21,6 +21,7 @@ from .fsdp import FSDPEngine, find_mesh_group
 from .hooks import PerExampleHooks
 from .storage import storage_named
 from .store import CurvatureStore, Kept
+from .tied import by_shared_block, from_shared_blocks
 from .units import Unit, build_units, state_dtype
 from .validation import (
     ESTIMATORS,
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "early_refresh": True,
     "relative_damping": True,
     "inverse_root": 1,
+    "tie_rows": False,
 }
 """The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
 lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
@@ -91,7 +93,8 @@ class UnitState(NamedTuple):
             name when no module rule applies; the keys of ``memory_report()``.
         layout: how the unit's parameters are cut into mini-blocks.
         params: the unit's parameters, in the layout's order.
-        fisher: the running-average statistics ``F_b``, ``(num_blocks, block_size, block_size)``.
+        fisher: the running-average statistics ``F_b``, ``(num_blocks, block_size, block_size)``
+            (``tied_blocks`` of them when the unit's rows are tied).
         inverse: the damped inverses ``(F_b + damping * I)^-1`` last factored, same shape.
     """
 
@@ -166,6 +169,15 @@ class MBF(torch.optim.Optimizer):
             inverse steps each direction by about ``1 / |g|``: where a block mixes coordinates
             of very different gradient scale (sparse inputs such as bag-of-words features),
             the root keeps the step on the frequent coordinates (``docs/results.md``, GCN).
+        tie_rows: share blocks between the rows of a layer (:mod:`mbf.tied`): one block per
+            column chunk for all output units of a Linear layer (and of a 2-d parameter given
+            without its module), one per input channel's kernel for all output channels of a
+            convolution, each estimated from all those rows' gradients
+            (``(1/T) sum_t g_tk g_tk^T``); every row's piece keeps its own grafted length.
+            Statistics, inverses and factorization shrink by the number of rows ``T``; norm
+            layers, embeddings and flat tensors keep their own blocks. Not on FSDP2 models
+            yet. Measured in ``docs/results.md``; a param group's setting is fixed when the
+            optimizer is built.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear, ConvNd, Embedding and LayerNorm modules, and module types
@@ -256,6 +268,7 @@ class MBF(torch.optim.Optimizer):
         early_refresh: bool = DEFAULTS["early_refresh"],
         relative_damping: bool = DEFAULTS["relative_damping"],
         inverse_root: int = DEFAULTS["inverse_root"],
+        tie_rows: bool = DEFAULTS["tie_rows"],
         estimator: str = "batch",
         loss_reduction: str = "mean",
         model: nn.Module | None = None,
@@ -324,6 +337,7 @@ class MBF(torch.optim.Optimizer):
             early_refresh=early_refresh,
             relative_damping=relative_damping,
             inverse_root=inverse_root,
+            tie_rows=tie_rows,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -398,6 +412,18 @@ class MBF(torch.optim.Optimizer):
         self._hooks.remove()
         self._hooks.add(self._whole_units)
         self._schedule_collection()
+        self._tying = [bool(group["tie_rows"]) for group in self.param_groups]
+
+    def _check_tying(self) -> None:
+        """Refuse a ``tie_rows`` changed through ``param_groups`` after the units were built
+        (their blocks would no longer match the setting)."""
+        for g, (group, built) in enumerate(zip(self.param_groups, self._tying, strict=True)):
+            if bool(group["tie_rows"]) != built:
+                raise ValueError(
+                    f"MBF: tie_rows of param group {g} was changed to {group['tie_rows']!r} "
+                    f"after the optimizer was built with {built}; the blocks cannot follow. "
+                    "Build a new MBF with the setting you want."
+                )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What every rank must agree on (:meth:`mbf.distributed.ShardedEngine.check_config`)."""
@@ -564,7 +590,7 @@ class MBF(torch.optim.Optimizer):
             if pending is None or count == 0:
                 self._hooks_missed(unit)
                 return unit.layout.to_blocks(grads)
-            return pending.div_(count)
+            return pending.div_(count * unit.tied)  # tied: the mean over the sharing rows too
         return unit.layout.to_blocks(grads)
 
     def _hooks_missed(self, unit: Unit) -> None:
@@ -587,6 +613,7 @@ class MBF(torch.optim.Optimizer):
         """Take one MBF step; ``closure`` (optional) re-evaluates the loss with gradients."""
         for group in self.param_groups:  # also catches changes made through param_groups
             _check_group(group)
+        self._check_tying()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -640,37 +667,51 @@ class MBF(torch.optim.Optimizer):
         advanced = advance_moments([u for u, _ in live], groups, self._param_state, compiled)
         work: list[Work] = []
         graft_norms: dict[int, Tensor | None] = {}
+        row_vectors: dict[int, Tensor] = {}  # tied units' vectors in row order
         for bucket in store.buckets:
             members = [u for u in bucket.units if id(u) in live_ids]
             if not members:
                 continue
-            # In the units' dtype (float32), not the curvature's (maybe 16-bit).
-            rhs = bucket.fisher.new_empty(bucket.total, bucket.block_size,
+            # In the units' dtype (float32), not the curvature's (maybe 16-bit); tied rows
+            # (mbf.tied): each shared block's T rows, (total, T, s).
+            tied = bucket.tied
+            shape = (bucket.total, bucket.block_size)
+            rhs = bucket.fisher.new_empty(shape if tied == 1 else (shape[0], tied, shape[1]),
                                           dtype=members[0].dtype)
             if len(members) < len(bucket.units):  # blocks without gradients: zero
                 rhs.zero_()
             for u in members:
-                out = rhs[u.offset : u.offset + u.layout.num_blocks]
+                if tied == 1:
+                    out = rhs[u.offset : u.offset + u.layout.num_blocks]
+                else:  # formed in row order, kept for the graft and the KL clip
+                    out = row_vectors[id(u)] = rhs.new_empty(u.layout.num_blocks, shape[1])
                 graft_norms[id(u)] = form_vector(u, groups[u.group], self._param_state, out,
                                                  advanced)
+                if tied > 1:
+                    rhs[u.offset : u.offset + u.curvature_blocks] = by_shared_block(out, tied)
             work.append(Work(bucket, rhs, members))
         solved = self._engine.precondition(store, work, refreshed, self._step_count, groups)
         directions: dict[int, list[Tensor]] = {}
         vectors: dict[int, Tensor] = {}
         for item, whole in zip(work, solved, strict=True):
             norms = [graft_norms[id(u)] for u in item.members]
-            at_once = _covers(item.members, whole) and all(n is not None for n in norms)
+            tied = item.bucket.tied
+            at_once = (tied == 1 and _covers(item.members, whole)
+                       and all(n is not None for n in norms))
             if at_once:  # grafted blocks are rescaled one by one: one call for the bucket
                 whole_norms = norms[0] if len(norms) == 1 else torch.cat(norms)  # type: ignore[arg-type]
                 _, overflowed = finish(whole, whole_norms, 1.0, item.rhs)
                 self._counters["overflowed_blocks"] += overflowed
             for u, norm in zip(item.members, norms, strict=True):
-                view = slice(u.offset, u.offset + u.layout.num_blocks)
-                vectors[id(u)] = item.rhs[view]
+                view = slice(u.offset, u.offset + u.curvature_blocks)
+                if tied == 1:
+                    vectors[id(u)], blocks = item.rhs[view], whole[view]
+                else:
+                    vectors[id(u)], blocks = row_vectors[id(u)], from_shared_blocks(whole[view])
                 if not at_once:
-                    _, overflowed = finish(whole[view], norm, u.inverse_scale, vectors[id(u)])
+                    _, overflowed = finish(blocks, norm, u.inverse_scale, vectors[id(u)])
                     self._counters["overflowed_blocks"] += overflowed
-                directions[id(u)] = [whole[view]]
+                directions[id(u)] = [blocks]
         self._diag.record_step(live, directions)
         if self._agreed(self._all_finite(list(directions.values()))):
             self._apply(live, directions, vectors)
@@ -967,6 +1008,7 @@ class MBF(torch.optim.Optimizer):
         super().load_state_dict(sd)
         for group in self.param_groups:
             group.setdefault("inverse_root", 1)  # saved before the option: the inverse
+            group.setdefault("tie_rows", False)  # saved before the option: untied
             _check_group(group)
         self._rebuild()
         # torch casts state to the parameter dtype; MBF keeps float32 state for half params.
@@ -1013,7 +1055,7 @@ def _covers(members: list[Unit], whole: Tensor) -> bool:
     for unit in members:
         if unit.offset != offset:
             return False
-        offset += unit.layout.num_blocks
+        offset += unit.curvature_blocks
     return offset == whole.shape[0]
 
 
@@ -1025,6 +1067,12 @@ def _make_engine(groups: list[dict[str, Any]], process_group: Any, model: nn.Mod
     group = find_mesh_group(params, names)
     if group is None:
         return make_engine(process_group, model)
+    tied = [g for g, group_ in enumerate(groups) if group_["tie_rows"]]
+    if tied:
+        raise NotImplementedError(
+            f"MBF: tie_rows=True (param group {tied[0]}) is not supported on FSDP2 models yet "
+            "(a shared block needs every rank's rows); use tie_rows=False there"
+        )
     if process_group is False:
         raise ValueError(
             "MBF: process_group=False, but the parameters are sharded DTensors (FSDP2); "

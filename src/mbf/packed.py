@@ -18,10 +18,16 @@ from torch import Tensor
 
 from .linalg import FactorReport, damped_inverse
 
-__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size", "rounding_damping"]
+__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "as_rows", "packed_size", "rounding_damping"]
 
 #: Blocks unpacked at once for a solve or a factorization (~1-4 MB of workspace at s = 9-32).
 CHUNK_BLOCKS = 1024
+
+
+def as_rows(rhs: Tensor) -> Tensor:
+    """Right-hand sides as ``(B, rows, s)`` row vectors for a batched product with ``(B, s, s)``
+    blocks: ``(B, s)`` ones as a ``(B, 1, s)`` view, tied rows' ``(B, T, s)`` as they are."""
+    return rhs if rhs.dim() == 3 else rhs.unsqueeze(1)
 
 
 def packed_size(size: int) -> int:
@@ -115,13 +121,14 @@ class SymmetricPacking:
                 )
 
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
-        """``inverse_b @ rhs_b`` for packed symmetric ``inverse`` and ``(B, s)`` ``rhs``."""
+        """``inverse_b @ rhs_b`` for packed symmetric ``inverse`` and ``(B, s)`` ``rhs`` (or
+        ``(B, T, s)``: each inverse applied to its ``T`` rows)."""
         out = torch.empty_like(rhs)
         work = rhs.new_empty(min(CHUNK_BLOCKS, rhs.shape[0]), self.size, self.size)
 
         def solve_chunk(lo: int, hi: int, blocks: Tensor) -> None:
             # Row vectors times the (symmetric) inverse: the fast form of CPU bmm.
-            torch.bmm(rhs[lo:hi].unsqueeze(1), blocks, out=out[lo:hi].unsqueeze(1))
+            torch.bmm(as_rows(rhs[lo:hi]), blocks, out=as_rows(out[lo:hi]))
 
         self._chunked(inverse, work, solve_chunk)
         return out

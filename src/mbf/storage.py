@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import packed
 from .linalg import FactorReport, damped_inverse, solve_blocks
-from .packed import SymmetricPacking, packed_size, rounding_damping
+from .packed import SymmetricPacking, as_rows, packed_size, rounding_damping
 from .validation import check_choice
 
 __all__ = [
@@ -149,7 +149,8 @@ class Storage(ABC):
 
     @abstractmethod
     def solve(self, inverse: Tensor, rhs: Tensor) -> Tensor:
-        """``inverse_b rhs_b`` for ``(B, s)`` right-hand sides."""
+        """``inverse_b rhs_b`` for ``(B, s)`` right-hand sides (or ``(B, T, s)``: each
+        inverse applied to its ``T`` rows, for tied rows)."""
 
     @abstractmethod
     def to_blocks(self, stored: Tensor, size: int) -> Tensor:
@@ -271,7 +272,7 @@ class FullStorage(Storage):
         out = torch.empty_like(rhs)
 
         def solve_chunk(lo: int, hi: int, wide: Tensor) -> None:
-            torch.bmm(rhs[lo:hi].unsqueeze(1), wide, out=out[lo:hi].unsqueeze(1))
+            torch.bmm(as_rows(rhs[lo:hi]), wide, out=as_rows(out[lo:hi]))
 
         _widened(inverse, solve_chunk, write_back=False, dtype=rhs.dtype)
         return out

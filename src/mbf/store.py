@@ -21,6 +21,7 @@ from torch import Tensor
 from .diagnostics import Diagnostics
 from .linalg import FactorReport
 from .storage import Storage
+from .tied import tied_estimate
 from .units import Unit
 from .validation import format_bytes
 
@@ -59,6 +60,11 @@ class Bucket:
     fisher: Tensor
     inverse: Tensor
     factored: bool = False
+
+    @property
+    def tied(self) -> int:
+        """Rows that share each of the bucket's blocks (its units' ``tied``; 1: untied)."""
+        return self.units[0].tied
 
     @property
     def total(self) -> int:
@@ -103,7 +109,7 @@ class Kept:
 
 def span(unit: Unit, lo: int, hi: int) -> tuple[int, int]:
     """The part of bucket blocks ``[lo, hi)`` that falls in ``unit``, in its own numbering."""
-    nb = unit.layout.num_blocks
+    nb = unit.curvature_blocks
     a = min(max(lo - unit.offset, 0), nb)
     b = min(max(hi - unit.offset, 0), nb)
     return a, max(a, b)
@@ -150,21 +156,23 @@ class CurvatureStore:
         """Bucket ``units``, allocate this rank's share (refused over ``max_bytes``), and copy
         ``kept`` curvature (keyed by the units' parameter ids) into units of the same blocks."""
         for unit in units:
-            queued = self.storage.queues and not unit.per_example and self.stat_buffer > 1
+            queued = (self.storage.queues and not unit.per_example and unit.tied == 1
+                      and self.stat_buffer > 1)  # tied estimates are whole blocks: no queue
             unit.queue_capacity = self.stat_buffer if queued else 0
         keyed: dict[tuple, list[Unit]] = {}
         for unit in units:
-            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype)
+            # Tied units of one sharing share a bucket: its right-hand side is (total, T, s).
+            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype, unit.tied)
             keyed.setdefault(key, []).append(unit)
         members_of = list(keyed.values())
-        totals = [sum(u.layout.num_blocks for u in members) for members in members_of]
+        totals = [sum(u.curvature_blocks for u in members) for members in members_of]
         ranges_of = plan(totals)
         for members, ranges in zip(members_of, ranges_of, strict=True):
             offset = 0
             for unit in members:
                 unit.offset = offset
                 unit.own = span(unit, *ranges[rank])
-                offset += unit.layout.num_blocks
+                offset += unit.curvature_blocks
         self._check_budget(units, max_bytes)
         for members in members_of:
             self.storage.check_dtype(self.dtype_of(members[0]), members[0].device,
@@ -183,7 +191,7 @@ class CurvatureStore:
                 unit.queue, unit.queue_weights = None, []
                 unit.stat_updates, unit.stat_mass, unit.inverse_scale = 0, 0.0, 1.0
                 saved = kept.get(tuple(id(p) for p in unit.params))
-                shape = (unit.layout.num_blocks, *self.storage.block_shape(bucket.block_size))
+                shape = (unit.curvature_blocks, *self.storage.block_shape(bucket.block_size))
                 if saved is not None and tuple(saved.fisher.shape) == shape:
                     self.restore(unit, saved)  # the same blocks as before the rebuild
             bucket.factored = all(u.stat_updates > 0 for u in members)
@@ -198,7 +206,7 @@ class CurvatureStore:
         block = tuple(self.storage.block_shape(size))
         first, held = saved.first_block, len(saved.fisher)
         a, b = unit.own
-        if saved.total_blocks == unit.layout.num_blocks and a != b and not (
+        if saved.total_blocks == unit.curvature_blocks and a != b and not (
             first <= a and b <= first + held
         ):  # the part one rank was given lacks some of its blocks
             raise ValueError(
@@ -209,14 +217,15 @@ class CurvatureStore:
         fisher = self.storage.convert(saved.fisher[rows], size)
         inverse = self.storage.convert(saved.inverse[rows], size)
         if (
-            saved.total_blocks != unit.layout.num_blocks
+            saved.total_blocks != unit.curvature_blocks
             or tuple(fisher.shape[1:]) != block
             or tuple(inverse.shape[1:]) != block
         ):
             raise ValueError(
                 f"MBF: unit {unit.name} was saved with blocks "
                 f"{(saved.total_blocks, *saved.fisher.shape[1:])} but has "
-                f"{(unit.layout.num_blocks, *block)} here (saved for another model?)"
+                f"{(unit.curvature_blocks, *block)} here (saved for another model, or with "
+                "another tie_rows?)"
             )
         queued, weights = saved.queued, list(saved.queued_weights)
         if queued is not None:
@@ -286,13 +295,16 @@ class CurvatureStore:
         """Blend one estimate into the unit's statistics (this rank's blocks).
 
         ``estimate``: ``(num_blocks, s)`` minibatch-gradient blocks ``g_b`` (the estimate
-        ``g_b g_b^T``), or ``(owned, s, s)`` per-example sums already for this rank's blocks.
+        ``g_b g_b^T``; with tied rows ``(1/T) sum_t g_tk g_tk^T`` per shared block, see
+        :mod:`mbf.tied`), or ``(owned, s, s)`` per-example sums already for this rank's blocks.
         The first estimate is taken as it is, or with ``bias_correction`` enters a running
         average that starts from zero (``stat_mass`` is the average's total weight).
         """
         first = unit.stat_updates == 0 and not group["bias_correction"]
         weight = 1.0 if first else 1.0 - group["stat_decay"]
         unit.stat_mass = (1.0 - weight) * unit.stat_mass + weight
+        if estimate.dim() == 2 and unit.tied > 1:
+            estimate = tied_estimate(estimate, unit.tied, unit.own)
         if estimate.dim() == 2:
             vectors = estimate[unit.own[0] : unit.own[1]]
             if unit.queue_capacity:
@@ -401,5 +413,6 @@ class CurvatureStore:
         c["nonfinite_blocks"] += report.nonfinite
 
     def solve(self, bucket: Bucket, rhs: Tensor) -> Tensor:
-        """This rank's inverses applied to its ``(hi - lo, s)`` right-hand sides."""
+        """This rank's inverses applied to its ``(hi - lo, s)`` right-hand sides (tied rows:
+        ``(hi - lo, T, s)``, every shared inverse applied to its ``T`` rows)."""
         return self.storage.solve(bucket.inverse, rhs)

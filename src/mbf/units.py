@@ -34,6 +34,9 @@ class Unit:
     group: int
     module: nn.Module | None = None
     per_example: bool = False
+    # Rows that share each block (MBF's ``tie_rows``, ``mbf.tied``): the layout's
+    # ``row_sharing`` when the unit's group ties rows, else 1 (a block per row and chunk).
+    tied: int = 1
     # Curvature (mbf.store): views of this rank's blocks of the unit in its bucket's tensors.
     fisher: Tensor = field(default_factory=lambda: torch.empty(0))
     inverse: Tensor = field(default_factory=lambda: torch.empty(0))
@@ -59,6 +62,12 @@ class Unit:
     @property
     def dtype(self) -> torch.dtype:
         return state_dtype(self.params[0].dtype)
+
+    @property
+    def curvature_blocks(self) -> int:
+        """Blocks of statistics and inverses: the layout's ``num_blocks``, or its
+        ``tied_blocks`` when rows are tied."""
+        return self.layout.num_blocks // self.tied
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +175,9 @@ def build_units(
     With a model, each module whose type has a rule in the layer registry (:mod:`mbf.layers`:
     Linear, ConvNd, affine norms, Embedding, and the user's own) forms units of its own
     parameters (a unit spans parameters of one module only when they share a param group);
-    every other parameter is cut by its shape (:func:`mbf.blocks.shape_layout`). Empty
+    every other parameter is cut by its shape (:func:`mbf.blocks.shape_layout`). Units of
+    groups with ``tie_rows`` share blocks between the rows their layout declares alike
+    (:mod:`mbf.tied`). Empty
     parameters (a zero in their shape) belong to no unit: there is nothing to precondition, and
     the optimizer leaves them alone.
     """
@@ -204,4 +215,7 @@ def build_units(
             claimed.add(id(p))
             name = param_names.get(id(p), f"group{g}.param{i}")
             units.append(Unit(name, [p], shape_layout(p, max_block_size[g]), g))
+    for unit in units:
+        if groups[unit.group].get("tie_rows"):
+            unit.tied = unit.layout.row_sharing
     return units

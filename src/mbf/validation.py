@@ -143,7 +143,8 @@ def check_group(group: dict[str, Any]) -> None:
             f"MBF: inverse_root must be one of {INVERSE_ROOTS}, got {group['inverse_root']!r}"
         )
     group["inverse_root"] = int(group["inverse_root"])
-    for key in ("decoupled_weight_decay", "bias_correction", "early_refresh", "relative_damping"):
+    for key in ("decoupled_weight_decay", "bias_correction", "early_refresh", "relative_damping",
+                "tie_rows"):
         if not isinstance(group[key], bool):
             raise TypeError(f"MBF: {key} must be True or False, got {group[key]!r}")
 

@@ -72,3 +72,38 @@ def test_with_one_output_channel_the_prototype_is_mbf_s_kernel_blocks() -> None:
     tied = _run(lambda m: proto.TiedRowsMBF([m.weight], [], **hp), conv=True)
     ours = _run(lambda m: mbf.MBF(m, **hp), conv=True)
     assert torch.allclose(tied, ours, rtol=0, atol=1e-12), (tied - ours).abs().max()
+
+
+
+def _conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(36, 6, bias=False), nn.Tanh(),
+                         nn.Linear(6, 2, bias=False)).double()
+
+
+def test_the_library_option_takes_the_prototype_steps() -> None:
+    # mbf.MBF(tie_rows=True) is this prototype made a library option: on bias-free Linear and
+    # convolution layers (all tied by the prototype, nothing on Adam) whose widths are cut
+    # into the same chunks (36 columns into 4 of 9 by both), the same steps in float64.
+    proto = _prototype()
+    hp = {"lr": 3e-3, "damping": 0.01, "stat_decay": 0.9, "inv_every": 20, "max_block_size": 10}
+    start = torch.cat([p.detach().reshape(-1) for p in _conv_net().parameters()])
+    results = []
+    for build in (
+        lambda m: proto._build_tied(m, {**proto.DEFAULTS, **hp, "layers": "linear+conv"}),
+        lambda m: mbf.MBF(m, **hp, tie_rows=True),
+    ):
+        model = _conv_net()
+        optimizer = build(model)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            x = torch.randn(16, 3, 5, 5, dtype=torch.float64, generator=gen)
+            target = torch.randn(16, 2, dtype=torch.float64, generator=gen)
+            optimizer.zero_grad()
+            ((model(x) - target) ** 2).mean().backward()
+            optimizer.step()
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert (results[0] - start).abs().max() > 1e-3  # the runs moved
+    assert torch.allclose(results[0], results[1], rtol=0, atol=1e-12), (
+        results[0] - results[1]).abs().max()
