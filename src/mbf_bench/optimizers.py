@@ -188,6 +188,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             needs_model=True,
         ),
         OptimizerSpec(
+            "mbf-tied",
+            "mini-block Fisher with tie_rows=True (one block per column chunk shared by a "
+            "layer's rows) and its own stat_decay 0.9 (benchmarks/tied_rows/)",
+            _mbf_defaults(tie_rows=True, stat_decay=0.9),
+            _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
             "mbf-batch",
             "mini-block Fisher, F_b from the minibatch gradient g_b g_b^T",
             {**mbf.DEFAULTS, **_MBF_OPTIONS},
@@ -335,7 +343,7 @@ _SCHED_AE = {"stat_every": 1, "inv_every": 20}
 _SCHED_CNN = {"stat_every": 10, "inv_every": 100}
 _SECOND_ORDER = (
     "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-bf16", "mbf-packed-bf16", "mbf-sgd",
-    "mbf-paper", "kfac", "shampoo-ours", "tnt",
+    "mbf-paper", "mbf-tied", "kfac", "shampoo-ours", "tnt",
 )
 
 #: Per task family, per optimizer: overrides of the spec defaults. The searched values (lr,
