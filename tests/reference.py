@@ -50,6 +50,7 @@ def block_diagonal(layout: BlockLayout, blocks: Tensor, damping: float) -> Tenso
 #: MBF options that give the paper's update (no grafting, first estimate as it is, fixed
 #: refreshes, absolute damping): the form the float64 references in these tests spell out.
 PAPER_FORM = {
+    "tie_rows": False,
     "graft": None,
     "bias_correction": False,
     "early_refresh": False,

@@ -119,7 +119,8 @@ def test_fsdp_run_equals_one_process(runs, world: int, kind: str, estimator: str
 def test_per_rank_memory_is_one_kth(runs, world: int) -> None:
     _, results = runs
     model = F.make_model("wide")
-    opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None)
+    opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None,
+              tie_rows=False)  # as the FSDP2 ranks' (rows not tied there yet)
     nn.functional.mse_loss(model(torch.randn(4, 64, dtype=torch.float64)),
                            torch.zeros(4, 64, dtype=torch.float64)).backward()
     opt.step()
@@ -220,6 +221,10 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
             assert units["0 (Conv2d)"] == held * 2 * 2
         else:
             assert "0 (Conv2d).bias" not in units
+        assert len(got["tie_warnings"]) == 1 and "FSDP2" in got["tie_warnings"][0]
+        # tie_rows asked for, every row untied (a rank of 4 may hold no unit of this model)
+        assert got["tie_units"] in ([1], [])
+        assert results[world][0]["refusals"]["tie_units"] == [1]
         refused = got["refused"]
         assert "per-rank files of FSDP2 ranks" in refused["whole state dict"]
         assert "sharded_state_dict" in refused["state_dict"]

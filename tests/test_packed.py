@@ -46,14 +46,17 @@ def test_pack_unpack_outer_solve_and_inverse_agree_with_whole_blocks(monkeypatch
 
 def test_packed_state_is_at_most_block_size_plus_three_floats_per_parameter() -> None:
     model = nn.Sequential(nn.Linear(100, 50), nn.Linear(50, 10))
-    opt = MBF(model, lr=0.1, max_block_size=20, storage="packed")
+    opt = MBF(model, lr=0.1, max_block_size=20, storage="packed", tie_rows=False)
     # Linear(100, 50): 300 blocks of 17 -> 2 triangles of 153 numbers each, plus momentum.
     assert opt.memory_report()["0 (Linear)"] == 4 * (2 * 300 * 153 + 5050)
     floats = sum(opt.memory_report().values()) / 4
     params = sum(p.numel() for p in model.parameters())
     assert floats <= (17 + 3) * params
-    full = MBF(model, lr=0.1, max_block_size=20)
+    full = MBF(model, lr=0.1, max_block_size=20, tie_rows=False)
     assert sum(full.memory_report().values()) > 1.9 * sum(opt.memory_report().values())
+    # Tied rows (the default): the 50 rows share the 6 blocks of their chunks.
+    tied = MBF(model, lr=0.1, max_block_size=20, storage="packed")
+    assert tied.memory_report()["0 (Linear)"] == 4 * (2 * 6 * 153 + 5050)
 
 
 def test_unknown_storage_is_refused() -> None:

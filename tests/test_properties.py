@@ -54,7 +54,7 @@ def _optimizer(net: Any, arch: Any, hp: dict[str, Any], estimator: str, storage:
         warnings.simplefilter("ignore")  # fallback notices: the estimator's documented rule
         return MBF(
             param_groups(net, arch, hp), model=net, estimator=estimator, storage=storage,
-            loss_reduction=arch.reduction, **hp, **PAPER_FORM,
+            loss_reduction=arch.reduction, **{**PAPER_FORM, **hp},  # hp's tie_rows
         )
 
 

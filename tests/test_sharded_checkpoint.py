@@ -22,8 +22,10 @@ from mbf import MBF
 from tensors import flat_params
 from threaded_ranks import World, patch_comm_device, run_threads, threaded
 
+# Untied (a block per row, queued statistics) for the block counts below; tied rows' files are
+# in the sharded-engine property test (tests/test_sharding_properties.py).
 KW: dict[str, Any] = {"lr": 0.05, "inv_every": 3, "max_block_size": 4, "damping": 0.1,
-                      "stat_buffer": 3}
+                      "stat_buffer": 3, "tie_rows": False}
 
 
 def _model() -> nn.Module:

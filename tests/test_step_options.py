@@ -36,6 +36,7 @@ BASE = dict(
     early_refresh=False,
     relative_damping=False,
     inverse_root=1,
+    tie_rows=False,  # the references spell out a block per row
 )
 
 

@@ -5,7 +5,8 @@ ConvNd, 2-d and 4-d parameters given without their module), both estimators: the
 are the running average of ``(1/T) sum_t g_tk g_tk^T`` over the sharing rows, and one step of
 the paper's form is the dense block-diagonal solve with each row's blocks replaced by the block
 its rows share. Then what must not change: storage, several ranks, checkpoints, 16-bit
-curvature; and the errors. The one-step property test (``tests/test_properties.py``) and the
+curvature; and the errors (FSDP2 models, where rows are not tied yet, are checked in
+``tests/test_fsdp.py``). The one-step property test (``tests/test_properties.py``) and the
 sharded-engine property test draw ``tie_rows`` too; ``tests/bench/test_tied_rows_prototype.py``
 checks the option against the prototype it came from, an independent implementation.
 """
@@ -13,18 +14,24 @@ checks the option against the prototype it came from, an independent implementat
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from mbf import MBF
-from mbf.blocks import BlockLayout
+from mbf import MBF, LayerRule, register_layer
+from mbf.blocks import BlockLayout, conv_layout, linear_layout
+from mbf.curvature import conv_block_stats, linear_block_stats
+from mbf.layers import rule_for
+from mbf.tied import sum_shared
 from reference import PAPER_FORM, block_diagonal, dense_blocks, per_example_grads, unit_vectors
 from tensors import flat_params
 from threaded_ranks import World, patch_comm_device, run_threads, threaded
+
+#: The paper's update (the float64 references spell it out) with the rows tied.
+TIED_PAPER_FORM = {**PAPER_FORM, "tie_rows": True}
 
 
 def _mlp() -> nn.Module:
@@ -88,8 +95,8 @@ def test_statistics_are_the_running_average_over_the_sharing_rows(
     name: str, estimator: str
 ) -> None:
     model = _model(name)
-    opt = MBF(model, **PAPER_FORM, lr=0.0, momentum=0.0, damping=0.1, stat_decay=0.5,
-              inv_every=1, max_block_size=4, estimator=estimator, tie_rows=True)
+    opt = MBF(model, **TIED_PAPER_FORM, lr=0.0, momentum=0.0, damping=0.1, stat_decay=0.5,
+              inv_every=1, max_block_size=4, estimator=estimator)
     expected: dict[str, Tensor] = {}
     for seed in (1, 2):  # the first estimate as it is, then half of each (stat_decay 0.5)
         x = _batch(MODELS[name][1], seed)
@@ -125,8 +132,8 @@ def test_statistics_are_the_running_average_over_the_sharing_rows(
 def test_one_step_is_the_dense_solve_with_the_shared_blocks(name: str) -> None:
     model = _model(name)
     lr, damping = 0.3, 0.05
-    opt = MBF(model, **PAPER_FORM, lr=lr, momentum=0.0, damping=damping, stat_decay=0.9,
-              inv_every=1, max_block_size=4, tie_rows=True)
+    opt = MBF(model, **TIED_PAPER_FORM, lr=lr, momentum=0.0, damping=damping, stat_decay=0.9,
+              inv_every=1, max_block_size=4)
     x = _batch(MODELS[name][1], 3)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     opt.zero_grad()
@@ -150,8 +157,8 @@ def test_parameters_given_without_their_module_tie_as_their_layers_do() -> None:
     torch.manual_seed(0)
     w2 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)  # read as a Linear weight
     w4 = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)  # as a conv weight
-    opt = MBF([w2, w4], **PAPER_FORM, lr=0.1, momentum=0.0, damping=0.1, inv_every=1,
-              max_block_size=4, tie_rows=True)
+    opt = MBF([w2, w4], **TIED_PAPER_FORM, lr=0.1, momentum=0.0, damping=0.1, inv_every=1,
+              max_block_size=4)
     loss = (w2.sin().sum(1) ** 2).sum() + (w4.cos() * w4).sum() ** 2
     loss.backward()
     grads = [w2.grad.clone(), w4.grad.clone()]
@@ -166,7 +173,7 @@ def test_parameters_given_without_their_module_tie_as_their_layers_do() -> None:
 
 def test_norms_embeddings_and_flat_tensors_keep_their_own_blocks() -> None:
     model = nn.Sequential(nn.Embedding(10, 6), nn.LayerNorm(6), nn.Linear(6, 4)).double()
-    untied = MBF(model, max_block_size=4)
+    untied = MBF(model, max_block_size=4, tie_rows=False)
     tied = MBF(model, max_block_size=4, tie_rows=True)
     shapes = {u.name: tuple(u.fisher.shape) for u in untied.blocks()}
     tied_shapes = {u.name: tuple(u.fisher.shape) for u in tied.blocks()}
@@ -212,7 +219,7 @@ def test_a_checkpoint_resumes_on_the_same_bits_and_keeps_the_setting() -> None:
     saved = torch.load(buffer, weights_only=True)
     fresh = _model("linear")
     fresh.load_state_dict(saved["model"])
-    fresh_opt = MBF(fresh, max_block_size=4)  # untied as built: the saved groups say tied
+    fresh_opt = MBF(fresh, max_block_size=4, tie_rows=False)  # the saved groups say tied
     fresh_opt.load_state_dict(saved["opt"])
     assert fresh_opt.param_groups[0]["tie_rows"] is True
     assert [tuple(u.fisher.shape) for u in fresh_opt.blocks()] == [(2, 4, 4), (2, 3, 3)]
@@ -281,12 +288,53 @@ def test_a_bad_or_changed_setting_is_refused_by_name() -> None:
     assert torch.equal(flat_params(model), before)
 
 
-def test_fsdp2_models_are_refused_with_tied_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mbf.optimizer as optimizer
 
-    model = _model("linear")
-    monkeypatch.setattr(optimizer, "find_mesh_group", lambda params, names: object())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(NotImplementedError, match="tie_rows=True .* FSDP2"):
-            MBF(model, tie_rows=True)
+@pytest.mark.parametrize("positions", [(), (3,)])
+def test_the_linear_rule_sums_the_shared_blocks_as_every_row_s_would(
+    positions: tuple[int, ...]
+) -> None:
+    # One position per example (a rank-one gradient: one GEMM) and a sequence of three.
+    gen = torch.Generator().manual_seed(5)
+    layout = linear_layout(torch.empty(5, 7), torch.empty(5), 4)
+    x = torch.randn(6, *positions, 7, dtype=torch.float64, generator=gen)
+    d = torch.randn(6, *positions, 5, dtype=torch.float64, generator=gen)
+    every = linear_block_stats(layout, x, d)
+    shared = linear_block_stats(layout, x, d, tied=5, chunk_elems=40)  # several slices
+    assert shared.shape == (2, 4, 4)
+    torch.testing.assert_close(shared, sum_shared(every, 5), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="tied all or none"):
+        linear_block_stats(layout, x, d, tied=2)
+
+
+def test_the_conv_rule_sums_each_input_channel_s_kernels_over_the_output_channels() -> None:
+    gen = torch.Generator().manual_seed(6)
+    conv = nn.Conv2d(2, 3, 3).double()
+    layout = conv_layout(conv.weight, 4)  # 6 kernels of 9 in chunks of 3: 18 blocks
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, generator=gen)
+    g = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen)
+    every, _ = conv_block_stats(conv, layout, None, x, g)
+    shared, _ = conv_block_stats(conv, layout, None, x, g, tied=3)
+    assert shared.shape == (6, 3, 3)
+    torch.testing.assert_close(shared, sum_shared(every, 3), rtol=1e-12, atol=1e-12)
+
+
+class _OwnLinear(nn.Linear):
+    """A module type with a rule of its own that knows nothing of tied rows."""
+
+
+def test_a_rule_that_returns_every_row_s_blocks_is_summed_by_mbf() -> None:
+    def every_row(module: nn.Module, layouts: Any, x: Tensor, d: Tensor, context: Any) -> list:
+        return [linear_block_stats(layouts[0], x, d)]  # ignores context.tied
+
+    runs = []
+    for own in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential((_OwnLinear if own else nn.Linear)(7, 5)).double()
+        rule = LayerRule(units=rule_for(nn.Linear).units, block_stats=every_row)  # type: ignore[union-attr]
+        with register_layer(_OwnLinear, rule):
+            opt = MBF(model, **TIED_PAPER_FORM, lr=0.1, damping=0.1, inv_every=1,
+                      max_block_size=4, estimator="per_example")
+            _train(model, opt, range(3), (7,))
+        runs.append(opt.blocks()[0].fisher)
+    assert runs[0].shape == (2, 4, 4)
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)

@@ -21,10 +21,12 @@ from mbf_bench.speed import workload
 from mbf_bench.train import resolve_hparams
 
 CONFIGS = {
-    "float32 full (default)": ("mbf", {}),
-    "bfloat16 full": ("mbf", {"curvature_dtype": "bfloat16"}),
-    "float32 packed": ("mbf-packed", {}),
-    "bfloat16 packed": ("mbf-packed", {"curvature_dtype": "bfloat16"}),
+    "tied rows, float32 full (the default since 2026-12-08)": ("mbf", {}),
+    "tied rows, bfloat16 packed": ("mbf-packed", {"curvature_dtype": "bfloat16"}),
+    "untied, float32 full (the default before)": ("mbf-untied", {}),
+    "untied, bfloat16 full": ("mbf-untied", {"curvature_dtype": "bfloat16"}),
+    "untied, float32 packed": ("mbf-untied", {"storage": "packed"}),
+    "untied, bfloat16 packed": ("mbf-untied", {"storage": "packed", "curvature_dtype": "bfloat16"}),
 }
 
 

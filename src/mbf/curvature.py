@@ -99,8 +99,11 @@ def linear_block_stats(
     grad_outputs: Tensor,
     chunk_elems: int = 1 << 24,
     workspace: Workspace | None = None,
+    tied: int = 1,
 ) -> Tensor:
-    """``sum_i`` of the block outer products of each example's Linear gradient.
+    """``sum_i`` of the block outer products of each example's Linear gradient; with ``tied``
+    equal to the layout's rows (MBF's ``tie_rows``), also summed over the rows that share each
+    block: ``(chunks, s, s)``, without forming every row's blocks.
 
     Args:
         layout: the unit's layout (``linear`` kind; with bias when it has two shapes).
@@ -108,16 +111,28 @@ def linear_block_stats(
         grad_outputs: ``(N, *, out)`` gradients of the loss with respect to the layer output.
         chunk_elems: bound on the per-example entries materialized at once.
         workspace: reused scratch memory for the chunks (optional).
+        tied: rows sharing each block: 1 (every row's blocks) or ``layout.rows``.
     """
+    if tied not in (1, layout.rows):
+        raise ValueError(f"MBF: a Linear layout's rows are tied all or none, not {tied}")
     has_bias = len(layout.shapes) == 2
     n = inputs.shape[0]
     a = inputs.reshape(n, -1, inputs.shape[-1])
     d = grad_outputs.reshape(n, -1, grad_outputs.shape[-1])
     if has_bias:
         a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-    out = torch.zeros(
-        layout.num_blocks, layout.block_size, layout.block_size, dtype=a.dtype, device=a.device
-    )
+    blocks = layout.num_blocks // tied
+    out = torch.zeros(blocks, layout.block_size, layout.block_size, dtype=a.dtype,
+                      device=a.device)
+    if a.shape[1] == 1 and tied > 1:
+        # Summed over rows j too: sum_i |delta_i|^2 a_ic a_ic^T, one GEMM with one row.
+        a2, weights = a[:, 0], d[:, 0].square().sum(1, keepdim=True)
+        flat = out.view(1, -1)
+        for sl in _chunks(n, layout.chunks * layout.block_size**2, chunk_elems):
+            ab = layout.rows_to_blocks(a2[sl].unsqueeze(1))  # (n, chunks, s)
+            outer = (ab.unsqueeze(-1) * ab.unsqueeze(-2)).reshape(ab.shape[0], -1)
+            flat.addmm_(weights[sl].T, outer)
+        return out
     if a.shape[1] == 1:
         # G_i = delta_i a_i^T is rank one: block (j, c) is sum_i delta_ij^2 a_ic a_ic^T, a GEMM.
         a2, d2 = a[:, 0], d[:, 0].square()
@@ -130,7 +145,8 @@ def linear_block_stats(
         return out
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])
-        _add_outer_sum(out, layout.rows_to_blocks(grads), workspace)
+        per_row = layout.rows_to_blocks(grads)  # (n, out * chunks, s)
+        _add_outer_sum(out, per_row.reshape(-1, blocks, layout.block_size), workspace)
     return out
 
 
@@ -249,15 +265,18 @@ def conv_block_stats(
     grad_outputs: Tensor,
     chunk_elems: int = 1 << 24,
     workspace: Workspace | None = None,
+    tied: int = 1,
 ) -> tuple[Tensor, Tensor | None]:
-    """``sum_i`` of block outer products of each example's conv weight (and bias) gradient."""
+    """``sum_i`` of block outer products of each example's conv weight (and bias) gradient;
+    with ``tied`` the weight's also summed over each group of ``tied`` rows that share a block
+    (MBF's ``tie_rows``: the output channels), ``(num_blocks / tied, s, s)``."""
     module = _as_conv(module)
     n = inputs.shape[0]
     groups = module.groups
     c_out = grad_outputs.shape[1]
     k = math.prod(module.kernel_size)
     s = layout.block_size
-    w_out = inputs.new_zeros(layout.num_blocks, s, s)
+    w_out = inputs.new_zeros(layout.num_blocks // tied, s, s)
     b_out = None
     if bias_layout is not None:
         bs = bias_layout.block_size
@@ -281,7 +300,8 @@ def conv_block_stats(
             out_grads = None if workspace is None else workspace.get("grads", shape, d)
             grads = torch.matmul(d, u.transpose(-1, -2), out=out_grads)
         rows = grads.reshape(grads.shape[0], layout.rows, layout.row_length)
-        _add_outer_sum(w_out, layout.rows_to_blocks(rows), workspace)
+        per_row = layout.rows_to_blocks(rows)  # (n, rows * chunks, s); tied: rows' sum too
+        _add_outer_sum(w_out, per_row.reshape(-1, w_out.shape[0], s), workspace)
         if bias_layout is not None and b_out is not None:
             bias_grads = d.sum(-1).reshape(-1, 1, c_out)
             _add_outer_sum(b_out, bias_layout.rows_to_blocks(bias_grads), workspace)

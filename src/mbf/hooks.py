@@ -191,16 +191,17 @@ class PerExampleHooks:
         x, grad = x.to(dtype), grad.detach().to(dtype)
         n = x.shape[0]
         layouts = [u.layout for u in hooked]
-        context = StatsContext(self.chunk_elements, self._workspace)
+        tied = tuple(u.tied for u in hooked)
+        context = StatsContext(self.chunk_elements, self._workspace, tied)
         stats = self._stats_of[module](module, layouts, x, grad, context)
-        _check_stats(module, layouts, stats)
+        _check_stats(module, layouts, tied, stats)
         for unit, value in zip(hooked, stats, strict=True):
             if not unit.collect:
                 continue
             if self._pass_unscale != 1.0:
                 value.mul_(self._pass_unscale)
-            if unit.tied > 1:  # tied rows (mbf.tied): the shared blocks' sums
-                value = sum_shared(value, unit.tied)
+            if unit.tied > 1 and value.shape[0] != unit.curvature_blocks:
+                value = sum_shared(value, unit.tied)  # every row's: the shared blocks' sums
             if unit.pending is None:
                 unit.pending = value
             else:
@@ -210,13 +211,16 @@ class PerExampleHooks:
                 unit.pending_examples += n
 
 
-def _check_stats(module: nn.Module, layouts: list, stats: object) -> None:
-    """A clear error when a rule's ``block_stats`` returns what the units cannot take."""
+def _check_stats(module: nn.Module, layouts: list, tied: tuple[int, ...], stats: object) -> None:
+    """A clear error when a rule's ``block_stats`` returns what the units cannot take (every
+    row's blocks, or for a tied layout the shared blocks' sums)."""
     where = f"MBF: the per-example statistics of {type(module).__name__} (its LayerRule)"
     if not isinstance(stats, (list, tuple)) or len(stats) != len(layouts):
         raise RuntimeError(f"{where} must be a list of {len(layouts)} tensors, got {stats!r}")
-    for k, (value, layout) in enumerate(zip(stats, layouts, strict=True)):
+    for k, (value, layout, rows) in enumerate(zip(stats, layouts, tied, strict=True)):
         shape = (layout.num_blocks, layout.block_size, layout.block_size)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        shared = (layout.num_blocks // rows, *shape[1:])
+        if not isinstance(value, Tensor) or tuple(value.shape) not in (shape, shared):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise RuntimeError(f"{where}: entry {k} must have shape {shape}, got {got}")
+            wanted = f"{shape}" if rows == 1 else f"{shape} or, tied, {shared}"
+            raise RuntimeError(f"{where}: entry {k} must have shape {wanted}, got {got}")

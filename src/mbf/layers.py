@@ -103,10 +103,21 @@ class StatsContext:
         chunk_elements: bound on the per-example gradient entries to hold at once (MBF's
             ``chunk_elements``); process the batch in slices that respect it.
         workspace: scratch memory reused across calls (``workspace.get(name, shape, like)``).
+        tied: per layout, how many rows share each block (MBF's ``tie_rows``: the layout's
+            ``row_sharing``; 1 or absent: none). For a tied layout a rule may return the
+            shared blocks' sums, ``(tied_blocks, s, s)``, summed over the sharing rows as well,
+            instead of every row's ``(num_blocks, s, s)`` (which MBF then sums itself): the
+            built-in Linear and convolution rules do, so that a tied layer never holds every
+            row's blocks.
     """
 
     chunk_elements: int
     workspace: Workspace
+    tied: tuple[int, ...] = ()
+
+    def tied_rows(self, index: int) -> int:
+        """Rows sharing each block of layout ``index`` (1: untied)."""
+        return self.tied[index] if index < len(self.tied) else 1
 
 
 UnitsFn = Callable[[nn.Module, ModuleParams], Sequence[UnitSpec]]
@@ -284,7 +295,8 @@ def _linear_stats(
 ) -> list[Tensor]:
     (layout,) = layouts
     chunk, workspace = context.chunk_elements, context.workspace
-    return [linear_block_stats(layout, inputs, grad_outputs, chunk, workspace)]
+    return [linear_block_stats(layout, inputs, grad_outputs, chunk, workspace,
+                               tied=context.tied_rows(0))]
 
 
 def _conv_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
@@ -315,6 +327,7 @@ def _conv_stats(
         grad_outputs,
         context.chunk_elements,
         context.workspace,
+        tied=context.tied_rows(0),
     )
     return [w] if b is None else [w, b]
 

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,
     "momentum": 0.9,
     "damping": 1e-2,
-    "stat_decay": 0.99,
+    "stat_decay": 0.9,
     "stat_every": 1,
     "inv_every": 20,
     "max_block_size": 32,
@@ -56,14 +56,16 @@ DEFAULTS: dict[str, Any] = {
     "early_refresh": True,
     "relative_damping": True,
     "inverse_root": 1,
-    "tie_rows": False,
+    "tie_rows": True,
 }
 """The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
 lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
-early inverse refreshes and damping relative to each block's scale. They were chosen by the
-comparison protocol of ``benchmarks/protocol.py``, ``stat_decay`` (0.99, the paper's 0.9 before
-2026-12-07) by a validation screen on every task (``benchmarks/stat_decay/``);
-``docs/decisions.md`` gives the evidence."""
+early inverse refreshes, damping relative to each block's scale, and the blocks of a layer's
+rows tied (``tie_rows``: one block per column chunk shared by a Linear layer's output units, by
+a convolution's output channels). They were chosen by the comparison protocol of
+``benchmarks/protocol.py``; ``tie_rows`` with ``stat_decay`` 0.9 (since 2026-12-08; untied with
+0.99 the day before) by validation screens on every task (``benchmarks/tied_rows/``,
+``benchmarks/stat_decay/``); ``docs/decisions.md`` gives the evidence."""
 
 PAPER: dict[str, Any] = {
     "lr": 0.01,
@@ -77,6 +79,7 @@ PAPER: dict[str, Any] = {
     "early_refresh": False,
     "relative_damping": False,
     "inverse_root": 1,
+    "tie_rows": False,
 }
 """The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
 ``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
@@ -175,8 +178,10 @@ class MBF(torch.optim.Optimizer):
             convolution, each estimated from all those rows' gradients
             (``(1/T) sum_t g_tk g_tk^T``); every row's piece keeps its own grafted length.
             Statistics, inverses and factorization shrink by the number of rows ``T``; norm
-            layers, embeddings and flat tensors keep their own blocks. Not on FSDP2 models
-            yet. Measured in ``docs/results.md``; a param group's setting is fixed when the
+            layers, embeddings and flat tensors keep their own blocks. The default since
+            2026-12-08 (``benchmarks/tied_rows/``); ``False`` gives every row its own blocks,
+            as the paper does. On FSDP2 models rows are not tied yet (a warning says so;
+            ``tie_rows=False`` silences it). A param group's setting is fixed when the
             optimizer is built.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
@@ -399,7 +404,18 @@ class MBF(torch.optim.Optimizer):
     def _rebuild(self, kept: dict[tuple[int, ...], Kept] | None = None) -> None:
         """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
-        units = build_units(self.param_groups, self._model, self.estimator == "per_example")
+        fsdp2 = isinstance(self._engine, FSDPEngine)
+        units = build_units(self.param_groups, self._model, self.estimator == "per_example",
+                            tie=not fsdp2)
+        if fsdp2 and any(g["tie_rows"] for g in self.param_groups) and "fsdp-tie" not in (
+                self._warned):
+            self._warned.add("fsdp-tie")
+            warnings.warn(
+                "MBF: tie_rows is not supported on FSDP2 models yet (a shared block needs every "
+                "rank's rows): every row keeps its own blocks here. Pass tie_rows=False to say "
+                "so and silence this warning.",
+                stacklevel=4,
+            )
         # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
         self._whole_units = units
         if isinstance(self._engine, FSDPEngine):
@@ -983,12 +999,13 @@ class MBF(torch.optim.Optimizer):
             store.buckets,
         )
         whole_units, sharded_units = self._whole_units, getattr(self._engine, "sharded", None)
+        tying = list(self._tying)
         try:
             self._load(sd, extra, sharded)
         except Exception:
             # A state dict that does not fit leaves the optimizer exactly as it was.
             groups, state, store.units, store.buckets = backup
-            self._whole_units = whole_units
+            self._whole_units, self._tying = whole_units, tying
             if isinstance(self._engine, FSDPEngine) and sharded_units is not None:
                 self._engine.sharded = sharded_units
             for group, saved in zip(self.param_groups, groups, strict=True):
@@ -1067,12 +1084,6 @@ def _make_engine(groups: list[dict[str, Any]], process_group: Any, model: nn.Mod
     group = find_mesh_group(params, names)
     if group is None:
         return make_engine(process_group, model)
-    tied = [g for g, group_ in enumerate(groups) if group_["tie_rows"]]
-    if tied:
-        raise NotImplementedError(
-            f"MBF: tie_rows=True (param group {tied[0]}) is not supported on FSDP2 models yet "
-            "(a shared block needs every rank's rows); use tie_rows=False there"
-        )
     if process_group is False:
         raise ValueError(
             "MBF: process_group=False, but the parameters are sharded DTensors (FSDP2); "

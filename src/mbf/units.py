@@ -169,6 +169,7 @@ def build_units(
     groups: list[dict],
     model: nn.Module | None,
     per_example: bool,
+    tie: bool = True,
 ) -> list[Unit]:
     """Cut the optimizer's parameters into units.
 
@@ -177,7 +178,7 @@ def build_units(
     parameters (a unit spans parameters of one module only when they share a param group);
     every other parameter is cut by its shape (:func:`mbf.blocks.shape_layout`). Units of
     groups with ``tie_rows`` share blocks between the rows their layout declares alike
-    (:mod:`mbf.tied`). Empty
+    (:mod:`mbf.tied`) unless ``tie`` is false (FSDP2 models, for now). Empty
     parameters (a zero in their shape) belong to no unit: there is nothing to precondition, and
     the optimizer leaves them alone.
     """
@@ -216,6 +217,6 @@ def build_units(
             name = param_names.get(id(p), f"group{g}.param{i}")
             units.append(Unit(name, [p], shape_layout(p, max_block_size[g]), g))
     for unit in units:
-        if groups[unit.group].get("tie_rows"):
+        if tie and groups[unit.group].get("tie_rows"):
             unit.tied = unit.layout.row_sharing
     return units

@@ -188,10 +188,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             needs_model=True,
         ),
         OptimizerSpec(
-            "mbf-tied",
-            "mini-block Fisher with tie_rows=True (one block per column chunk shared by a "
-            "layer's rows) and its own stat_decay 0.9 (benchmarks/tied_rows/)",
-            _mbf_defaults(tie_rows=True, stat_decay=0.9),
+            "mbf-untied",
+            "mini-block Fisher with a block per row and chunk (tie_rows=False) and stat_decay "
+            "0.99: the library defaults of 2026-12-07, before tie_rows (benchmarks/tied_rows/)",
+            _mbf_defaults(tie_rows=False, stat_decay=0.99),
             _mbf(None),
             needs_model=True,
         ),
@@ -343,7 +343,7 @@ _SCHED_AE = {"stat_every": 1, "inv_every": 20}
 _SCHED_CNN = {"stat_every": 10, "inv_every": 100}
 _SECOND_ORDER = (
     "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-bf16", "mbf-packed-bf16", "mbf-sgd",
-    "mbf-paper", "mbf-tied", "kfac", "shampoo-ours", "tnt",
+    "mbf-paper", "mbf-untied", "kfac", "shampoo-ours", "tnt",
 )
 
 #: Per task family, per optimizer: overrides of the spec defaults. The searched values (lr,

@@ -710,14 +710,17 @@ def test_no_layer_of_defaults_is_dead() -> None:
 
 
 def test_curvature_schedule_follows_the_framework() -> None:
-    # MBF's statistics keep the library's running average (0.99 since the screen of
-    # benchmarks/stat_decay/); our K-FAC, Shampoo and TNT keep the paper framework's 0.9.
+    # MBF's statistics keep the library's running average (0.9 with tied rows since the screen
+    # of benchmarks/tied_rows/); our K-FAC, Shampoo and TNT keep the paper framework's 0.9.
     for name in ("mbf", "mbf-batch", "mbf-per_example", "kfac", "shampoo-ours", "tnt"):
         decay = mbf.DEFAULTS["stat_decay"] if name.startswith("mbf") else 0.9
         ae, cnn = defaults_for(name, "autoencoder"), defaults_for(name, "cnn")
         assert (ae["stat_every"], ae["inv_every"], ae["stat_decay"]) == (1, 20, decay)
         assert (cnn["stat_every"], cnn["inv_every"], cnn["stat_decay"]) == (10, 100, decay)
-    assert mbf.DEFAULTS["stat_decay"] == 0.99 and mbf.PAPER["stat_decay"] == 0.9
+    assert mbf.DEFAULTS["stat_decay"] == 0.9 and mbf.PAPER["stat_decay"] == 0.9
+    assert mbf.DEFAULTS["tie_rows"] and not mbf.PAPER["tie_rows"]
+    untied = defaults_for("mbf-untied", "autoencoder")  # the defaults of 2026-12-07
+    assert (untied["stat_decay"], untied["tie_rows"]) == (0.99, False)
 
 
 def test_mbf_estimators_are_selectable() -> None:
