@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mbf_bench.protocol import TrialJob, library_defaults, load_rules, screen_run
+from mbf_bench.protocol import TrialJob, library_defaults, load_rules, screen_main, screen_run
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs.jsonl"
@@ -66,19 +66,10 @@ def report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--data-dir", default="../shared/data")
-    r.add_argument("--tasks", default=",".join(TASKS))
-    r.add_argument("--values", default="0.9,0.99")
-    r.add_argument("--seeds", default="100,101")
-    r.set_defaults(func=run)
-    sub.add_parser("report").set_defaults(func=report)
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
+    def arguments(run: argparse.ArgumentParser) -> None:
+        run.add_argument("--values", default="0.9,0.99")
 
+    return screen_main(__doc__ or "", TASKS, run, report, arguments, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,6 +24,7 @@ The rules live in a frozen file (``protocol_rules.json`` beside this module; exp
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -481,3 +482,25 @@ def screen_run(rules: dict[str, Any], job: TrialJob, data_dir: str | None, path:
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
     return row
+
+
+def screen_main(doc: str, tasks: Iterable[str], run: Callable[[argparse.Namespace], int],
+                report: Callable[[argparse.Namespace], int],
+                run_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+                argv: list[str] | None = None) -> int:
+    """The command line of a screen script: ``run`` (``--data-dir``, ``--tasks`` defaulting to
+    ``tasks``, ``--seeds`` defaulting to 100 and 101, and what ``run_arguments`` adds) and
+    ``report``; returns the chosen function's exit status. ``doc``'s first line describes it."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0] if doc else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    runner = sub.add_parser("run")
+    runner.add_argument("--data-dir", default="../shared/data")
+    runner.add_argument("--tasks", default=",".join(tasks))
+    runner.add_argument("--seeds", default="100,101")
+    if run_arguments is not None:
+        run_arguments(runner)
+    runner.set_defaults(func=run)
+    sub.add_parser("report").set_defaults(func=report)
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status

@@ -27,6 +27,7 @@ from mbf_bench.protocol import (
     final_jobs,
     load_rules,
     run_job,
+    screen_main,
     screen_run,
     second_round_space,
     space_for,
@@ -294,6 +295,31 @@ def test_a_screen_run_is_kept_out_of_the_records_and_not_run_twice(tmp_path: Pat
     assert screen_run(rules, job, None, rows, {**label, "variant": "b"}, TINY) is not None
     assert [json.loads(t)["variant"] for t in rows.read_text().splitlines()] == ["a", "b"]
     assert store.load() == []
+
+
+def test_a_screen_command_line_runs_or_reports_with_its_own_arguments() -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def run(args: Any) -> int:
+        seen.append(("run", (args.data_dir, args.tasks, args.seeds, args.values)))
+        return 0
+
+    def report(args: Any) -> int:
+        seen.append(("report", None))
+        return 3
+
+    def arguments(parser: Any) -> None:
+        parser.add_argument("--values", default="0.9")
+
+    tasks = ("digits-ae", "mnist-ae")
+    assert screen_main("A screen.\nMore.", tasks, run, report, arguments, ["run"]) == 0
+    assert screen_main("A screen.", tasks, run, report, arguments,
+                       ["run", "--tasks", "mnist-ae", "--seeds", "7", "--values", "1"]) == 0
+    assert screen_main("A screen.", tasks, run, report, arguments, ["report"]) == 3
+    assert seen == [("run", ("../shared/data", "digits-ae,mnist-ae", "100,101", "0.9")),
+                    ("run", ("../shared/data", "mnist-ae", "7", "1")), ("report", None)]
+    with pytest.raises(SystemExit):  # an argument the screen did not add
+        screen_main("A screen.", tasks, run, report, None, ["run", "--values", "1"])
 
 
 def test_a_diverged_run_is_recorded_and_ranked_last(tmp_path: Path) -> None:
