@@ -212,10 +212,12 @@ class MBF(torch.optim.Optimizer):
             (at the latest before each factorization). The result is the same running average
             (up to rounding); the statistics, the largest tensor, are then read and written once
             per ``stat_buffer`` updates instead of every update. Costs ``stat_buffer`` floats per
-            parameter; ``1`` folds every update at once.
+            parameter of untied units; ``1`` folds every update at once. Tied units
+            (``tie_rows``) fold every estimate at once: it is one small block per chunk.
         storage: ``"full"`` keeps every block's statistics and inverse as ``s x s`` matrices
-            (``2 s + stat_buffer + 1`` floats per parameter, fastest); ``"packed"`` keeps their
-            upper triangles (``s + 2`` floats per parameter: about half the memory) and unpacks
+            (``2 s + stat_buffer + 1`` floats per parameter of untied units, fastest; tied ones
+            ``2 s^2 / T + 1`` for ``T`` sharing rows); ``"packed"`` keeps their upper triangles
+            (``s + 2`` floats per parameter untied: about half the memory) and unpacks
             a few thousand blocks at a time to factor and solve, which makes the step slower
             (``docs/results.md``). ``"packed"`` folds statistics at once (no queue). Both work
             on several ranks, each rank keeping only its share (``mbf.storage``).
