@@ -338,3 +338,11 @@ def test_a_rule_that_returns_every_row_s_blocks_is_summed_by_mbf() -> None:
         runs.append(opt.blocks()[0].fisher)
     assert runs[0].shape == (2, 4, 4)
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-12, atol=1e-14)
+
+
+def test_a_grouped_convolution_keeps_a_block_per_kernel() -> None:
+    # Its output channels read different input channels: nothing alike to share.
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 2, 3)).double()
+    shapes = {u.name: tuple(u.fisher.shape) for u in MBF(model, max_block_size=9).blocks()}
+    assert shapes["0 (Conv2d)"] == (6 * 2, 9, 9)  # (output, input of its group) kernels
+    assert shapes["1 (Conv2d)"] == (6, 9, 9)  # tied: one per input channel

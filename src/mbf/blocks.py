@@ -417,11 +417,13 @@ def linear_layout(weight: Tensor, bias: Tensor | None, max_block_size: int) -> B
     return row_layout(shapes, weight.shape[0], max_block_size, "linear", weight.shape[0])
 
 
-def conv_layout(weight: Tensor, max_block_size: int) -> BlockLayout:
+def conv_layout(weight: Tensor, max_block_size: int, groups: int = 1) -> BlockLayout:
     """One block per (output channel, input channel) kernel: ``prod(kernel_size)`` entries;
-    tied, one per input channel's kernel, shared by the output channels."""
+    tied, one per input channel's kernel, shared by the output channels. A grouped convolution
+    (``groups > 1``) is not tied: its output channels read different input channels."""
     rows = weight.shape[0] * weight.shape[1]
-    return row_layout([weight.shape], rows, max_block_size, "conv", weight.shape[0])
+    sharing = weight.shape[0] if groups == 1 else 1
+    return row_layout([weight.shape], rows, max_block_size, "conv", sharing)
 
 
 def norm_layout(weight: Tensor, bias: Tensor) -> BlockLayout:

@@ -305,7 +305,7 @@ def _conv_units(module: nn.Module, params: ModuleParams) -> list[UnitSpec]:
     if weight is None or params.group(weight) is None:
         return []
     mbs = params.max_block_size(weight)
-    units = [UnitSpec((weight,), conv_layout(weight, mbs))]
+    units = [UnitSpec((weight,), conv_layout(weight, mbs, int(getattr(module, "groups", 1))))]
     if bias is not None and params.group(weight, bias) is not None:
         units.append(UnitSpec((bias,), _shape_layout(bias, mbs), ".bias"))
     return units

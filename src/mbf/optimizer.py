@@ -174,8 +174,8 @@ class MBF(torch.optim.Optimizer):
             the root keeps the step on the frequent coordinates (``docs/results.md``, GCN).
         tie_rows: share blocks between the rows of a layer (:mod:`mbf.tied`): one block per
             column chunk for all output units of a Linear layer (and of a 2-d parameter given
-            without its module), one per input channel's kernel for all output channels of a
-            convolution, each estimated from all those rows' gradients
+            without its module), one per input channel's kernel for all output channels of an
+            ungrouped convolution, each estimated from all those rows' gradients
             (``(1/T) sum_t g_tk g_tk^T``); every row's piece keeps its own grafted length.
             Statistics, inverses and factorization shrink by the number of rows ``T``; norm
             layers, embeddings and flat tensors keep their own blocks. The default since

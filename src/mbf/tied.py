@@ -3,8 +3,8 @@
 MBF gives every row of a layer (an output unit of a Linear layer, an (output, input) kernel of
 a convolution) blocks of its own, each estimated from that row's gradient alone. With
 ``tie_rows`` the rows that a layout declares alike (``BlockLayout.row_sharing``: all output
-units of a Linear layer; the output channels of a convolution, for each input channel's
-kernel) share one block per column chunk, estimated from all of them:
+units of a Linear layer; the output channels of an ungrouped convolution, for each input
+channel's kernel) share one block per column chunk, estimated from all of them:
 ``S_k = EMA((1/T) sum_t g_tk g_tk^T)`` over the ``T`` sharing rows' gradient blocks ``g_tk``.
 Under K-FAC's independence assumption every row block of a layer has the same shape (the
 inputs' covariance) up to a scale, and the graft sets each block's length, so one well
