@@ -124,24 +124,19 @@ def linear_block_stats(
     blocks = layout.num_blocks // tied
     out = torch.zeros(blocks, layout.block_size, layout.block_size, dtype=a.dtype,
                       device=a.device)
-    if a.shape[1] == 1 and tied > 1:
-        # Summed over rows j too: sum_i |delta_i|^2 a_ic a_ic^T, one GEMM with one row.
-        a2, weights = a[:, 0], d[:, 0].square().sum(1, keepdim=True)
-        flat = out.view(1, -1)
-        for sl in _chunks(n, layout.chunks * layout.block_size**2, chunk_elems):
-            ab = layout.rows_to_blocks(a2[sl].unsqueeze(1))  # (n, chunks, s)
-            outer = (ab.unsqueeze(-1) * ab.unsqueeze(-2)).reshape(ab.shape[0], -1)
-            flat.addmm_(weights[sl].T, outer)
-        return out
     if a.shape[1] == 1:
-        # G_i = delta_i a_i^T is rank one: block (j, c) is sum_i delta_ij^2 a_ic a_ic^T, a GEMM.
-        a2, d2 = a[:, 0], d[:, 0].square()
+        # G_i = delta_i a_i^T is rank one: block (j, c) is sum_i delta_ij^2 a_ic a_ic^T, a GEMM;
+        # tied, summed over the rows j too: sum_i |delta_i|^2 a_ic a_ic^T, a GEMM of one row.
+        a2, weights = a[:, 0], d[:, 0].square()
+        if tied > 1:
+            weights = weights.sum(1, keepdim=True)
         per = layout.chunks * layout.block_size**2
-        flat = out.view(layout.rows, -1)  # (out, chunks * s * s): one GEMM, accumulated in place
+        # (out or 1, chunks * s * s): one GEMM, accumulated in place
+        flat = out.view(weights.shape[1], -1)
         for sl in _chunks(n, per, chunk_elems):
             ab = layout.rows_to_blocks(a2[sl].unsqueeze(1))  # (n, chunks, s)
             outer = (ab.unsqueeze(-1) * ab.unsqueeze(-2)).reshape(ab.shape[0], -1)
-            flat.addmm_(d2[sl].T, outer)
+            flat.addmm_(weights[sl].T, outer)
         return out
     for sl in _chunks(n, layout.rows * layout.row_length, chunk_elems):
         grads = torch.einsum("ntj,ntk->njk", d[sl], a[sl])  # per-example (n, out, in[+1])

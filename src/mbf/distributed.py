@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -399,7 +400,7 @@ class ShardedEngine(LocalEngine):
         buckets = [item.bucket for item in work]
         dtype, device = self._wire([item.rhs for item in work])  # not the (16-bit) curvature
         # A block's solved entries: s, or T * s for a bucket of tied rows ((total, T, s)).
-        entries = [item.rhs[0].numel() if item.rhs.shape[0] else 0 for item in work]
+        entries = [math.prod(item.rhs.shape[1:]) for item in work]
         sizes = [
             sum((b.ranges[r][1] - b.ranges[r][0]) * e for b, e in zip(buckets, entries,
                                                                      strict=True))

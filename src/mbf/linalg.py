@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FactorReport", "damped_inverse", "damped_inverse_root", "solve_blocks"]
+__all__ = ["FactorReport", "as_rows", "damped_inverse", "damped_inverse_root", "solve_blocks"]
 
 RETRY_FACTORS = (10.0, 100.0, 1000.0)
 
@@ -222,6 +222,12 @@ def _cholesky_(factor: Tensor, info: Tensor) -> None:
     torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
 
 
+def as_rows(rhs: Tensor) -> Tensor:
+    """Right-hand sides as ``(B, rows, s)`` row vectors for a batched product with ``(B, s, s)``
+    blocks: ``(B, s)`` ones as a ``(B, 1, s)`` view, tied rows' ``(B, T, s)`` as they are."""
+    return rhs if rhs.dim() == 3 else rhs.unsqueeze(1)
+
+
 def solve_blocks(inverse: Tensor, rhs: Tensor) -> Tensor:
     """Apply ``(B, s, s)`` symmetric inverses to ``(B, s)`` right-hand sides, or each inverse
     to the ``T`` rows of ``(B, T, s)`` ones (tied rows, :mod:`mbf.tied`).
@@ -229,6 +235,5 @@ def solve_blocks(inverse: Tensor, rhs: Tensor) -> Tensor:
     Computed as the row vectors ``rhs^T inverse`` (equal, by symmetry): on CPU that batched
     product runs at memory speed, about 4.7x faster than ``inverse @ rhs`` as column vectors.
     """
-    if rhs.dim() == 3:
-        return torch.bmm(rhs, inverse)
-    return torch.bmm(rhs.unsqueeze(1), inverse).squeeze(1)
+    solved = torch.bmm(as_rows(rhs), inverse)
+    return solved if rhs.dim() == 3 else solved.squeeze(1)

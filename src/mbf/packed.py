@@ -16,18 +16,12 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .linalg import FactorReport, damped_inverse
+from .linalg import FactorReport, as_rows, damped_inverse
 
-__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "as_rows", "packed_size", "rounding_damping"]
+__all__ = ["CHUNK_BLOCKS", "SymmetricPacking", "packed_size", "rounding_damping"]
 
 #: Blocks unpacked at once for a solve or a factorization (~1-4 MB of workspace at s = 9-32).
 CHUNK_BLOCKS = 1024
-
-
-def as_rows(rhs: Tensor) -> Tensor:
-    """Right-hand sides as ``(B, rows, s)`` row vectors for a batched product with ``(B, s, s)``
-    blocks: ``(B, s)`` ones as a ``(B, 1, s)`` view, tied rows' ``(B, T, s)`` as they are."""
-    return rhs if rhs.dim() == 3 else rhs.unsqueeze(1)
 
 
 def packed_size(size: int) -> int:

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from . import packed
-from .linalg import FactorReport, damped_inverse, solve_blocks
-from .packed import SymmetricPacking, as_rows, packed_size, rounding_damping
+from .linalg import FactorReport, as_rows, damped_inverse, solve_blocks
+from .packed import SymmetricPacking, packed_size, rounding_damping
 from .validation import check_choice
 
 __all__ = [
