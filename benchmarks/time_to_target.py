@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from mbf_bench.protocol import RecordStore
-from mbf_bench.report import first_reaching, load_targets
+from mbf_bench.report import first_reaching, higher_is_better, load_targets
 
 ROOT = Path(__file__).resolve().parent / "protocol2"
 
@@ -29,7 +29,7 @@ def seconds_to_target(record: dict, metric: str, target: float) -> float:
     """CPU seconds at the first evaluation that reaches ``target`` in ``metric`` (inf: none)."""
     points = ((e.get(metric), e["seconds"], e.get("step", math.nan))
               for e in record.get("evals") or [])
-    seconds, _ = first_reaching(points, target, higher=metric.endswith("accuracy"))
+    seconds, _ = first_reaching(points, target, higher_is_better(metric))
     return seconds
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Run",
     "first_reaching",
     "fmt",
+    "higher_is_better",
     "load_runs",
     "load_targets",
     "summarize",
@@ -144,7 +145,8 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _higher_is_better(metric: str) -> bool:
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better (accuracies; losses and errors are not)."""
     return metric.endswith("accuracy")
 
 
@@ -170,7 +172,7 @@ def summarize(
             if run.task == task:
                 by_opt.setdefault(run.optimizer, []).append(run)
         metric = next(iter(by_opt.values()))[0].metric
-        better = max if _higher_is_better(metric) else min
+        better = max if higher_is_better(metric) else min
         rows: dict[str, dict[str, Any]] = {}
         for opt, group in sorted(by_opt.items()):
             losses = [_floats([e.get("train_loss") for e in r.evals]) for r in group]
@@ -236,7 +238,7 @@ def first_reaching(
 def _time_to(run: Run, key: str, target: float) -> tuple[float, float]:
     """(seconds, step) of the first evaluation line that reaches ``target`` in ``key``."""
     points = ((line.get(key), line["seconds"], line.get("step", math.nan)) for line in run.evals)
-    return first_reaching(points, target, _higher_is_better(key))
+    return first_reaching(points, target, higher_is_better(key))
 
 
 def fmt(value: float, spec: str = ".4g") -> str:
@@ -263,7 +265,7 @@ def markdown(summary: dict[str, dict[str, Any]], target_factor: float) -> str:
             f"## {task}",
             "",
             f"Train losses are epoch means of minibatch losses; metric `{metric}` "
-            f"({'higher' if _higher_is_better(metric) else 'lower'} is better); means over seeds. "
+            f"({'higher' if higher_is_better(metric) else 'lower'} is better); means over seeds. "
             + target
             + "Time and steps to target: medians over seeds, a seed that misses counting as "
             "infinite. "
