@@ -12,6 +12,9 @@ rank, as are parameters and gradients). The target: each rank's curvature bytes 
 prints a table and writes the records. Runs on CPU in about a minute (allocation only).
 ``--fsdp`` wraps the models with FSDP2 (``fully_shard`` on every module holding parameters,
 then the root) instead of replicating them: momentum and parameters are then cut too.
+``--tie-rows`` measures MBF's default, tied rows (one block per column chunk shared by a layer's
+rows); without it every row has its own blocks (``tie_rows=False``, the tables of
+``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _local_bytes(p: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def measure(scratch: Path, fsdp: bool = False) -> dict[str, Any]:
+def measure(scratch: Path, fsdp: bool = False, tie_rows: bool = False) -> dict[str, Any]:
     """``{model: {storage: (curvature bytes, momentum bytes, per-rank file bytes, parameter
     bytes)}}`` on this rank (the file is written into ``scratch`` and removed)."""
     out: dict[str, Any] = {}
@@ -65,7 +68,8 @@ def measure(scratch: Path, fsdp: bool = False) -> dict[str, Any]:
             p.grad = torch.zeros_like(p)
         out[name] = {}
         for storage in ("full", "packed"):
-            opt = MBF(model, storage=storage, max_state_bytes=None, stat_every=10**9)
+            opt = MBF(model, storage=storage, max_state_bytes=None, stat_every=10**9,
+                      tie_rows=tie_rows)
             opt.step()
             parts = opt.memory_report(detail=True).values()
             curvature = sum(p[k] for p in parts for k in CURVATURE)
@@ -78,21 +82,21 @@ def measure(scratch: Path, fsdp: bool = False) -> dict[str, Any]:
     return out
 
 
-def _rank(rank: int, world: int, init: str, results: str, fsdp: bool) -> None:
+def _rank(rank: int, world: int, init: str, results: str, fsdp: bool, tie_rows: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    torch.save(measure(Path(results), fsdp), Path(results) / f"rank{rank}.pt")
+    torch.save(measure(Path(results), fsdp, tie_rows), Path(results) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def run(world: int, fsdp: bool = False) -> list[dict[str, Any]]:
+def run(world: int, fsdp: bool = False, tie_rows: bool = False) -> list[dict[str, Any]]:
     """Every rank's :func:`measure` with ``world`` ranks (one process: no process group)."""
     with tempfile.TemporaryDirectory() as tmp:
         if world == 1:
-            return [measure(Path(tmp))]
+            return [measure(Path(tmp), tie_rows=tie_rows)]
         init = f"file://{os.path.join(tmp, 'store')}"
-        mp.spawn(_rank, args=(world, init, tmp, fsdp), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, init, tmp, fsdp, tie_rows), nprocs=world, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
 
 
@@ -101,10 +105,11 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--fsdp", action="store_true", help="shard the models with FSDP2")
+    parser.add_argument("--tie-rows", action="store_true", help="MBF's default tied rows")
     args = parser.parse_args()
     worlds = [int(w) for w in args.worlds.split(",")]
-    per_world = {w: run(w, args.fsdp) for w in worlds}
-    single = per_world[1][0] if 1 in per_world else run(1)[0]
+    per_world = {w: run(w, args.fsdp, args.tie_rows) for w in worlds}
+    single = per_world[1][0] if 1 in per_world else run(1, tie_rows=args.tie_rows)[0]
     records = []
     print("| model | storage | ranks | largest rank's curvature (MB) | one process's / K (MB) "
           "| ratio to 1/K | momentum per rank (MB) | largest rank's file (MB) | one process's "
@@ -125,6 +130,7 @@ def main() -> None:
                                 "ratio_to_1_over_k": ratio, "momentum_bytes": momentum,
                                 "total_over_ranks": sum(r[name][storage][0] for r in ranks),
                                 "largest_rank_file_bytes": file, "fsdp": args.fsdp,
+                                "tie_rows": args.tie_rows,
                                 "largest_rank_parameter_bytes": params,
                                 "single_process_file_bytes": alone_file})
                 print(f"| {name} | {storage} | {world} | {largest / 1e6:.2f} | "

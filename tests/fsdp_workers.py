@@ -22,7 +22,7 @@ GLOBAL_BATCH = 12  # divisible by 2, 3 and 4
 STEPS = 6
 CHECKPOINT_AT = 3
 HYPER: dict[str, Any] = {
-    "tie_rows": False,  # not on FSDP2 models yet: each rank's rows keep their own blocks
+    "tie_rows": False,  # a block per row (the paper's); SETTINGS ties them too
     "lr": 0.1,
     "damping": 0.05,
     "inv_every": 3,
@@ -32,6 +32,16 @@ HYPER: dict[str, Any] = {
     "graft": None,
 }
 CURVATURE = ("statistics", "inverse", "queue")
+# (estimator, tie_rows): every run below is made in each, named by ``label``.
+SETTINGS = [(e, t) for t in (False, True) for e in ("batch", "per_example")]
+
+
+def label(estimator: str, tie: bool) -> str:
+    return estimator + ("_tied" if tie else "")
+
+
+def hyper(tie: bool) -> dict[str, Any]:
+    return {**HYPER, "tie_rows": tie}
 
 
 def make_model(kind: str) -> nn.Module:
@@ -101,27 +111,29 @@ def scenario_train(rank: int, world: int, outdir: Path) -> dict:
     """Both models and estimators; the MLP's per-rank files midway (per-example)."""
     out: dict[str, Any] = {}
     for kind in ("mlp", "conv"):
-        for estimator in ("batch", "per_example"):
+        for estimator, tie in SETTINGS:
+            name = label(estimator, tie)
             model = shard(make_model(kind))
-            opt = MBF(model, estimator=estimator, **HYPER)
+            opt = MBF(model, estimator=estimator, **hyper(tie))
             train(model, opt, kind, range(CHECKPOINT_AT), rank, world)
             if kind == "mlp":
-                files = outdir / f"{estimator}_{world}"
+                files = outdir / f"{name}_{world}"
                 files.mkdir(exist_ok=True)
                 torch.save(opt.sharded_state_dict(), files / f"opt.{rank}.pt")
                 params = full_params(model)  # every rank: an all-gather
                 if rank == 0:
                     torch.save(params, files / "params.pt")
             train(model, opt, kind, range(CHECKPOINT_AT, STEPS), rank, world)
-            out[f"{kind}_{estimator}"] = full_params(model)
-            out[f"{kind}_{estimator}_counters"] = opt.counters
-    model = shard(make_model("wide"))
-    opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None)
-    train_wide = [(torch.randn(4, 64, dtype=torch.float64), torch.zeros(4, 64))]
-    for x, y in train_wide:
-        nn.functional.mse_loss(model(x), y.double()).backward()
+            out[f"{kind}_{name}"] = full_params(model)
+            out[f"{kind}_{name}_counters"] = opt.counters
+    for tie in (False, True):
+        model = shard(make_model("wide"))
+        opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None,
+                  tie_rows=tie)
+        nn.functional.mse_loss(model(torch.randn(4, 64, dtype=torch.float64)),
+                               torch.zeros(4, 64, dtype=torch.float64)).backward()
         opt.step()
-    out["memory"] = curvature_bytes(opt)
+        out[label("memory", tie)] = curvature_bytes(opt)
     return out
 
 
@@ -129,20 +141,21 @@ def scenario_resume(rank: int, world: int, outdir: Path, saved_world: int) -> di
     """Continue the MLP from the per-rank files of ``saved_world`` ranks; save this run's own
     files right after loading (the test compares them with the saved ones, bit for bit)."""
     out: dict[str, Any] = {}
-    for estimator in ("batch", "per_example"):
-        files = outdir / f"{estimator}_{saved_world}"
+    for estimator, tie in SETTINGS:
+        name = label(estimator, tie)
+        files = outdir / f"{name}_{saved_world}"
         model = make_model("mlp")
         load_params(model, torch.load(files / "params.pt"))
         shard(model)
-        opt = MBF(model, estimator=estimator, **HYPER)
+        opt = MBF(model, estimator=estimator, **hyper(tie))
         opt.load_sharded_state_dict(
             [torch.load(files / f"opt.{r}.pt", mmap=True) for r in range(saved_world)]
         )
-        again = outdir / f"{estimator}_{saved_world}_on_{world}"
+        again = outdir / f"{name}_{saved_world}_on_{world}"
         again.mkdir(exist_ok=True)
         torch.save(opt.sharded_state_dict(), again / f"opt.{rank}.pt")
         train(model, opt, "mlp", range(CHECKPOINT_AT, STEPS), rank, world)
-        out[estimator] = full_params(model)
+        out[name] = full_params(model)
     return out
 
 
@@ -217,12 +230,12 @@ def scenario_refusals(rank: int, world: int, outdir: Path) -> dict:
             refused[label] = str(exc)
     train(model, opt, "conv", range(2, 3), rank, world)  # still steps, on every rank
     out["refused"] = refused
-    # tie_rows (the default) is not served on FSDP2 models yet: one warning, every row untied.
+    # Tied rows: a rank's units share blocks between its own rows (the conv bias: no rows).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tied = MBF(shard(make_model("convbias")), **{**HYPER, "tie_rows": True})
+        tied = MBF(shard(make_model("convbias")), **hyper(True))
     out["tie_warnings"] = [str(w.message) for w in caught if "tie_rows" in str(w.message)]
-    out["tie_units"] = sorted({u.tied for u in tied._units})
+    out["tie_units"] = {u.name: (u.tied, u.tied_whole, u.curvature_blocks) for u in tied._units}
     return out
 
 

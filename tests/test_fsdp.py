@@ -86,11 +86,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list
     return outdir, results
 
 
-def single(kind: str, estimator: str, steps: range = range(F.STEPS),
+def single(kind: str, estimator: str, tie: bool, steps: range = range(F.STEPS),
            files: Path | None = None) -> tuple[torch.Tensor, dict]:
     """One process on the whole global batch (from per-rank files when ``files``)."""
     model = F.make_model(kind)
-    opt = MBF(model, estimator=estimator, **F.HYPER)
+    opt = MBF(model, estimator=estimator, **F.hyper(tie))
     if files is not None:
         F.load_params(model, torch.load(files / "params.pt"))
         opt.load_sharded_state_dict(
@@ -101,16 +101,21 @@ def single(kind: str, estimator: str, steps: range = range(F.STEPS),
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("estimator", ["batch", "per_example"])
+@pytest.mark.parametrize(("estimator", "tie"), F.SETTINGS)
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_fsdp_run_equals_one_process(runs, world: int, kind: str, estimator: str) -> None:
+def test_fsdp_run_equals_one_process(runs, world: int, kind: str, estimator: str,
+                                     tie: bool) -> None:
+    """Tied rows too: the shared blocks are means over every rank's rows (each rank sums its
+    own rows' outer products; one all-reduce), every rank with rows holds them whole."""
     _, results = runs
-    reference, counters = single(kind, estimator)
+    reference, counters = single(kind, estimator, tie)
+    name = F.label(estimator, tie)
     for rank in range(world):
         got = results[world][rank]["train"]
-        torch.testing.assert_close(got[f"{kind}_{estimator}"], reference, **PARAM_TOL)
-        # The ranks' factorization counts are summed: the blocks of one process, once each.
-        ours = got[f"{kind}_{estimator}_counters"]
+        torch.testing.assert_close(got[f"{kind}_{name}"], reference, **PARAM_TOL)
+        # The ranks' factorization counts are summed: the blocks of one process, once each
+        # (shared blocks, factored by every rank with rows, are counted by rank 0).
+        ours = got[f"{kind}_{name}_counters"]
         assert ours["factored_blocks"] == counters["factored_blocks"]
         assert ours["steps"] == counters["steps"] == F.STEPS
 
@@ -118,59 +123,70 @@ def test_fsdp_run_equals_one_process(runs, world: int, kind: str, estimator: str
 @pytest.mark.parametrize("world", WORLDS)
 def test_per_rank_memory_is_one_kth(runs, world: int) -> None:
     _, results = runs
-    model = F.make_model("wide")
-    opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None,
-              tie_rows=False)  # as the FSDP2 ranks' (rows not tied there yet)
-    nn.functional.mse_loss(model(torch.randn(4, 64, dtype=torch.float64)),
-                           torch.zeros(4, 64, dtype=torch.float64)).backward()
-    opt.step()
-    curvature, momentum = F.curvature_bytes(opt)
+    (curvature, momentum), (tied, _) = (_one_process_bytes(tie) for tie in (False, True))
     for rank in range(world):
         ours, our_momentum = results[world][rank]["train"]["memory"]
         assert ours <= curvature / world * 1.05
         assert our_momentum <= momentum / world * 1.05
+        # Tied rows: every rank holds the shared blocks of its layers whole (64 x 64 layers:
+        # every rank holds rows of each), a 64th of the untied curvature here.
+        ours_tied, our_momentum_tied = results[world][rank]["train"]["memory_tied"]
+        assert ours_tied == tied and our_momentum_tied == our_momentum
     total = sum(results[world][r]["train"]["memory"][0] for r in range(world))
     assert total == curvature  # every block held once
+
+
+def _one_process_bytes(tie: bool) -> tuple[int, int]:
+    model = F.make_model("wide")
+    opt = MBF(model, estimator="per_example", stat_buffer=1, max_state_bytes=None,
+              tie_rows=tie)
+    nn.functional.mse_loss(model(torch.randn(4, 64, dtype=torch.float64)),
+                           torch.zeros(4, 64, dtype=torch.float64)).backward()
+    opt.step()
+    return F.curvature_bytes(opt)
 
 
 def test_resume_on_the_same_ranks_is_bitwise(runs) -> None:
     _, results = runs
     for rank in range(2):
-        for estimator in ("batch", "per_example"):
-            resumed = results[2][rank]["resume"][estimator]
-            assert torch.equal(resumed, results[2][rank]["train"][f"mlp_{estimator}"])
+        for estimator, tie in F.SETTINGS:
+            name = F.label(estimator, tie)
+            resumed = results[2][rank]["resume"][name]
+            assert torch.equal(resumed, results[2][rank]["train"][f"mlp_{name}"])
 
 
 @pytest.mark.parametrize(("saved", "world"), [(2, 3), (3, 4)])
-@pytest.mark.parametrize("estimator", ["batch", "per_example"])
-def test_resume_on_other_ranks(runs, saved: int, world: int, estimator: str) -> None:
+@pytest.mark.parametrize(("estimator", "tie"), F.SETTINGS)
+def test_resume_on_other_ranks(runs, saved: int, world: int, estimator: str,
+                               tie: bool) -> None:
     outdir, results = runs
+    name = F.label(estimator, tie)
     # Re-cut for ``world`` ranks and saved again at once: the same state, bit for bit.
-    before = _whole_state(outdir / f"{estimator}_{saved}", estimator)
-    after = _whole_state(outdir / f"{estimator}_{saved}_on_{world}", estimator,
-                         params=outdir / f"{estimator}_{saved}")
+    before = _whole_state(outdir / f"{name}_{saved}", estimator, tie)
+    after = _whole_state(outdir / f"{name}_{saved}_on_{world}", estimator, tie)
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
     # And the run goes on as the uninterrupted one of ``saved`` ranks.
-    uninterrupted = results[saved][0]["train"][f"mlp_{estimator}"]
+    uninterrupted = results[saved][0]["train"][f"mlp_{name}"]
     for rank in range(world):
-        torch.testing.assert_close(results[world][rank]["resume"][estimator], uninterrupted,
+        torch.testing.assert_close(results[world][rank]["resume"][name], uninterrupted,
                                    **PARAM_TOL)
 
 
-@pytest.mark.parametrize("estimator", ["batch", "per_example"])
-def test_resume_in_one_process(runs, estimator: str) -> None:
+@pytest.mark.parametrize(("estimator", "tie"), F.SETTINGS)
+def test_resume_in_one_process(runs, estimator: str, tie: bool) -> None:
     outdir, results = runs
-    files = outdir / f"{estimator}_2"
-    resumed, _ = single("mlp", estimator, range(F.CHECKPOINT_AT, F.STEPS), files=files)
-    torch.testing.assert_close(resumed, results[2][0]["train"][f"mlp_{estimator}"], **PARAM_TOL)
+    name = F.label(estimator, tie)
+    resumed, _ = single("mlp", estimator, tie, range(F.CHECKPOINT_AT, F.STEPS),
+                        files=outdir / f"{name}_2")
+    torch.testing.assert_close(resumed, results[2][0]["train"][f"mlp_{name}"], **PARAM_TOL)
 
 
-def _whole_state(files: Path, estimator: str, params: Path | None = None) -> list[torch.Tensor]:
+def _whole_state(files: Path, estimator: str, tie: bool) -> list[torch.Tensor]:
     """Per-rank files loaded in one process: every block's statistics and inverse, and every
     parameter's momentum."""
     model = F.make_model("mlp")
-    opt = MBF(model, estimator=estimator, **F.HYPER)
+    opt = MBF(model, estimator=estimator, **F.hyper(tie))
     opt.load_sharded_state_dict([torch.load(f) for f in sorted(files.glob("opt.*.pt"))])
     out = []
     for unit in opt.blocks():
@@ -221,10 +237,12 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
             assert units["0 (Conv2d)"] == held * 2 * 2
         else:
             assert "0 (Conv2d).bias" not in units
-        assert len(got["tie_warnings"]) == 1 and "FSDP2" in got["tie_warnings"][0]
-        # tie_rows asked for, every row untied (a rank of 4 may hold no unit of this model)
-        assert got["tie_units"] in ([1], [])
-        assert results[world][0]["refusals"]["tie_units"] == [1]
+        # Tied rows: (local rows, whole unit's rows, shared blocks) per local unit; the conv
+        # bias (no rows) untied; nothing on a rank past the last row (4 ranks, 3 rows).
+        assert got["tie_warnings"] == []
+        expected = {"0 (Conv2d)": (held, 3, 2 * 2), "3 (Linear)": (held, 3, 10),
+                    "0 (Conv2d).bias": (1, 0, 1)} if held else {}
+        assert got["tie_units"] == expected
         refused = got["refused"]
         assert "per-rank files of FSDP2 ranks" in refused["whole state dict"]
         assert "sharded_state_dict" in refused["state_dict"]

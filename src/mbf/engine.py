@@ -102,11 +102,15 @@ class LocalEngine:
         for item in work:
             bucket, group = item.bucket, groups[item.bucket.group]
             if store.factor_due(bucket, item.members, refreshed, step, group):
-                report.add(store.factor(bucket, group))
+                report.add(self.counted(bucket, store.factor(bucket, group)))
                 factorizations += 1
             solved.append(store.solve(bucket, item.rhs[bucket.lo : bucket.hi]))
         self.count(store, report, factorizations)
         return self.exchange(work, solved)
+
+    def counted(self, bucket: Bucket, report: FactorReport) -> FactorReport:
+        """The part of a bucket's factorization report this rank counts (all of it)."""
+        return report
 
     def count(self, store: CurvatureStore, report: FactorReport, factorizations: int) -> None:
         """Add a step's factorization report to the counters (summed over ranks first)."""

@@ -20,6 +20,14 @@ norm layer's channels), so under a dim-0 cut every block of such a unit lives wh
   whole after FSDP2's all-gather), and one reduce-scatter per step (an all-reduce of disjoint
   parts on gloo, as in :mod:`mbf.distributed`) hands every rank the sums over all ranks of its
   own blocks, with the global example counts.
+- **Tied rows** (``tie_rows``, :mod:`mbf.tied`): the rows that share a block are dim 0's (a
+  Linear's output units, a conv's output channels), so a rank holds some of them. Every rank
+  with rows of a layer keeps all of its shared blocks, each the mean over the whole layer's
+  rows: the batch estimator's are the sums of the ranks' own rows' outer products, divided by
+  the whole layer's row count, summed by one all-reduce per step; the per-example ones are
+  reduce-scattered as above, every rank with rows receiving all of them. Each such rank
+  factors them alike (rank 0, which holds rows of every layer, counts them) and writes them to
+  its file only on rank 0.
 - **Steps.** Every rank factors, solves and steps only its local rows, in place in the local
   shard. Nothing is gathered for the optimizer. The few decisions that must agree across ranks
   (whether the gradient was finite, whether the update was, the KL clip's ``d . m``) are one
@@ -46,10 +54,11 @@ from torch import Tensor
 
 from .blocks import BlockLayout, row_layout
 from .distributed import ShardedEngine, _comm_device
-from .engine import LocalEngine, Whole, Work
+from .engine import Estimate, LocalEngine, Whole, Work
 from .linalg import FactorReport
 from .packed import SymmetricPacking
-from .store import CurvatureStore
+from .store import Bucket, CurvatureStore
+from .tied import tied_estimate
 from .units import Unit
 
 __all__ = [
@@ -158,11 +167,22 @@ class ShardedUnit:
         return self.rows_per_index > 0
 
     def blocks_of(self, rank: int, world_size: int) -> tuple[int, int]:
-        """The whole unit's blocks ``[a, b)`` that ``rank`` holds (row-structured units)."""
+        """The whole unit's curvature blocks ``[a, b)`` that ``rank`` holds (row-structured
+        units): those of its rows, or with tied rows every shared block when it holds rows."""
         n = int(self.whole.params[0].shape[0])
         start, stop = shard_rows(n, world_size, rank)
+        if self.whole.tied > 1:
+            return (0, self.whole.curvature_blocks) if stop > start else (0, 0)
         per = self.rows_per_index * self.whole.layout.chunks
         return start * per, stop * per
+
+    def saved_blocks(self, rank: int, world_size: int) -> tuple[int, int]:
+        """The blocks ``rank`` writes to its per-rank file: its own, but shared blocks (held by
+        every rank with rows) by rank 0 only, so that the files hold each block once."""
+        if self.whole.tied > 1 and rank > 0:
+            end = self.whole.curvature_blocks
+            return end, end
+        return self.blocks_of(rank, world_size)
 
     def bind(self) -> None:
         """Point the local unit at this step's local shards and their gradients' (FSDP2 may
@@ -200,15 +220,19 @@ def split_units(
         n = dims.pop() if len(dims) == 1 else 0
         if n and layout.rows % n == 0:
             per = layout.rows // n
+            if unit.tied != n:  # tied rows must be dim 0's (Linear, conv, 2-d tensors)
+                unit.tied = 1
             start, stop = shard_rows(n, world_size, rank)
             local = None
             if stop > start:
                 shapes = tuple(torch.Size((stop - start, *p.shape[1:])) for p in unit.params)
                 local_layout = BlockLayout(
                     layout.kind, shapes, (stop - start) * per, layout.row_length, layout.chunks,
-                    layout.block_size,
+                    layout.block_size, row_sharing=stop - start if unit.tied > 1 else 1,
                 )
                 local = _local_unit(unit, local_layout)
+                if unit.tied > 1:  # the rank's rows; the shared blocks' means are over all
+                    local.tied, local.tied_whole = stop - start, unit.tied
             out.append(ShardedUnit(unit, local, per))
         elif len(unit.params) == 1 and unit.params[0].dim() == 1:
             start, stop = shard_rows(n, world_size, rank)
@@ -319,6 +343,11 @@ class FSDPEngine(ShardedEngine):
         """Every block of the local units is this rank's (and no other rank's business)."""
         return [[(0, total)] * self.world_size for total in totals]
 
+    def counted(self, bucket: Bucket, report: FactorReport) -> FactorReport:
+        """Shared blocks (tied rows) are factored alike on every rank with rows; rank 0, which
+        holds rows of every unit, counts them, so the summed counters are one process's."""
+        return report if self.rank == 0 or not bucket.shared else FactorReport()
+
     def count(self, store: CurvatureStore, report: FactorReport, factorizations: int) -> None:
         """Sum the ranks' factorization reports, so that the counters agree on every rank (and
         checkpoint alike). Every rank calls it on every step, factored or not, so the
@@ -354,6 +383,50 @@ class FSDPEngine(ShardedEngine):
             "optimizer.sharded_state_dict() on every rank instead (docs/distributed.md)"
         )
 
+    def update_statistics(
+        self,
+        store: CurvatureStore,
+        due: list[tuple[Unit, list[Tensor]]],
+        estimate: Estimate,
+        groups: list[dict[str, Any]],
+    ) -> set[int]:
+        """As in one process, but the batch estimates of shared blocks (tied rows) are summed
+        over the ranks first: each rank's covers its own rows only."""
+        self.reduce_pending(store, [u for u, _ in due if u.per_example])
+        estimates = {id(unit): estimate(unit, grads) for unit, grads in due}
+        self.sum_tied_estimates(estimates)
+        for unit, _ in due:
+            store.absorb(unit, estimates[id(unit)], groups[unit.group])
+        return set(estimates)
+
+    def sum_tied_estimates(self, estimates: dict[int, Tensor]) -> None:
+        """Replace the batch-estimator units' gradient blocks in ``estimates`` (keyed by local
+        unit) by the shared blocks' estimates summed over the ranks: every rank enters one
+        all-reduce per dtype on every step, over the same whole units in the same order,
+        sending zeros for a unit it holds no rows of or does not update now."""
+        by_dtype: dict[torch.dtype, list[ShardedUnit]] = {}
+        for s in self.sharded:
+            if s.whole.tied > 1 and not s.whole.per_example:
+                by_dtype.setdefault(s.whole.dtype, []).append(s)
+        for dtype, members in by_dtype.items():
+            device = _comm_device(self.group, members[0].whole.device)
+            size = [s.whole.curvature_blocks * s.whole.layout.block_size ** 2 for s in members]
+            flat = self._buffer("tied", dtype, device, sum(size)).zero_()
+            for s, part in zip(members, flat.split(size), strict=True):
+                local = s.local
+                if local is None or id(local) not in estimates:
+                    continue
+                shared = tied_estimate(estimates[id(local)], local.tied, local.own,
+                                       local.tied_divisor)
+                part.copy_(shared.reshape(-1))
+            self._run("statistics", "sum of the shared blocks' estimates", dist.all_reduce,
+                      flat)
+            for s, part in zip(members, flat.split(size), strict=True):
+                local = s.local
+                if local is not None and id(local) in estimates:
+                    size_ = local.layout.block_size
+                    estimates[id(local)] = part.view(-1, size_, size_).to(local.device).clone()
+
     def reduce_pending(self, store: CurvatureStore, units: list[Unit]) -> None:
         """Sum every collecting whole unit's per-example statistics over the ranks, each rank
         receiving those of its own blocks (into its local unit's ``pending``) and the global
@@ -372,6 +445,8 @@ class FSDPEngine(ShardedEngine):
                 s.whole.clear_pending()
                 if count:
                     s.whole.stat_updates += 1  # the whole unit's schedule (MBF._schedule)
+                else:  # no rank's hooks saw a pass: the batch estimator from now on, as the
+                    s.whole.per_example = False  # local unit's (MBF._hooks_missed), on all ranks
                 if s.local is None:
                     continue
                 s.local.clear_pending()
@@ -409,8 +484,8 @@ def shard_records(
                                          engine.rank)
                 within[whole.name] = dict(record(local), elements=[start, stop])
             continue
-        a, b = s.blocks_of(engine.rank, engine.world_size)
-        if local is not None:
+        a, b = s.saved_blocks(engine.rank, engine.world_size)
+        if local is not None and (b > a or not s.whole.tied > 1):
             entry = record(local)
         else:
             size = whole.layout.block_size
@@ -418,7 +493,7 @@ def shard_records(
             entry = {"name": whole.name, "block_size": size, "fisher": empty,
                      "inverse": empty, "stat_updates": 0, "stat_mass": 0.0,
                      "inverse_scale": 1.0, "queued": None, "queued_weights": []}
-        records.append(dict(entry, num_blocks=whole.layout.num_blocks, blocks=[a, b]))
+        records.append(dict(entry, num_blocks=whole.curvature_blocks, blocks=[a, b]))
     rows: dict[int, list[int]] = {}
     for s in engine.sharded:
         for p in s.whole.params:

@@ -180,8 +180,8 @@ class MBF(torch.optim.Optimizer):
             Statistics, inverses and factorization shrink by the number of rows ``T``; norm
             layers, embeddings and flat tensors keep their own blocks. The default since
             2026-12-08 (``benchmarks/tied_rows/``); ``False`` gives every row its own blocks,
-            as the paper does. On FSDP2 models rows are not tied yet (a warning says so;
-            ``tie_rows=False`` silences it). A param group's setting is fixed when the
+            as the paper does. On FSDP2 models every rank holding rows of a layer keeps its
+            shared blocks whole (``mbf.fsdp``). A param group's setting is fixed when the
             optimizer is built.
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
@@ -406,18 +406,7 @@ class MBF(torch.optim.Optimizer):
     def _rebuild(self, kept: dict[tuple[int, ...], Kept] | None = None) -> None:
         """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
-        fsdp2 = isinstance(self._engine, FSDPEngine)
-        units = build_units(self.param_groups, self._model, self.estimator == "per_example",
-                            tie=not fsdp2)
-        if fsdp2 and any(g["tie_rows"] for g in self.param_groups) and "fsdp-tie" not in (
-                self._warned):
-            self._warned.add("fsdp-tie")
-            warnings.warn(
-                "MBF: tie_rows is not supported on FSDP2 models yet (a shared block needs every "
-                "rank's rows): every row keeps its own blocks here. Pass tie_rows=False to say "
-                "so and silence this warning.",
-                stacklevel=4,
-            )
+        units = build_units(self.param_groups, self._model, self.estimator == "per_example")
         # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
         self._whole_units = units
         if isinstance(self._engine, FSDPEngine):
@@ -608,7 +597,7 @@ class MBF(torch.optim.Optimizer):
             if pending is None or count == 0:
                 self._hooks_missed(unit)
                 return unit.layout.to_blocks(grads)
-            return pending.div_(count * unit.tied)  # tied: the mean over the sharing rows too
+            return pending.div_(count * unit.tied_divisor)  # tied: a mean over the sharing rows
         return unit.layout.to_blocks(grads)
 
     def _hooks_missed(self, unit: Unit) -> None:

@@ -67,6 +67,12 @@ class Bucket:
         return self.units[0].tied
 
     @property
+    def shared(self) -> bool:
+        """Whether the bucket's blocks are shared between rows (some of which may live on
+        other FSDP2 ranks)."""
+        return self.units[0].tied_divisor > 1
+
+    @property
     def total(self) -> int:
         """Blocks of the bucket on all ranks together."""
         return self.ranges[-1][1]
@@ -156,13 +162,15 @@ class CurvatureStore:
         """Bucket ``units``, allocate this rank's share (refused over ``max_bytes``), and copy
         ``kept`` curvature (keyed by the units' parameter ids) into units of the same blocks."""
         for unit in units:
-            queued = (self.storage.queues and not unit.per_example and unit.tied == 1
+            queued = (self.storage.queues and not unit.per_example and unit.tied_divisor == 1
                       and self.stat_buffer > 1)  # tied estimates are whole blocks: no queue
             unit.queue_capacity = self.stat_buffer if queued else 0
         keyed: dict[tuple, list[Unit]] = {}
         for unit in units:
-            # Tied units of one sharing share a bucket: its right-hand side is (total, T, s).
-            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype, unit.tied)
+            # Tied units of one sharing share a bucket: its right-hand side is (total, T, s)
+            # (an FSDP2 rank's part of a tied unit may hold T = 1 of its rows: still shared).
+            key = (unit.group, unit.layout.block_size, unit.device, unit.dtype, unit.tied,
+                   unit.tied_divisor > 1)
             keyed.setdefault(key, []).append(unit)
         members_of = list(keyed.values())
         totals = [sum(u.curvature_blocks for u in members) for members in members_of]
@@ -304,7 +312,7 @@ class CurvatureStore:
         weight = 1.0 if first else 1.0 - group["stat_decay"]
         unit.stat_mass = (1.0 - weight) * unit.stat_mass + weight
         if estimate.dim() == 2 and unit.tied > 1:
-            estimate = tied_estimate(estimate, unit.tied, unit.own)
+            estimate = tied_estimate(estimate, unit.tied, unit.own, unit.tied_divisor)
         if estimate.dim() == 2:
             vectors = estimate[unit.own[0] : unit.own[1]]
             if unit.queue_capacity:

@@ -36,14 +36,17 @@ def from_shared_blocks(solved: Tensor) -> Tensor:
     return solved.transpose(0, 1).reshape(-1, solved.shape[-1])
 
 
-def tied_estimate(blocks: Tensor, sharing: int, own: tuple[int, int] | None = None) -> Tensor:
+def tied_estimate(
+    blocks: Tensor, sharing: int, own: tuple[int, int] | None = None, divisor: int = 0
+) -> Tensor:
     """The shared blocks' estimate ``(1/T) sum_t g_tk g_tk^T`` from one gradient's
     ``(num_blocks, s)`` blocks, ``(K, s, s)``; with ``own = (a, b)`` shared blocks ``a..b-1``
-    only (a rank's share)."""
+    only (a rank's share). ``divisor``: ``T`` when ``blocks`` hold only some of the sharing
+    rows (an FSDP2 rank's; the ranks' estimates then sum to the whole one), else ``sharing``."""
     rows = by_shared_block(blocks, sharing)
     if own is not None:
         rows = rows[own[0] : own[1]]
-    return torch.bmm(rows.mT, rows).div_(sharing)
+    return torch.bmm(rows.mT, rows).div_(divisor or sharing)
 
 
 def sum_shared(stats: Tensor, sharing: int) -> Tensor:

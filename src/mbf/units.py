@@ -37,6 +37,9 @@ class Unit:
     # Rows that share each block (MBF's ``tie_rows``, ``mbf.tied``): the layout's
     # ``row_sharing`` when the unit's group ties rows, else 1 (a block per row and chunk).
     tied: int = 1
+    # FSDP2 (mbf.fsdp): the whole unit's ``tied`` when this unit holds one rank's part of the
+    # sharing rows (its shared blocks are means over all of them); 0 when it holds them all.
+    tied_whole: int = 0
     # Curvature (mbf.store): views of this rank's blocks of the unit in its bucket's tensors.
     fisher: Tensor = field(default_factory=lambda: torch.empty(0))
     inverse: Tensor = field(default_factory=lambda: torch.empty(0))
@@ -68,6 +71,12 @@ class Unit:
         """Blocks of statistics and inverses: the layout's ``num_blocks``, or its
         ``tied_blocks`` when rows are tied."""
         return self.layout.num_blocks // self.tied
+
+    @property
+    def tied_divisor(self) -> int:
+        """How many rows each shared block is the mean over: every sharing row of the whole
+        unit, on whichever rank it lives."""
+        return self.tied_whole or self.tied
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +178,6 @@ def build_units(
     groups: list[dict],
     model: nn.Module | None,
     per_example: bool,
-    tie: bool = True,
 ) -> list[Unit]:
     """Cut the optimizer's parameters into units.
 
@@ -178,7 +186,7 @@ def build_units(
     parameters (a unit spans parameters of one module only when they share a param group);
     every other parameter is cut by its shape (:func:`mbf.blocks.shape_layout`). Units of
     groups with ``tie_rows`` share blocks between the rows their layout declares alike
-    (:mod:`mbf.tied`) unless ``tie`` is false (FSDP2 models, for now). Empty
+    (:mod:`mbf.tied`). Empty
     parameters (a zero in their shape) belong to no unit: there is nothing to precondition, and
     the optimizer leaves them alone.
     """
@@ -217,6 +225,6 @@ def build_units(
             name = param_names.get(id(p), f"group{g}.param{i}")
             units.append(Unit(name, [p], shape_layout(p, max_block_size[g]), g))
     for unit in units:
-        if tie and groups[unit.group].get("tie_rows"):
+        if groups[unit.group].get("tie_rows"):
             unit.tied = unit.layout.row_sharing
     return units
