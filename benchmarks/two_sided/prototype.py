@@ -1,0 +1,207 @@
+"""A screen of one lever for MBF on transformers (issue 19, item 3): precondition the output side
+of a layer too. Not a library feature; a prototype to learn whether the lever is worth building.
+
+Why. With tied rows (MBF's default) a Linear layer's direction is ``M R_c^-1`` per column chunk
+``c``: the inputs' side is whitened, block by block, and the Adam graft gives every (row, chunk)
+piece its length. Nothing mixes the rows: the output side is preconditioned only by those
+per-piece lengths. The optimizers that beat MBF on the small GPT (`docs/results.md`: Muon and
+SOAP, 1.395 against MBF's 1.431 at defaults) act on both sides: Muon's update
+``(M M^T)^(-1/2) M`` whitens the rows of the momentum, SOAP runs Adam in the eigenbases of both
+Shampoo factors. The same tying gives MBF an output-side factor at the same cost: one ``s x s``
+block per row chunk ``r`` estimated from all columns, ``L_r = EMA(G_r G_r^T / cols)``, and the
+direction ``L_r^(-1/a) (M R_c^(-1/b))`` per (row chunk, column chunk), then grafted as before.
+
+``left_root`` ``a``: 0 (no output-side factor: the tied-rows step of
+``benchmarks/tied_rows/prototype.py``, the control), 1 (inverse: a block-diagonal K-FAC of the
+empirical Fisher, both factors inverted) or 2 (inverse square root); ``right_root`` ``b``: 1
+(MBF's inverse) or 2. Damping, refresh schedule, bias correction, momentum and graft are the
+tied-rows prototype's (MBF's defaults), on both factors alike. Roots by ``eigh`` in float64 at
+each refresh (a prototype; cost is not measured here).
+
+Which parameters: Muon's hidden matrices (``layers="hidden"``), everything else on Adam's
+step, as in the tied-rows prototype; 2-d matrices only.
+
+    OMP_NUM_THREADS=1 python benchmarks/two_sided/prototype.py run --data-dir ../shared/data \
+        --tasks text-gpt-tiny --seeds 100,101,102,103,104 --set left_root=1
+    python benchmarks/two_sided/prototype.py report
+
+Rows go to ``runs.jsonl`` beside this file (a run already there is skipped); the rule that
+decides what the screen leads to is in ``README.md``, written before the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mbf_bench import optimizers as registry
+from mbf_bench.baselines import muon_split
+from mbf_bench.protocol import TrialJob, load_rules, screen_main, screen_run
+
+HERE = Path(__file__).resolve().parent
+
+
+def _tied_rows_prototype() -> Any:
+    """``benchmarks/tied_rows/prototype.py`` (a module of the same file name as this one)."""
+    path = HERE.parent / "tied_rows" / "prototype.py"
+    spec = importlib.util.spec_from_file_location("tied_rows_prototype", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_TIED = _tied_rows_prototype()
+TiedRowsMBF, chunks, TIED_DEFAULTS = _TIED.TiedRowsMBF, _TIED.chunks, _TIED.DEFAULTS
+RUNS = HERE / "runs.jsonl"
+DEFAULTS = {**TIED_DEFAULTS, "left_root": 0, "right_root": 1}
+TASKS = ("text-gpt-tiny", "text-gpt")
+
+
+def damped_power(stat: Tensor, mass: float, damping: float, root: int) -> Tensor:
+    """``(S + damping tr(S)/s I)^(-1/root)`` of the bias-corrected statistics ``S = stat / mass``
+    (MBF's relative damping), in float64, returned in ``stat``'s dtype."""
+    s = stat.double() / mass
+    size = s.shape[0]
+    s = s + (damping * s.diagonal().sum() / size + 1e-30) * torch.eye(size, dtype=s.dtype)
+    if root == 1:
+        return torch.linalg.inv(s).to(stat.dtype)
+    values, vectors = torch.linalg.eigh(s)
+    values = values.clamp_min(values.max() * 1e-12)
+    return ((vectors * values.pow(-1.0 / root)) @ vectors.T).to(stat.dtype)
+
+
+class TwoSidedMBF(TiedRowsMBF):
+    """The tied-rows step with an optional output-side factor (module docstring)."""
+
+    def __init__(self, hidden: list[nn.Parameter], other: list[nn.Parameter],
+                 **hp: Any) -> None:
+        super().__init__(hidden, other, **{**DEFAULTS, **hp})
+
+    def _tied_direction(self, p: Tensor, g: Tensor, adam: Tensor, state: dict[str, Any],
+                        group: dict[str, Any]) -> Tensor:
+        if p.ndim != 2:
+            raise ValueError("the two-sided prototype serves 2-d matrices only")
+        rows, cols = p.shape
+        limit, decay = group["max_block_size"], group["stat_decay"]
+        left_root, right_root = group["left_root"], group["right_root"]
+        col_parts, row_parts = chunks(cols, limit), chunks(rows, limit)
+        if "right" not in state:
+            state["right"] = [g.new_zeros(b - a, b - a) for a, b in col_parts]
+            state["left"] = [g.new_zeros(b - a, b - a) for a, b in row_parts]
+            state["right_inv"], state["left_inv"] = [None] * len(col_parts), [None] * len(
+                row_parts)
+            state["updates"] = 0
+        state["updates"] += 1
+        n = state["updates"]
+        mass = 1 - decay**n
+        refresh = (n - 1) % group["inv_every"] == 0 or (
+            n < group["inv_every"] and n & (n - 1) == 0)
+        for i, (a, b) in enumerate(col_parts):
+            gc = g[:, a:b]
+            state["right"][i].mul_(decay).add_(gc.T @ gc, alpha=(1 - decay) / rows)
+            if refresh:
+                state["right_inv"][i] = damped_power(state["right"][i], mass, group["damping"],
+                                                     right_root)
+        if left_root:
+            for j, (a, b) in enumerate(row_parts):
+                gr = g[a:b]
+                state["left"][j].mul_(decay).add_(gr @ gr.T, alpha=(1 - decay) / cols)
+                if refresh:
+                    state["left_inv"][j] = damped_power(state["left"][j], mass,
+                                                        group["damping"], left_root)
+        buf = state["buf"]
+        d = torch.empty_like(buf)
+        for i, (a, b) in enumerate(col_parts):
+            d[:, a:b] = buf[:, a:b] @ state["right_inv"][i]
+        if left_root:
+            for j, (a, b) in enumerate(row_parts):
+                d[a:b] = state["left_inv"][j] @ d[a:b]
+        out = torch.empty_like(d)
+        for a, b in col_parts:  # each (row, column chunk) piece at Adam's length for it
+            length = adam[:, a:b].norm(dim=1, keepdim=True)
+            piece = d[:, a:b]
+            out[:, a:b] = piece * (length / piece.norm(dim=1, keepdim=True).clamp_min(1e-30))
+        return out
+
+
+def _build(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    hp = dict(hp)
+    if hp.pop("layers", "hidden") != "hidden":
+        raise ValueError("the two-sided prototype serves layers='hidden' only")
+    hidden, other = muon_split(model)
+    return TwoSidedMBF(hidden, other, **hp)
+
+
+registry.OPTIMIZERS["two-sided-mbf"] = registry.OptimizerSpec(
+    "two-sided-mbf", "prototype: tied-rows MBF with an output-side factor too",
+    dict(DEFAULTS), _build, needs_model=True, validated=False)
+
+
+def _changes(pairs: list[str]) -> dict[str, Any]:
+    return {k: json.loads(v) for k, _, v in (pair.partition("=") for pair in pairs)}
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    rules = load_rules()
+    changes = _changes(args.set)
+    settings = {**DEFAULTS, **changes}
+    for task in args.tasks.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            job = TrialJob("tune", task, "two-sided-mbf", "two-sided-mbf", settings, seed)
+            label = {"task": task, "seed": seed, "left_root": settings["left_root"],
+                     "right_root": settings["right_root"]}
+            row = screen_run(rules, job, args.data_dir, RUNS, label)
+            if row is not None:
+                print(json.dumps(row), flush=True)
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Per task and (left_root, right_root): the values by seed, their mean and spread, and the
+    difference to the control (0, 1) on the seeds both have."""
+    rows = [json.loads(t) for t in RUNS.read_text().splitlines() if t.strip()]
+    print("| task | left_root | right_root | seeds | validation loss by seed | mean | spread "
+          "| minus control (same seeds) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task in TASKS:
+        ours = [r for r in rows if r["task"] == task]
+        control = {r["seed"]: r["value"] for r in ours
+                   if (r["left_root"], r["right_root"]) == (0, 1)}
+        for key in sorted({(r["left_root"], r["right_root"]) for r in ours}):
+            values = {r["seed"]: r["value"] for r in ours
+                      if (r["left_root"], r["right_root"]) == key}
+            seeds = sorted(values)
+            vals = [values[s] for s in seeds]
+            if any(v is None or not math.isfinite(v) for v in vals):
+                print(f"| {task} | {key[0]} | {key[1]} | {seeds} | diverged | | | |")
+                continue
+            both = [s for s in seeds if s in control]
+            diff = (statistics.fmean(values[s] for s in both)
+                    - statistics.fmean(control[s] for s in both)) if both else float("nan")
+            print(f"| {task} | {key[0]} | {key[1]} | {', '.join(map(str, seeds))} | "
+                  f"{' / '.join(f'{v:.4f}' for v in vals)} | {statistics.fmean(vals):.4f} | "
+                  f"{max(vals) - min(vals):.4f} | {diff:+.4f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="a setting changed from the prototype's defaults (JSON value)")
+
+    return screen_main(__doc__ or "", TASKS, run, report, arguments, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The two-sided prototype (``benchmarks/two_sided/prototype.py``): its control (no output-side
+factor) is the tied-rows prototype step for step, its roots are the roots they claim to be, and
+the output-side factor changes the step (so the screen compares different methods)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, folder: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / folder /
+                                                  "prototype.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TWO = _load("two_sided_prototype", "two_sided")
+TIED = _load("tied_rows_prototype_for_two_sided", "tied_rows")
+
+
+def _run(make: Any, steps: int = 25) -> torch.Tensor:
+    torch.manual_seed(0)
+    layer = nn.Linear(70, 40, bias=False).double()  # 3 column chunks, 2 row chunks of <= 32
+    optimizer = make([layer.weight], [])
+    for x in torch.randn(steps, 16, 70, dtype=torch.float64):
+        optimizer.zero_grad()
+        ((layer(x) - x[:, :40] * 2.0) ** 2).mean().backward()
+        optimizer.step()
+    return layer.weight.detach().clone()
+
+
+def test_the_control_is_the_tied_rows_prototype() -> None:
+    ours = _run(lambda h, o: TWO.TwoSidedMBF(h, o, left_root=0, right_root=1))
+    theirs = _run(lambda h, o: TIED.TiedRowsMBF(h, o))
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(("left", "right"), [(1, 1), (2, 2), (0, 2)])
+def test_other_roots_change_the_step(left: int, right: int) -> None:
+    control = _run(lambda h, o: TWO.TwoSidedMBF(h, o))
+    other = _run(lambda h, o: TWO.TwoSidedMBF(h, o, left_root=left, right_root=right))
+    assert torch.isfinite(other).all()
+    assert (other - control).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("root", [1, 2, 3])
+def test_damped_power_is_that_root_of_the_damped_statistics(root: int) -> None:
+    torch.manual_seed(1)
+    a = torch.randn(9, 5, dtype=torch.float64)
+    stat = a @ a.T  # rank 5 of 9: the damping makes it invertible
+    mass, damping = 0.5, 0.1
+    power = TWO.damped_power(stat, mass, damping, root)
+    damped = stat / mass + damping * (stat / mass).trace() / 9 * torch.eye(9, dtype=stat.dtype)
+    torch.testing.assert_close(torch.linalg.matrix_power(power, root) @ damped,
+                               torch.eye(9, dtype=stat.dtype), rtol=0, atol=1e-9)
