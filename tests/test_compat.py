@@ -107,7 +107,7 @@ def test_foreach_operations_and_their_per_tensor_fallback_agree_bitwise() -> Non
 
     def run(private: bool) -> list[torch.Tensor]:
         ops = {n: _compat.foreach(n, private=private)
-               for n in ("mul_", "add_", "addcmul_", "sqrt", "div")}
+               for n in ("mul_", "add_", "addcmul_", "sqrt", "div", "norm")}
         sqs = [torch.rand(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
         bufs = [torch.randn(s, generator=torch.Generator().manual_seed(2)) for s in shapes]
         ds = [torch.randn(s, generator=torch.Generator().manual_seed(3)) for s in shapes]
@@ -117,7 +117,8 @@ def test_foreach_operations_and_their_per_tensor_fallback_agree_bitwise() -> Non
         ops["add_"](bufs, ds)
         denoms = ops["sqrt"](sqs)
         ops["add_"](denoms, 1e-8)
-        return [*sqs, *bufs, *ops["div"](bufs, denoms)]
+        mixed = [*ds, ds[0].double()]  # the diagnostics' norms: float32 and float64 alike
+        return [*sqs, *bufs, *ops["div"](bufs, denoms), *ops["norm"](mixed)]
 
     assert callable(getattr(torch, "_foreach_mul_", None))  # this torch has the private ones
     for a, b in zip(run(private=True), run(private=False), strict=True):

@@ -162,20 +162,27 @@ def _div(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> list[torch.
     return [torch.div(t, o) for t, o in zip(tensors, others, strict=True)]
 
 
+def _norm(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
 _PER_TENSOR: dict[str, Callable[..., Any]] = {
     "mul_": _mul_, "add_": _add_, "addcmul_": _addcmul_, "sqrt": _sqrt, "div": _div,
+    "norm": _norm,
 }
 
 
 def foreach(name: str, private: bool = True) -> Callable[..., Any]:
     """``torch._foreach_<name>`` for ``name`` in ``mul_``, ``add_``, ``addcmul_``, ``sqrt``,
-    ``div``; its per-tensor form where a torch release lacks it (or with ``private=False``).
+    ``div``, ``norm``; its per-tensor form where a torch release lacks it (or with
+    ``private=False``).
 
     The step advances Adam's moments of all parameters at once with these
     (``mbf.direction.advance_moments``): one call each instead of one per parameter, which on a
     small transformer was most of the vector phase's time. They are private; without them the
     step takes the per-tensor form: the same operations one tensor at a time, so the same
     results (on the CPU torch's own loop does exactly that), with the per-call cost back.
+    ``norm`` serves the diagnostics' norms of every step (``mbf.diagnostics``).
     """
     found = getattr(torch, f"_foreach_{name}", None) if private else None
     return found if callable(found) else _PER_TENSOR[name]

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compat import foreach
+
 __all__ = ["Diagnostics"]
 
 
@@ -97,5 +99,8 @@ def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
     """``sum |t|^2`` over tensors (float32 or wider: MBF's state dtype) that may live on several
     devices, as a 0-d tensor of the first one's dtype and device; no temporary as large as a
     tensor, no host sync."""
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    norms = _NORMS(tensors)  # one call for all (``mbf._compat.foreach``)
     return torch.stack([n.to(norms[0]) for n in norms]).square().sum()
+
+
+_NORMS = foreach("norm")
