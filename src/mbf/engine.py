@@ -85,9 +85,20 @@ class LocalEngine:
         """Blend this step's estimates of the ``due`` units into the owned statistics; the
         ``id``s of the units updated."""
         self.reduce_pending(store, [u for u, _ in due if u.per_example])
-        for unit, grads in due:
-            store.absorb(unit, estimate(unit, grads), groups[unit.group])
+        reduced = self.reduce_estimates(due, estimate)
+        for unit, grads in due:  # one estimate at a time: none is kept longer than its blend
+            blocks = reduced.pop(id(unit), None)
+            store.absorb(unit, estimate(unit, grads) if blocks is None else blocks,
+                         groups[unit.group])
         return {id(u) for u, _ in due}
+
+    def reduce_estimates(
+        self, due: list[tuple[Unit, list[Tensor]]], estimate: Estimate
+    ) -> dict[int, Tensor]:
+        """The estimates (by unit ``id``) that must be summed over the ranks before they are
+        blended, summed: those whose rank holds only some of a block's rows (FSDP2's tied
+        rows). None in one process or under DDP."""
+        return {}
 
     def reduce_pending(self, store: CurvatureStore, units: list[Unit]) -> None:
         """Turn the units' per-example sums into those of the owned blocks over all ranks."""

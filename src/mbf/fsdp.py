@@ -383,49 +383,38 @@ class FSDPEngine(ShardedEngine):
             "optimizer.sharded_state_dict() on every rank instead (docs/distributed.md)"
         )
 
-    def update_statistics(
-        self,
-        store: CurvatureStore,
-        due: list[tuple[Unit, list[Tensor]]],
-        estimate: Estimate,
-        groups: list[dict[str, Any]],
-    ) -> set[int]:
-        """As in one process, but the batch estimates of shared blocks (tied rows) are summed
-        over the ranks first: each rank's covers its own rows only."""
-        self.reduce_pending(store, [u for u, _ in due if u.per_example])
-        estimates = {id(unit): estimate(unit, grads) for unit, grads in due}
-        self.sum_tied_estimates(estimates)
-        for unit, _ in due:
-            store.absorb(unit, estimates[id(unit)], groups[unit.group])
-        return set(estimates)
-
-    def sum_tied_estimates(self, estimates: dict[int, Tensor]) -> None:
-        """Replace the batch-estimator units' gradient blocks in ``estimates`` (keyed by local
-        unit) by the shared blocks' estimates summed over the ranks: every rank enters one
-        all-reduce per dtype on every step, over the same whole units in the same order,
-        sending zeros for a unit it holds no rows of or does not update now."""
+    def reduce_estimates(
+        self, due: list[tuple[Unit, list[Tensor]]], estimate: Estimate
+    ) -> dict[int, Tensor]:
+        """The shared blocks' batch estimates of this rank's tied units, summed over the ranks
+        (each rank's cover its own rows only): one all-reduce per dtype on every step, over the
+        same whole units in the same order, a rank sending zeros for a unit it holds no rows
+        of or does not update now."""
+        grads_of = {id(unit): grads for unit, grads in due}
         by_dtype: dict[torch.dtype, list[ShardedUnit]] = {}
         for s in self.sharded:
             if s.whole.tied > 1 and not s.whole.per_example:
                 by_dtype.setdefault(s.whole.dtype, []).append(s)
+        reduced: dict[int, Tensor] = {}
         for dtype, members in by_dtype.items():
             device = _comm_device(self.group, members[0].whole.device)
             size = [s.whole.curvature_blocks * s.whole.layout.block_size ** 2 for s in members]
             flat = self._buffer("tied", dtype, device, sum(size)).zero_()
             for s, part in zip(members, flat.split(size), strict=True):
                 local = s.local
-                if local is None or id(local) not in estimates:
+                if local is None or id(local) not in grads_of:
                     continue
-                shared = tied_estimate(estimates[id(local)], local.tied, local.own,
-                                       local.tied_divisor)
+                blocks = estimate(local, grads_of[id(local)])
+                shared = tied_estimate(blocks, local.tied, local.own, local.tied_divisor)
                 part.copy_(shared.reshape(-1))
             self._run("statistics", "sum of the shared blocks' estimates", dist.all_reduce,
                       flat)
             for s, part in zip(members, flat.split(size), strict=True):
                 local = s.local
-                if local is not None and id(local) in estimates:
-                    size_ = local.layout.block_size
-                    estimates[id(local)] = part.view(-1, size_, size_).to(local.device).clone()
+                if local is not None and id(local) in grads_of:
+                    width = local.layout.block_size
+                    reduced[id(local)] = part.view(-1, width, width).to(local.device).clone()
+        return reduced
 
     def reduce_pending(self, store: CurvatureStore, units: list[Unit]) -> None:
         """Sum every collecting whole unit's per-example statistics over the ranks, each rank
