@@ -18,8 +18,9 @@ empirical Fisher, both factors inverted) or 2 (inverse square root); ``right_roo
 tied-rows prototype's (MBF's defaults), on both factors alike. Roots by ``eigh`` in float64 at
 each refresh (a prototype; cost is not measured here).
 
-Which parameters: Muon's hidden matrices (``layers="hidden"``), everything else on Adam's
-step, as in the tied-rows prototype; 2-d matrices only.
+Which parameters: Muon's hidden matrices (``layers="hidden"``, the GPTs) or every Linear weight
+(``layers="linear"``, the autoencoders), everything else on Adam's step, as in the tied-rows
+prototype; 2-d matrices only.
 
     OMP_NUM_THREADS=1 python benchmarks/two_sided/prototype.py run --data-dir ../shared/data \
         --tasks text-gpt-tiny --seeds 100,101,102,103,104 --set left_root=1
@@ -64,7 +65,7 @@ _TIED = _tied_rows_prototype()
 TiedRowsMBF, chunks, TIED_DEFAULTS = _TIED.TiedRowsMBF, _TIED.chunks, _TIED.DEFAULTS
 RUNS = HERE / "runs.jsonl"
 DEFAULTS = {**TIED_DEFAULTS, "left_root": 0, "right_root": 1}
-TASKS = ("text-gpt-tiny", "text-gpt")
+TASKS = ("text-gpt-tiny", "text-gpt", "mnist-ae", "curves-ae")
 
 
 def damped_power(stat: Tensor, mass: float, damping: float, root: int) -> Tensor:
@@ -135,10 +136,19 @@ class TwoSidedMBF(TiedRowsMBF):
 
 
 def _build(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """``layers="hidden"``: Muon's hidden matrices (the GPTs); ``"linear"``: every
+    ``nn.Linear`` weight (the autoencoders); everything else on Adam's step."""
     hp = dict(hp)
-    if hp.pop("layers", "hidden") != "hidden":
-        raise ValueError("the two-sided prototype serves layers='hidden' only")
-    hidden, other = muon_split(model)
+    layers = hp.pop("layers", "hidden")
+    if layers == "hidden":
+        hidden, other = muon_split(model)
+    elif layers == "linear":
+        ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+        params = [p for p in model.parameters() if p.requires_grad]
+        hidden = [p for p in params if id(p) in ids]
+        other = [p for p in params if id(p) not in ids]
+    else:
+        raise ValueError(f"layers must be 'hidden' or 'linear', not {layers!r}")
     return TwoSidedMBF(hidden, other, **hp)
 
 
@@ -160,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         for seed in map(int, args.seeds.split(",")):
             job = TrialJob("tune", task, "two-sided-mbf", "two-sided-mbf", settings, seed)
             label = {"task": task, "seed": seed, "left_root": settings["left_root"],
-                     "right_root": settings["right_root"]}
+                     "right_root": settings["right_root"], "layers": settings["layers"]}
             row = screen_run(rules, job, args.data_dir, RUNS, label)
             if row is not None:
                 print(json.dumps(row), flush=True)
