@@ -236,6 +236,11 @@ def scenario_refusals(rank: int, world: int, outdir: Path) -> dict:
         tied = MBF(shard(make_model("convbias")), **hyper(True))
     out["tie_warnings"] = [str(w.message) for w in caught if "tie_rows" in str(w.message)]
     out["tie_units"] = {u.name: (u.tied, u.tied_whole, u.curvature_blocks) for u in tied._units}
+    try:  # the output side's blocks span rows of several ranks: refused, on every rank
+        MBF(shard(make_model("mlp")), **hyper(True), two_sided=True)
+        out["two_sided"] = None
+    except ValueError as exc:
+        out["two_sided"] = str(exc)
     return out
 
 

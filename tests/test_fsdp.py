@@ -243,6 +243,7 @@ def test_conv_bias_is_cut_within_each_shard(runs, world: int) -> None:
         expected = {"0 (Conv2d)": (held, 3, 2 * 2), "3 (Linear)": (held, 3, 10),
                     "0 (Conv2d).bias": (1, 0, 1)} if held else {}
         assert got["tie_units"] == expected
+        assert "two_sided is not supported on FSDP2" in got["two_sided"]
         refused = got["refused"]
         assert "per-rank files of FSDP2 ranks" in refused["whole state dict"]
         assert "sharded_state_dict" in refused["state_dict"]

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from mbf_bench import optimizers as registry
 from mbf_bench.baselines import muon_split
-from mbf_bench.protocol import TrialJob, load_rules, screen_main, screen_run
+from mbf_bench.protocol import TrialJob, library_defaults, load_rules, screen_main, screen_run
 
 HERE = Path(__file__).resolve().parent
 
@@ -161,9 +161,22 @@ def _changes(pairs: list[str]) -> dict[str, Any]:
     return {k: json.loads(v) for k, _, v in (pair.partition("=") for pair in pairs)}
 
 
+HIDDEN_RUNS = HERE / "library.jsonl"
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     rules = load_rules()
+    if args.optimizer == "mbf-two-sided":  # the library option on the hidden layers
+        for task in args.tasks.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                job = TrialJob("tune", task, "mbf-two-sided", "mbf-two-sided",
+                               library_defaults("mbf-two-sided", task), seed)
+                row = screen_run(rules, job, args.data_dir, HIDDEN_RUNS,
+                                 {"task": task, "optimizer": "mbf-two-sided", "seed": seed})
+                if row is not None:
+                    print(json.dumps(row), flush=True)
+        return 0
     changes = _changes(args.set)
     settings = {**DEFAULTS, **changes}
     for task in args.tasks.split(","):
@@ -202,13 +215,76 @@ def report(args: argparse.Namespace) -> int:
             print(f"| {task} | {key[0]} | {key[1]} | {', '.join(map(str, seeds))} | "
                   f"{' / '.join(f'{v:.4f}' for v in vals)} | {statistics.fmean(vals):.4f} | "
                   f"{max(vals) - min(vals):.4f} | {diff:+.4f} |")
+    if LIBRARY.exists():
+        print()
+        report_library()
     return 0
+
+
+def _library_rows(path: Path, **match: Any) -> dict[str, dict[int, dict[str, Any]]]:
+    """task -> seed -> row of ``path``'s rows whose fields include ``match``."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    if path.exists():
+        for text in path.read_text().splitlines():
+            row = json.loads(text) if text.strip() else None
+            if row and all(row.get(k) == v for k, v in match.items()):
+                out.setdefault(row["task"], {})[row["seed"]] = row
+    return out
+
+
+LIBRARY = HERE.parent / "tied_rows" / "library.jsonl"
+LIBRARY_TASKS = ("digits-ae", "text-gpt-tiny", "planetoid-gcn", "cifar10-resnet8", "curves-ae",
+                 "mnist-ae", "text-gpt")
+
+
+def report_library() -> None:
+    """The library option against the tied defaults (``tied_rows/library.jsonl`` rows without
+    changes), on the seeds both have: on every tied layer (``screen.py run --set
+    two_sided=true``) and on the hidden layers only (``--optimizer mbf-two-sided``)."""
+    label = {"task", "optimizer", "seed", "status", "steps", "cpu_seconds", "metric", "value",
+             "score"}
+    tied: dict[str, dict[int, dict[str, Any]]] = {}
+    for text in LIBRARY.read_text().splitlines():
+        row = json.loads(text)
+        if set(row) <= label:
+            tied.setdefault(row["task"], {})[row["seed"]] = row
+    print("| task | metric | two_sided on | seeds | tied defaults: by seed (mean) | two_sided: "
+          "by seed (mean) | difference | larger spread | steps, tied / two-sided |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    variants = (("every tied layer", _library_rows(LIBRARY, two_sided=True)),
+                ("hidden layers", _library_rows(HIDDEN_RUNS, optimizer="mbf-two-sided")))
+    for task in LIBRARY_TASKS:
+        for where, rows in variants:
+            a, b = tied.get(task, {}), rows.get(task, {})
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            cells, means, spreads = [], [], []
+            for side in (a, b):
+                vals = [side[s]["value"] for s in seeds]
+                if any(v is None for v in vals):
+                    cells.append("diverged")
+                    means.append(float("nan"))
+                    spreads.append(float("nan"))
+                    continue
+                means.append(statistics.fmean(vals))
+                spreads.append(max(vals) - min(vals))
+                cells.append(" / ".join(f"{v:.4g}" for v in vals) + f" ({means[-1]:.4g})")
+            steps = " / ".join(
+                f"{statistics.fmean(side[s]['steps'] for s in seeds):.0f}" for side in (a, b))
+            print(f"| {task} | {a[seeds[0]]['metric']} | {where} | "
+                  f"{', '.join(map(str, seeds))} | {cells[0]} | {cells[1]} | "
+                  f"{means[1] - means[0]:+.4g} | {max(spreads):.3g} | {steps} |")
 
 
 def main(argv: list[str] | None = None) -> int:
     def arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                             help="a setting changed from the prototype's defaults (JSON value)")
+        parser.add_argument("--optimizer", default="two-sided-mbf",
+                            choices=("two-sided-mbf", "mbf-two-sided"),
+                            help="the prototype, or the library option on the hidden layers "
+                                 "(rows in library.jsonl)")
 
     return screen_main(__doc__ or "", TASKS, run, report, arguments, argv)
 

@@ -19,8 +19,10 @@ from .distributed import ShardedEngine, fingerprint, make_engine
 from .engine import Work
 from .fsdp import FSDPEngine, find_mesh_group
 from .hooks import PerExampleHooks
+from .linalg import FactorReport
+from .output_side import OutputSide, output_side
 from .storage import storage_named
-from .store import CurvatureStore, Kept
+from .store import CurvatureStore, Kept, early_refresh_due
 from .tied import by_shared_block, from_shared_blocks
 from .units import Unit, build_units, state_dtype
 from .validation import (
@@ -57,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "relative_damping": True,
     "inverse_root": 1,
     "tie_rows": True,
+    "two_sided": False,
 }
 """The library's default hyperparameters: MBF's mini-block directions at Adam's per-block step
 lengths (``graft="adam"``, so ``lr`` means what it means for Adam), bias-corrected statistics,
@@ -80,6 +83,7 @@ PAPER: dict[str, Any] = {
     "relative_damping": False,
     "inverse_root": 1,
     "tie_rows": False,
+    "two_sided": False,
 }
 """The paper's MBF (Bahamou, Goldfarb & Ren, 2023): ``m <- mu m + g``,
 ``d_b = (F_b + damping I)^-1 m_b``, ``theta <- theta - lr d``, with ``F_b`` a running average
@@ -183,6 +187,12 @@ class MBF(torch.optim.Optimizer):
             as the paper does. On FSDP2 models every rank holding rows of a layer keeps its
             shared blocks whole (``mbf.fsdp``). A param group's setting is fixed when the
             optimizer is built.
+        two_sided: also precondition the output side of each tied layer
+            (:mod:`mbf.output_side`): one block per chunk of its rows (output units, output
+            channels), estimated from every column of the minibatch gradient, applied after the
+            input side's, so that the direction is ``L_r^-1 M R_c^-1`` per (row chunk, column
+            chunk) before the graft. Needs ``tie_rows``; not on FSDP2 models. Off by default
+            (a screen on the GPTs: ``benchmarks/two_sided/``).
         estimator: ``"batch"`` (``F_b`` estimated by ``g_b g_b^T`` of the minibatch gradient;
             any layer) or ``"per_example"`` (the empirical Fisher ``(1/N) sum_i g_ib g_ib^T`` from
             hooks on Linear, ConvNd, Embedding and LayerNorm modules, and module types
@@ -276,6 +286,7 @@ class MBF(torch.optim.Optimizer):
         relative_damping: bool = DEFAULTS["relative_damping"],
         inverse_root: int = DEFAULTS["inverse_root"],
         tie_rows: bool = DEFAULTS["tie_rows"],
+        two_sided: bool = DEFAULTS["two_sided"],
         estimator: str = "batch",
         loss_reduction: str = "mean",
         model: nn.Module | None = None,
@@ -345,6 +356,7 @@ class MBF(torch.optim.Optimizer):
             relative_damping=relative_damping,
             inverse_root=inverse_root,
             tie_rows=tie_rows,
+            two_sided=two_sided,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -407,6 +419,11 @@ class MBF(torch.optim.Optimizer):
         """(Re)build units and buckets; ``kept`` curvature of unchanged units is restored."""
         check_params(self.param_groups)
         units = build_units(self.param_groups, self._model, self.estimator == "per_example")
+        if isinstance(self._engine, FSDPEngine) and any(g["two_sided"] for g in self.param_groups):
+            raise ValueError(
+                "MBF: two_sided is not supported on FSDP2 models (a layer's output-side blocks "
+                "span rows that several ranks hold); pass two_sided=False"
+            )
         # FSDP2 (mbf.fsdp): the hooks see the whole units, the store this rank's parts of them.
         self._whole_units = units
         if isinstance(self._engine, FSDPEngine):
@@ -666,6 +683,11 @@ class MBF(torch.optim.Optimizer):
         due = [(u, g) for u, g in live if self._is_stat_step(u)]
         with self._diag.timed("statistics"):
             refreshed = self._engine.update_statistics(store, due, self._estimate, groups)
+            for unit, grads in due:
+                if self._two_sided(unit):
+                    self._output_side(unit).absorb(unit.layout.to_blocks(grads),
+                                                   groups[unit.group])
+        self._factor_output_sides(live, refreshed)
         # The vector to precondition, formed once: solved by the engine, and the KL clip's
         # reference vector.
         live_ids = {id(u) for u, _ in live}
@@ -715,6 +737,8 @@ class MBF(torch.optim.Optimizer):
                     vectors[id(u)], blocks = item.rhs[view], whole[view]
                 else:
                     vectors[id(u)], blocks = row_vectors[id(u)], from_shared_blocks(whole[view])
+                    if self._two_sided(u):
+                        blocks = self._output_side(u).apply(blocks)
                 if not at_once:
                     _, overflowed = finish(blocks, norm, u.inverse_scale, vectors[id(u)])
                     self._counters["overflowed_blocks"] += overflowed
@@ -729,6 +753,36 @@ class MBF(torch.optim.Optimizer):
         self._counters["steps"] += 1
         self._schedule_collection()
         return loss
+    # ------------------------------------------------------------------ the output side
+    def _two_sided(self, unit: Unit) -> bool:
+        return unit.tied > 1 and bool(self.param_groups[unit.group]["two_sided"])
+
+    def _output_side(self, unit: Unit) -> OutputSide:
+        return output_side(unit, self.state[unit.params[0]],
+                           int(self.param_groups[unit.group]["max_block_size"]))
+
+    def _factor_output_sides(self, live: list[tuple[Unit, list[Tensor]]],
+                             refreshed: set[int]) -> None:
+        """Factor the output sides due: at the input side's schedule (every ``inv_every``
+        steps, early refreshes, and before their first use). Every rank factors them whole:
+        their counts are this process's alone (the same on every rank)."""
+        report = FactorReport()
+        for unit, _ in live:
+            if not self._two_sided(unit):
+                continue
+            group = self.param_groups[unit.group]
+            side = self._output_side(unit)
+            updates = side.state.get("stat_updates", 0)
+            due = (self._step_count % group["inv_every"] == 0
+                   or (id(unit) in refreshed and early_refresh_due(updates, group))
+                   or not side.state.get("factored", False))
+            if due and updates:
+                with self._diag.timed("factorization"):
+                    report.add(side.factor(group))
+                side.state["factored"] = True
+        if report.blocks:
+            self._store.count(report, 0)
+
     def _agreed(self, flag: bool) -> bool:
         """``flag`` on every rank of an FSDP2 model (each sees only its shards), else as is."""
         return self._engine.all_true(flag) if isinstance(self._engine, FSDPEngine) else flag
@@ -1017,6 +1071,7 @@ class MBF(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("inverse_root", 1)  # saved before the option: the inverse
             group.setdefault("tie_rows", False)  # saved before the option: untied
+            group.setdefault("two_sided", False)
             _check_group(group)
         self._rebuild()
         # torch casts state to the parameter dtype; MBF keeps float32 state for half params.

@@ -144,9 +144,14 @@ def check_group(group: dict[str, Any]) -> None:
         )
     group["inverse_root"] = int(group["inverse_root"])
     for key in ("decoupled_weight_decay", "bias_correction", "early_refresh", "relative_damping",
-                "tie_rows"):
+                "tie_rows", "two_sided"):
         if not isinstance(group[key], bool):
             raise TypeError(f"MBF: {key} must be True or False, got {group[key]!r}")
+    if group["two_sided"] and not group["tie_rows"]:
+        raise ValueError(
+            "MBF: two_sided=True needs tie_rows=True (the output side's blocks are those of a "
+            "layer's tied rows)"
+        )
 
 
 def check_params(groups: Iterable[dict[str, Any]]) -> None:

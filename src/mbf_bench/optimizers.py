@@ -118,6 +118,22 @@ def _mbf(estimator: str | None) -> Callable[[nn.Module, dict[str, Any]], torch.o
     return build
 
 
+def _mbf_two_sided(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """MBF with ``two_sided`` on the layers that own a hidden matrix (Muon's split: a
+    transformer's attention and MLP projections, an autoencoder's inner layers), each layer's
+    parameters together (its bias in its rows); the library defaults everywhere else."""
+    hidden, _ = baselines.muon_split(model)
+    ids = {id(p) for p in hidden}
+    inner = {id(p) for m in model.modules()
+             if any(id(p) in ids for p in m.parameters(recurse=False))
+             for p in m.parameters(recurse=False)}
+    params = baselines.trainable(model)
+    groups = [{"params": [p for p in params if id(p) in inner], "two_sided": True},
+              {"params": [p for p in params if id(p) not in inner], "two_sided": False}]
+    return mbf.MBF([g for g in groups if g["params"]], model=model,
+                   **{k: v for k, v in hp.items() if k != "two_sided"})
+
+
 def _kfac(model: nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
     return KFAC(model, **hp)
 
@@ -193,6 +209,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "0.99: the library defaults of 2026-12-07, before tie_rows (benchmarks/tied_rows/)",
             _mbf_defaults(tie_rows=False, stat_decay=0.99),
             _mbf(None),
+            needs_model=True,
+        ),
+        OptimizerSpec(
+            "mbf-two-sided",
+            "mini-block Fisher with two_sided=True on the hidden layers (Muon's split: a "
+            "transformer's attention and MLP projections), the library defaults elsewhere "
+            "(benchmarks/two_sided/)",
+            _mbf_defaults(),
+            _mbf_two_sided,
             needs_model=True,
         ),
         OptimizerSpec(
@@ -343,7 +368,7 @@ _SCHED_AE = {"stat_every": 1, "inv_every": 20}
 _SCHED_CNN = {"stat_every": 10, "inv_every": 100}
 _SECOND_ORDER = (
     "mbf", "mbf-batch", "mbf-per_example", "mbf-packed", "mbf-bf16", "mbf-packed-bf16", "mbf-sgd",
-    "mbf-paper", "mbf-untied", "kfac", "shampoo-ours", "tnt",
+    "mbf-paper", "mbf-untied", "mbf-two-sided", "kfac", "shampoo-ours", "tnt",
 )
 
 #: Per task family, per optimizer: overrides of the spec defaults. The searched values (lr,
