@@ -26,8 +26,9 @@ N = 6
 
 
 def _page_example() -> dict[str, Any]:
-    """The first code block of docs/layers.md, executed: ScaledLinear and its rule."""
-    code = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)[0]
+    """The code block of docs/layers.md that defines ScaledLinear and its rule, executed."""
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)
+    code = next(b for b in blocks if "class ScaledLinear" in b)
     namespace: dict[str, Any] = {"__name__": "layers_example"}
     exec(compile(code, str(PAGE), "exec"), namespace)
     return namespace
