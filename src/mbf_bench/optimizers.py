@@ -216,7 +216,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "mini-block Fisher with two_sided=True on the hidden layers (Muon's split: a "
             "transformer's attention and MLP projections), the library defaults elsewhere "
             "(benchmarks/two_sided/)",
-            _mbf_defaults(),
+            {k: v for k, v in _mbf_defaults().items() if k != "two_sided"},  # set per group
             _mbf_two_sided,
             needs_model=True,
         ),

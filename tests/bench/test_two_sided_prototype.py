@@ -26,8 +26,18 @@ def _load(name: str, folder: str) -> Any:
     return module
 
 
-TWO = _load("two_sided_prototype", "two_sided")
-TIED = _load("tied_rows_prototype_for_two_sided", "tied_rows")
+@pytest.fixture(scope="module")
+def modules() -> Any:
+    """Both prototypes, loaded for this module's tests only: loading registers their entries
+    in the benchmark's registry, which other tests list; they are removed afterwards."""
+    from mbf_bench.optimizers import OPTIMIZERS
+
+    before = dict(OPTIMIZERS)
+    two = _load("two_sided_prototype", "two_sided")
+    tied = _load("tied_rows_prototype_for_two_sided", "tied_rows")
+    yield two, tied
+    OPTIMIZERS.clear()
+    OPTIMIZERS.update(before)
 
 
 def _run(make: Any, steps: int = 25) -> torch.Tensor:
@@ -41,14 +51,16 @@ def _run(make: Any, steps: int = 25) -> torch.Tensor:
     return layer.weight.detach().clone()
 
 
-def test_the_control_is_the_tied_rows_prototype() -> None:
+def test_the_control_is_the_tied_rows_prototype(modules: Any) -> None:
+    TWO, TIED = modules
     ours = _run(lambda h, o: TWO.TwoSidedMBF(h, o, left_root=0, right_root=1))
     theirs = _run(lambda h, o: TIED.TiedRowsMBF(h, o))
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize(("left", "right"), [(1, 1), (2, 2), (0, 2)])
-def test_other_roots_change_the_step(left: int, right: int) -> None:
+def test_other_roots_change_the_step(modules: Any, left: int, right: int) -> None:
+    TWO, _ = modules
     control = _run(lambda h, o: TWO.TwoSidedMBF(h, o))
     other = _run(lambda h, o: TWO.TwoSidedMBF(h, o, left_root=left, right_root=right))
     assert torch.isfinite(other).all()
@@ -56,7 +68,8 @@ def test_other_roots_change_the_step(left: int, right: int) -> None:
 
 
 @pytest.mark.parametrize("root", [1, 2, 3])
-def test_damped_power_is_that_root_of_the_damped_statistics(root: int) -> None:
+def test_damped_power_is_that_root_of_the_damped_statistics(modules: Any, root: int) -> None:
+    TWO, _ = modules
     torch.manual_seed(1)
     a = torch.randn(9, 5, dtype=torch.float64)
     stat = a @ a.T  # rank 5 of 9: the damping makes it invertible
@@ -68,7 +81,8 @@ def test_damped_power_is_that_root_of_the_damped_statistics(root: int) -> None:
 
 
 @pytest.mark.parametrize("root", [1, 2])
-def test_the_library_option_takes_the_prototype_steps(root: int) -> None:
+def test_the_library_option_takes_the_prototype_steps(modules: Any, root: int) -> None:
+    TWO, _ = modules
     # mbf.MBF(two_sided=True) is this prototype made a library option: on a bias-free Linear
     # layer whose rows and columns both cut into equal chunks (40 columns into 4 of 10, 20 rows
     # into 2 of 10), the same steps in float64, with either root on both sides.
