@@ -22,7 +22,7 @@ from mbf import MBF
 from mbf.blocks import chunk_plan
 from reference import PAPER_FORM, block_diagonal, dense_blocks
 from tensors import flat_params
-from threaded_ranks import World, patch_comm_device, run_threads, threaded
+from threaded_ranks import World, data_parallel_steps, patch_comm_device, run_threads
 
 TWO_SIDED_PAPER_FORM = {**PAPER_FORM, "tie_rows": True, "two_sided": True}
 
@@ -188,18 +188,12 @@ def test_two_ranks_take_the_one_process_steps(monkeypatch: pytest.MonkeyPatch) -
     world = World(2)
     built = [(m := _model("conv"), MBF(m, process_group=False, **options)) for _ in range(2)]
 
+    batches = [_batch(shape, 10 + step) for step in range(6)]
+
     def rank_body(rank: int) -> Tensor:
         net, opt = built[rank]
-        threaded(opt, world, rank)
-        for step in range(6):
-            x = _batch(shape, 10 + step)
-            opt.zero_grad()
-            _loss(net(x[3 * rank : 3 * rank + 3])).backward()
-            for p in net.parameters():  # DDP: the mean of the ranks' gradients
-                world.all_reduce(rank, p.grad)
-                p.grad /= 2
-            opt.step()
-        return flat_params(net)
+        return data_parallel_steps(world, rank, net, opt, batches,
+                                   lambda out: _loss(out))
 
     first, second = run_threads(world, rank_body)
     assert torch.equal(first, second)

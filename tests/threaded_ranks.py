@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 import mbf.distributed as D
 from mbf import MBF
@@ -104,3 +105,21 @@ def run_threads(world: World, body: Callable[[int], Any]) -> list[Any]:
 def patch_comm_device(monkeypatch: Any) -> None:
     """Collectives' device without a process group: the tensors' own."""
     monkeypatch.setattr(D, "_comm_device", lambda group, device: device)
+
+
+def data_parallel_steps(world: World, rank: int, net: nn.Module, opt: MBF,
+                        batches: list[Tensor], loss: Callable[[Tensor], Tensor]) -> Tensor:
+    """Rank ``rank`` of ``world`` trains ``net`` as DDP would: each batch cut into one
+    contiguous share per rank, the gradients averaged over the ranks before ``opt.step()``.
+    Returns the parameters afterwards, flattened (a test compares them with one process's)."""
+    threaded(opt, world, rank)
+    for x in batches:
+        share = x.shape[0] // world.size
+        opt.zero_grad()
+        loss(net(x[share * rank : share * (rank + 1)])).backward()
+        for p in net.parameters():
+            world.all_reduce(rank, p.grad)
+            p.grad /= world.size
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
