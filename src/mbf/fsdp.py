@@ -474,7 +474,7 @@ def shard_records(
                 within[whole.name] = dict(record(local), elements=[start, stop])
             continue
         a, b = s.saved_blocks(engine.rank, engine.world_size)
-        if local is not None and (b > a or not s.whole.tied > 1):
+        if local is not None and b > a:  # a rank's rows; shared blocks on rank 0 alone
             entry = record(local)
         else:
             size = whole.layout.block_size

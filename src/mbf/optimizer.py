@@ -22,7 +22,7 @@ from .hooks import PerExampleHooks
 from .linalg import FactorReport
 from .output_side import OutputSide, output_side
 from .storage import storage_named
-from .store import CurvatureStore, Kept, early_refresh_due
+from .store import CurvatureStore, Kept, early_refresh_due, factor_now
 from .tied import by_shared_block, from_shared_blocks
 from .units import Unit, build_units, state_dtype
 from .validation import (
@@ -773,10 +773,9 @@ class MBF(torch.optim.Optimizer):
             group = self.param_groups[unit.group]
             side = self._output_side(unit)
             updates = side.state.get("stat_updates", 0)
-            due = (self._step_count % group["inv_every"] == 0
-                   or (id(unit) in refreshed and early_refresh_due(updates, group))
-                   or not side.state.get("factored", False))
-            if due and updates:
+            early = id(unit) in refreshed and early_refresh_due(updates, group)
+            if updates and factor_now(self._step_count, group, early,
+                                      side.state.get("factored", False)):
                 with self._diag.timed("factorization"):
                     report.add(side.factor(group))
                 side.state["factored"] = True

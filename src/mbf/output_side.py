@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .blocks import chunk_plan
 from .linalg import FactorReport, damped_inverse
+from .store import relative_damping, running_weight
 from .units import Unit
 
 __all__ = ["OutputSide", "output_side"]
@@ -72,9 +73,8 @@ class OutputSide:
             self._fresh(grad_blocks)
         rows = self._by_chunk(grad_blocks)
         estimate = torch.bmm(rows, rows.mT).div_(self.columns)
-        first = self.state["stat_updates"] == 0 and not group["bias_correction"]
-        weight = 1.0 if first else 1.0 - group["stat_decay"]
-        self.state["stat_mass"] = (1.0 - weight) * self.state["stat_mass"] + weight
+        weight, self.state["stat_mass"] = running_weight(self.state["stat_updates"],
+                                                         self.state["stat_mass"], group)
         self.state["fisher"].lerp_(estimate.to(self.state["fisher"].dtype), weight)
         self.state["stat_updates"] += 1
 
@@ -89,9 +89,8 @@ class OutputSide:
         fisher = self.state["fisher"]
         damping: float | Tensor = group["damping"] * scale
         if group["relative_damping"]:
-            per_block = fisher.diagonal(dim1=-2, dim2=-1).sum(-1).abs_() / self.size
-            damping = group["damping"] * torch.where(per_block > 0, per_block,
-                                                     per_block.new_tensor(scale))
+            trace = fisher.diagonal(dim1=-2, dim2=-1).sum(-1)
+            damping = relative_damping(trace, self.size, group["damping"], scale)
         _, report = damped_inverse(fisher, damping, out=self.state["inverse"], root=root)
         self.state["inverse_scale"] = scale ** (1.0 / root)
         return report

@@ -130,6 +130,34 @@ def early_refresh_due(updates: int, group: dict[str, Any]) -> bool:
     return bool(group["early_refresh"]) and power_of_two and updates < group["inv_every"]
 
 
+def running_weight(updates: int, mass: float, group: dict[str, Any]) -> tuple[float, float]:
+    """The weight of a statistics update in its running average, and the average's total weight
+    after it: the first estimate is taken as it is (weight 1), unless ``bias_correction`` makes
+    the average start from zero; later ones get ``1 - stat_decay``."""
+    first = updates == 0 and not group["bias_correction"]
+    weight = 1.0 if first else 1.0 - group["stat_decay"]
+    return weight, (1.0 - weight) * mass + weight
+
+
+def factor_now(step: int, group: dict[str, Any], early: bool, factored: bool) -> bool:
+    """Whether blocks are factored this step: every ``inv_every`` steps, when a statistics
+    update asks for an early refresh (:func:`early_refresh_due`), or when never factored."""
+    return step % group["inv_every"] == 0 or early or not factored
+
+
+def relative_damping(trace: Tensor, size: int, damping: float, scale: float) -> Tensor:
+    """Per block ``damping * tr(F_b) / s``, from the blocks' traces: damping in units of the
+    block's mean eigenvalue.
+
+    Scale-free: the same for statistics ``F`` and ``c F`` (bias correction's ``c`` included).
+    A block with no statistics (zero trace) gets ``damping`` on the corrected scale,
+    ``scale * damping``: a rule of the block alone, so that the damping of a block does not
+    depend on which other blocks are factored with it (on one rank or K).
+    """
+    per_block = trace.abs() / size
+    return damping * torch.where(per_block > 0, per_block, per_block.new_tensor(scale))
+
+
 class CurvatureStore:
     """Units, buckets and counters; fold, factor and solve over this rank's blocks."""
 
@@ -308,9 +336,7 @@ class CurvatureStore:
         The first estimate is taken as it is, or with ``bias_correction`` enters a running
         average that starts from zero (``stat_mass`` is the average's total weight).
         """
-        first = unit.stat_updates == 0 and not group["bias_correction"]
-        weight = 1.0 if first else 1.0 - group["stat_decay"]
-        unit.stat_mass = (1.0 - weight) * unit.stat_mass + weight
+        weight, unit.stat_mass = running_weight(unit.stat_updates, unit.stat_mass, group)
         if estimate.dim() == 2 and unit.tied > 1:
             estimate = tied_estimate(estimate, unit.tied, unit.own, unit.tied_divisor)
         if estimate.dim() == 2:
@@ -356,11 +382,10 @@ class CurvatureStore:
     ) -> bool:
         """Whether the bucket is factored this step: on schedule, after a unit's first (or,
         with ``early_refresh``, 2nd, 4th, ...) statistics update, or never factored yet."""
-        due = step % group["inv_every"] == 0
         early = any(
             id(u) in refreshed and early_refresh_due(u.stat_updates, group) for u in members
         )
-        return due or early or not bucket.factored
+        return factor_now(step, group, early, bucket.factored)
 
     # ---------------------------------------------------------------- factor and solve
     def factor(self, bucket: Bucket, group: dict[str, Any]) -> FactorReport:
@@ -402,15 +427,8 @@ class CurvatureStore:
     def relative_damping(
         self, fisher: Tensor, size: int, damping: float, scale: float
     ) -> Tensor:
-        """Per block ``damping * tr(F_b) / s``: damping in units of the block's mean eigenvalue.
-
-        Scale-free: the same for statistics ``F`` and ``c F`` (bias correction's ``c``
-        included). A block with no statistics (zero trace) gets ``damping`` on the corrected
-        scale, ``scale * damping``: a rule of the block alone, so that the damping of a block
-        does not depend on which other blocks are factored with it (on one rank or K).
-        """
-        per_block = self.storage.trace(fisher).abs_() / size
-        return damping * torch.where(per_block > 0, per_block, per_block.new_tensor(scale))
+        """:func:`relative_damping` of blocks kept in this store's storage."""
+        return relative_damping(self.storage.trace(fisher), size, damping, scale)
 
     def count(self, report: FactorReport, factorizations: int) -> None:
         c = self.counters
