@@ -165,26 +165,25 @@ HIDDEN_RUNS = HERE / "library.jsonl"
 
 
 def run(args: argparse.Namespace) -> int:
+    """The prototype at ``--set`` changes (rows in ``runs.jsonl``), or the library option on
+    the hidden layers, ``--optimizer mbf-two-sided`` (rows in ``library.jsonl``)."""
     torch.set_num_threads(1)
     rules = load_rules()
-    if args.optimizer == "mbf-two-sided":  # the library option on the hidden layers
-        for task in args.tasks.split(","):
-            for seed in map(int, args.seeds.split(",")):
-                job = TrialJob("tune", task, "mbf-two-sided", "mbf-two-sided",
-                               library_defaults("mbf-two-sided", task), seed)
-                row = screen_run(rules, job, args.data_dir, HIDDEN_RUNS,
-                                 {"task": task, "optimizer": "mbf-two-sided", "seed": seed})
-                if row is not None:
-                    print(json.dumps(row), flush=True)
-        return 0
-    changes = _changes(args.set)
-    settings = {**DEFAULTS, **changes}
+    library = args.optimizer == "mbf-two-sided"
+    settings = {**DEFAULTS, **_changes(args.set)}
     for task in args.tasks.split(","):
         for seed in map(int, args.seeds.split(",")):
-            job = TrialJob("tune", task, "two-sided-mbf", "two-sided-mbf", settings, seed)
-            label = {"task": task, "seed": seed, "left_root": settings["left_root"],
-                     "right_root": settings["right_root"], "layers": settings["layers"]}
-            row = screen_run(rules, job, args.data_dir, RUNS, label)
+            if library:
+                job = TrialJob("tune", task, args.optimizer, args.optimizer,
+                               library_defaults(args.optimizer, task), seed)
+                path = HIDDEN_RUNS
+                label = {"task": task, "optimizer": args.optimizer, "seed": seed}
+            else:
+                job = TrialJob("tune", task, args.optimizer, args.optimizer, settings, seed)
+                path = RUNS
+                label = {"task": task, "seed": seed, "left_root": settings["left_root"],
+                         "right_root": settings["right_root"], "layers": settings["layers"]}
+            row = screen_run(rules, job, args.data_dir, path, label)
             if row is not None:
                 print(json.dumps(row), flush=True)
     return 0
